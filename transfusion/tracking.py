@@ -1,0 +1,122 @@
+"""MLflow tracking: the only module of the library that imports mlflow.
+
+Each stage run is one MLflow run in the experiment named by ``tracking.experiment``; its name is
+the stage and its tags carry the git commit, the DVC stage and the params hash. The tracking URI
+is ``$MLFLOW_TRACKING_URI`` when set, else ``tracking.tracking_uri`` (``sqlite:///mlflow.db``).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from transfusion.config import Params, TrackingConfig
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+def tracking_uri(cfg: TrackingConfig) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking_uri
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"vae": {"lr": 1e-3}}`` -> ``{"vae.lr": 1e-3}`` (lists and None as strings)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
+
+
+class StageRun:
+    """A thin handle on the active MLflow run of a stage."""
+
+    def __init__(self, mlflow, run) -> None:
+        self._mlflow = mlflow
+        self.run_id: str = run.info.run_id
+        self.experiment_id: str = run.info.experiment_id
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        path = Path(path)
+        if path.is_dir():
+            self._mlflow.log_artifacts(str(path), artifact_path=artifact_path or path.name)
+        else:
+            self._mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        self._mlflow.set_tags(dict(tags))
+
+
+def _experiment_id(mlflow, cfg: TrackingConfig) -> str:
+    exp = mlflow.get_experiment_by_name(cfg.experiment)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if cfg.artifact_location and "://" not in cfg.artifact_location:
+        location = Path(cfg.artifact_location).resolve().as_uri()
+    elif cfg.artifact_location:
+        location = cfg.artifact_location
+    return mlflow.create_experiment(cfg.experiment, artifact_location=location)
+
+
+@contextmanager
+def stage_run(params: Params, stage: str, run_id: str | None = None) -> Iterator[StageRun]:
+    """Open (or, with ``run_id``, resume) the MLflow run of ``stage`` with params and tags."""
+    import logging
+
+    import mlflow
+
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    mlflow.set_tracking_uri(tracking_uri(params.tracking))
+    exp_id = _experiment_id(mlflow, params.tracking)
+    tags = {"git_commit": git_commit(), "dvc_stage": stage, "params_hash": params.digest()}
+    with mlflow.start_run(run_id=run_id, experiment_id=None if run_id else exp_id, run_name=stage, tags=tags) as run:
+        if run_id is None:
+            flat = flatten(params.model_dump(mode="json"))
+            items = list(flat.items())
+            for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+                mlflow.log_params(dict(items[i : i + 100]))
+        yield StageRun(mlflow, run)
+
+
+def find_runs(cfg: TrackingConfig, stage: str | None = None) -> list[dict[str, Any]]:
+    """Runs of the experiment (newest first) as plain dicts: id, name, status, metrics, tags."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(cfg))
+    exp = mlflow.get_experiment_by_name(cfg.experiment)
+    if exp is None:
+        return []
+    client = mlflow.MlflowClient()
+    query = f"tags.dvc_stage = '{stage}'" if stage else ""
+    runs = client.search_runs([exp.experiment_id], filter_string=query, order_by=["attributes.start_time DESC"])
+    return [
+        {
+            "run_id": r.info.run_id,
+            "name": r.info.run_name,
+            "status": r.info.status,
+            "metrics": dict(r.data.metrics),
+            "tags": dict(r.data.tags),
+            "params": dict(r.data.params),
+            "artifact_uri": r.info.artifact_uri,
+        }
+        for r in runs
+    ]
