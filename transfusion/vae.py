@@ -45,7 +45,7 @@ def load_vae(path: Path):
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: not a saved VAE (no config.json); run the vae stage first")
     try:
-        vae = AutoencoderKL.from_pretrained(str(path), use_safetensors=True, local_files_only=True)
+        vae = AutoencoderKL.from_pretrained(str(path), use_safetensors=True, local_files_only=True, low_cpu_mem_usage=False)
     except (OSError, ValueError, RuntimeError) as err:
         raise ValueError(f"{path}: cannot load the VAE ({str(err).splitlines()[0]})") from None
     return vae.eval()
