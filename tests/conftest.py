@@ -99,3 +99,14 @@ def tiny_pipeline(tmp_path_factory, tiny_mnist, tiny_texts):
     for stage in (data, tokenizer, vae, latents):
         stage.run(params)
     return params
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -222,6 +222,57 @@ class LatentsConfig(Section):
 
 
 # ---------------------------------------------------------------------------------------------
+# the model, its diffusion objective, and how sequences are built
+# ---------------------------------------------------------------------------------------------
+BACKBONE_SIZES = ("tiny", "small", "1b", "7b")
+
+
+class ModelConfig(Section):
+    backbone: Literal["llama", "qwen2"] = "llama"
+    size: Literal[BACKBONE_SIZES] = "tiny"  # type: ignore[valid-type]  # ignored with `pretrained`
+    # A local pretrained causal LM folder (LLaMA-2, Vicuna, Qwen2, ...): loaded with
+    # from_pretrained (no remote code), token embeddings resized for <boi>/<eoi>.
+    pretrained: DirectoryPath | None = None
+    freeze_text: bool = False  # train only the image parts (patch encoder/decoder, time embedding)
+    patch_size: PositiveInt = 2
+    patch_encoder: Literal["linear", "unet"] = "linear"
+    unet_channels: list[PositiveInt] = Field(default_factory=lambda: [64], min_length=1)
+    time_conditioning: Literal["add", "token"] = "add"  # paper: add to patches; OmniGen: a time token
+    attention: Literal["sdpa", "flex"] = "sdpa"  # flex: FlexAttention BlockMask (CUDA)
+    max_length: PositiveInt = 256  # tokens per packed training sequence
+
+
+class DiffusionConfig(Section):
+    objective: Literal["ddpm", "flow"] = "ddpm"
+    train_steps: PositiveInt = 1000
+    beta_schedule: Literal["squaredcos_cap_v2", "linear", "scaled_linear"] = "squaredcos_cap_v2"
+    prediction_type: Literal["epsilon"] = "epsilon"
+    flow_shift: Annotated[float, Field(gt=0)] = 1.0
+    # An image that precedes its caption draws t <= noise_limit * train_steps (paper: 500/1000);
+    # for flow matching, sigma <= noise_limit.
+    noise_limit: Annotated[float, Field(gt=0, le=1)] = 0.5
+    loss_weight: Annotated[float, Field(ge=0)] = 5.0  # lambda: total = LM + lambda * diffusion
+    caption_dropout: Annotated[float, Field(ge=0, le=1)] = 0.1  # classifier-free guidance training
+    sample_steps: PositiveInt = 250
+    sampler: Literal["ddpm", "ddim", "flow_euler"] = "ddpm"
+    cfg_scale: Annotated[float, Field(ge=0)] = 5.0
+
+
+class MixtureConfig(Section):
+    """Relative weights of the three kinds of training example (paper: 80/20 caption-first)."""
+
+    text: Annotated[float, Field(ge=0)] = 1.0
+    caption_to_image: Annotated[float, Field(ge=0)] = 4.0
+    image_to_caption: Annotated[float, Field(ge=0)] = 1.0
+
+    @model_validator(mode="after")
+    def _check(self) -> "MixtureConfig":
+        if self.text + self.caption_to_image + self.image_to_caption <= 0:
+            raise ValueError("at least one mixture weight must be > 0")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
 # the whole file
 # ---------------------------------------------------------------------------------------------
 class Params(Section):
@@ -231,6 +282,9 @@ class Params(Section):
     tokenizer: TokenizerConfig = TokenizerConfig()
     vae: VAEConfig = VAEConfig()
     latents: LatentsConfig = LatentsConfig()
+    model: ModelConfig = ModelConfig()
+    diffusion: DiffusionConfig = DiffusionConfig()
+    mixture: MixtureConfig = MixtureConfig()
 
     @model_validator(mode="after")
     def _check(self) -> "Params":
@@ -239,6 +293,14 @@ class Params(Section):
             raise ValueError(
                 f"vae.block_out_channels: {len(self.vae.block_out_channels)} blocks downsample by "
                 f"{down}, which does not divide data.scenes.canvas ({canvas})"
+            )
+        latent, p = canvas // down, self.model.patch_size
+        if latent % p:
+            raise ValueError(f"model.patch_size ({p}) must divide the latent size ({latent})")
+        if self.model.patch_encoder == "unet" and p != 2 ** (len(self.model.unet_channels)):
+            raise ValueError(
+                f"model.unet_channels: {len(self.model.unet_channels)} U-Net levels downsample by "
+                f"{2 ** len(self.model.unet_channels)}, which must equal model.patch_size ({p})"
             )
         return self
 

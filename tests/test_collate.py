@@ -1,0 +1,77 @@
+"""The collator's layout (as documented in its docstring) and the mixture stream."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from transfusion.config import MixtureConfig
+from transfusion.data.collate import PAD, PATCH, TEXT, TIME, Collator, Example, SpecialIds, caption_to_image, image_to_caption, text_example
+
+S = SpecialIds(bos=1, eos=2, pad=0, boi=3, eoi=4)
+Z = torch.zeros(4, 8, 8)
+
+
+def test_documented_example_layout():
+    batch = Collator(S, patches_per_image=4, max_length=64)([caption_to_image([11, 12], Z), image_to_caption(Z, [13])])
+    ids = batch.input_ids[0].tolist()
+    assert ids == [1, 11, 12, 3, 0, 0, 0, 0, 4, 2, 1, 3, 0, 0, 0, 0, 4, 13, 2]
+    assert batch.modality[0].tolist() == [TEXT] * 4 + [PATCH] * 4 + [TEXT] * 4 + [PATCH] * 4 + [TEXT] * 3
+    assert batch.image_block[0].tolist() == [-1] * 4 + [0] * 4 + [-1] * 4 + [1] * 4 + [-1] * 3
+    assert batch.patch_index[0].tolist() == [-1] * 4 + [0, 1, 2, 3] + [-1] * 4 + [0, 1, 2, 3] + [-1] * 3
+    assert batch.document[0].tolist() == [0] * 10 + [1] * 9
+    assert batch.position_ids[0].tolist() == list(range(10)) + list(range(9))
+    x = -100
+    assert batch.labels[0].tolist() == [11, 12, 3, x, x, x, x, 4, 2, x, 3, x, x, x, x, 4, 13, 2, x]
+    assert batch.image_first.tolist() == [False, True]
+    assert batch.images.shape == (2, 4, 8, 8)
+
+
+def test_time_token_and_several_images_per_example():
+    ex = Example([[11], Z, [12], Z + 1])
+    batch = Collator(S, patches_per_image=4, max_length=64, time_token=True)([ex])
+    mod = batch.modality[0].tolist()
+    assert mod.count(TIME) == 2 and mod.count(PATCH) == 8
+    time_pos = [i for i, m in enumerate(mod) if m == TIME]
+    assert [batch.input_ids[0, i - 1].item() for i in time_pos] == [S.boi, S.boi]
+    assert batch.image_block[0, time_pos].tolist() == [0, 1]
+    assert batch.image_first.tolist() == [False, False]
+    assert torch.equal(batch.images[1], Z + 1)
+
+
+def test_packing_padding_and_truncation():
+    col = Collator(S, patches_per_image=4, max_length=12)
+    batch = col([text_example(list(range(10, 30))), caption_to_image([11], Z), text_example([5, 6])])
+    assert batch.input_ids.shape == (3, 12)
+    assert batch.input_ids[0].tolist() == [1] + list(range(10, 21))  # truncated text chunk
+    assert batch.valid[2].tolist() == [True] * 4 + [False] * 8
+    assert (batch.modality[~batch.valid] == PAD).all() and (batch.labels[~batch.valid] == -100).all()
+
+
+def test_mixture_stream_follows_weights_and_resumes(tiny_pipeline):
+    from transfusion.data.mixture import ExampleStream, tokenize_corpus
+    from transfusion.data.prepare import read_text_split
+    from transfusion.data.tokenizer import load_tokenizer
+
+    p = tiny_pipeline
+    tok = load_tokenizer(p.paths.tokenizer)
+    text = tokenize_corpus(tok, read_text_split(p.paths.text, "train"))
+    stream = ExampleStream(p.paths.latents, text, tok, MixtureConfig(text=1, caption_to_image=4, image_to_caption=1), 32, seed=0)
+    kinds = []
+    for ex in stream.take(600):
+        if len(ex.parts) == 1:
+            kinds.append("text")
+        else:
+            kinds.append("c2i" if isinstance(ex.parts[0], list) else "i2c")
+    counts = {k: kinds.count(k) / 600 for k in ("text", "c2i", "i2c")}
+    assert abs(counts["text"] - 1 / 6) < 0.05 and abs(counts["c2i"] - 4 / 6) < 0.06 and abs(counts["i2c"] - 1 / 6) < 0.05
+
+    a = ExampleStream(p.paths.latents, text, tok, MixtureConfig(), 32, seed=1)
+    first = a.take(30)
+    b = ExampleStream(p.paths.latents, text, tok, MixtureConfig(), 32, seed=1)
+    b.load_state({"drawn": 20})
+    for x, y in zip(first[20:], b.take(10)):
+        assert len(x.parts) == len(y.parts)
+        for u, v in zip(x.parts, y.parts):
+            assert torch.equal(u, v) if torch.is_tensor(u) else u == v
+    np.testing.assert_array_equal(text[:5], tokenize_corpus(tok, read_text_split(p.paths.text, "train"))[:5])

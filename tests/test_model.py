@@ -1,0 +1,264 @@
+"""TransfusionModel: attention properties through outputs, overfitting, save/load, pretrained
+backbones, noise limit and caption dropout."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from transfusion.config import DiffusionConfig, ModelConfig
+from transfusion.data.collate import PATCH, Collator, caption_to_image, image_to_caption, text_example
+from transfusion.data.tokenizer import build_tokenizer, train_bpe
+from transfusion.model import TransfusionModel
+from transfusion.model.mask import hybrid_mask
+
+LATENT = (4, 8, 8)
+CORPUS = ["a red 4 and a blue 3 to the left of a 7", "to be or not to be that is the question"] * 50
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_bpe(CORPUS, vocab_size=300)
+
+
+def make_model(tokenizer, seed=0, diffusion=None, **model_kw) -> TransfusionModel:
+    """A tiny model whose zero-initialised output layers are made random, so that image
+    predictions depend on their inputs (the property tests would pass vacuously otherwise)."""
+    torch.manual_seed(seed)
+    model = TransfusionModel.from_params(ModelConfig(**model_kw), diffusion or DiffusionConfig(), tokenizer, LATENT)
+    with torch.no_grad():
+        for p in model.patch_out.parameters():
+            if not p.any():
+                p.normal_(0, 0.05)
+    return model.eval()
+
+
+def collator(model: TransfusionModel, **kw) -> Collator:
+    return Collator(model.special, model.config.patches_per_image, 256,
+                    time_token=model.config.time_conditioning == "token", **kw)
+
+
+def ids(tokenizer, text):
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def run(model, batch, x_t, t):
+    with torch.no_grad():
+        return model(batch, x_t, t)
+
+
+VARIANTS = list(itertools.product(["llama", "qwen2"], ["linear", "unet"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# the attention rules, observed through the model's outputs
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("backbone", "patch_encoder"), VARIANTS)
+def test_later_text_never_changes_earlier_outputs(tokenizer, backbone, patch_encoder):
+    model = make_model(tokenizer, backbone=backbone, patch_encoder=patch_encoder)
+    col = collator(model)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, *LATENT, generator=gen)
+    t = torch.tensor([300.0])
+    tail = ids(tokenizer, "to be or not")
+    a = col([_with_tail(tokenizer, x[0], tail)])
+    b = col([_with_tail(tokenizer, x[0], tail[:-1] + [(tail[-1] + 1) % 250 + 5])])
+    changed = int((a.input_ids != b.input_ids).nonzero()[0, 1])
+    ha, pa = run(model, a, x, t)
+    hb, pb = run(model, b, x, t)
+    torch.testing.assert_close(ha[:, :changed], hb[:, :changed], rtol=0, atol=1e-5)
+    torch.testing.assert_close(pa, pb, rtol=0, atol=1e-5)  # the image came before the change
+    assert pa.abs().max() > 1e-3
+    assert not torch.allclose(ha[:, changed], hb[:, changed])
+
+
+def _with_tail(tokenizer, latent, tail):
+    from transfusion.data.collate import Example
+
+    return Example([ids(tokenizer, "a red 4"), latent, tail])
+
+
+@pytest.mark.parametrize(("backbone", "patch_encoder"), VARIANTS)
+def test_a_patch_is_seen_by_its_image_but_not_by_earlier_tokens(tokenizer, backbone, patch_encoder):
+    model = make_model(tokenizer, backbone=backbone, patch_encoder=patch_encoder)
+    batch = collator(model)([caption_to_image(ids(tokenizer, "a red 4 and"), torch.zeros(LATENT))])
+    x = torch.randn(1, *LATENT, generator=torch.Generator().manual_seed(1))
+    y = x.clone()
+    y[0, :, 6:8, 6:8] += 3.0  # the last patch (raster order) of the only image
+    t = torch.tensor([500.0])
+    hx, _ = run(model, batch, x, t)
+    hy, _ = run(model, batch, y, t)
+    patches = (batch.modality[0] == PATCH).nonzero().flatten()
+    first_patch = int(patches[0])
+    torch.testing.assert_close(hx[:, :first_patch], hy[:, :first_patch], rtol=0, atol=1e-6)  # caption, <boi>
+    moved = (hx[0, patches[:-1]] - hy[0, patches[:-1]]).abs().amax(dim=-1)
+    assert bool((moved > 1e-4).all()), "every other patch of the image must see the changed patch"
+    eoi = int(patches[-1]) + 1
+    assert (hx[0, eoi] - hy[0, eoi]).abs().max() > 1e-4  # text after the image sees it
+
+
+@pytest.mark.parametrize(("backbone", "patch_encoder"), VARIANTS)
+def test_first_image_ignores_the_second(tokenizer, backbone, patch_encoder):
+    from transfusion.data.collate import Example
+
+    model = make_model(tokenizer, backbone=backbone, patch_encoder=patch_encoder)
+    ex = Example([ids(tokenizer, "a 3"), torch.zeros(LATENT), ids(tokenizer, "and then"), torch.zeros(LATENT)])
+    batch = collator(model)([ex])
+    assert batch.images.shape[0] == 2
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, *LATENT, generator=g)
+    y = x.clone()
+    y[1] = torch.randn(*LATENT, generator=g)
+    t = torch.tensor([100.0, 700.0])
+    hx, px = run(model, batch, x, t)
+    hy, py = run(model, batch, y, t)
+    first = batch.image_block[0] == 0
+    torch.testing.assert_close(hx[0, first], hy[0, first], rtol=0, atol=1e-6)
+    torch.testing.assert_close(px[0], py[0], rtol=0, atol=1e-6)
+    assert (px[1] - py[1]).abs().max() > 1e-4
+
+
+def test_mask_matches_the_documented_layout(tokenizer):
+    model = make_model(tokenizer)
+    batch = collator(model)([caption_to_image([11, 12], torch.zeros(LATENT)), image_to_caption(torch.zeros(LATENT), [13])])
+    m = hybrid_mask(batch.document, batch.image_block, batch.valid)[0, 0]
+    P = model.config.patches_per_image
+    first = slice(4, 4 + P)
+    assert m[first, first].all()  # bidirectional inside the image
+    assert not m[3, 4]  # <boi> does not see its patches
+    assert m[4 + P, first].all()  # <eoi> sees them all
+    second_doc = 4 + P + 2
+    assert not m[second_doc:, :second_doc].any()  # packed examples are isolated
+    assert m.tril()[: second_doc, : second_doc].diagonal().all()
+
+
+# ---------------------------------------------------------------------------------------------
+# losses
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("objective", "patch_encoder"), list(itertools.product(["ddpm", "flow"], ["linear", "unet"])))
+def test_tiny_model_overfits_one_batch(tokenizer, objective, patch_encoder):
+    model = make_model(tokenizer, patch_encoder=patch_encoder, diffusion=DiffusionConfig(objective=objective)).train()
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(3, *LATENT, generator=g)
+    batch = collator(model)([
+        caption_to_image(ids(tokenizer, "a red 4"), latents[0]),
+        image_to_caption(latents[1], ids(tokenizer, "a blue 3")),
+        caption_to_image(ids(tokenizer, "a 7"), latents[2]),
+        text_example(ids(tokenizer, "to be or not to be that is the question")),
+    ])
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(120):
+        out = model.loss(batch, generator=torch.Generator().manual_seed(0))  # the same noise each step
+        opt.zero_grad()
+        out.total.backward()
+        opt.step()
+        losses.append(out.total.item())
+    assert losses[-1] < 0.1 * losses[0], (losses[0], losses[-1])
+
+
+def test_loss_parts_and_weight(tokenizer):
+    model = make_model(tokenizer, diffusion=DiffusionConfig(loss_weight=5.0))
+    batch = collator(model)([caption_to_image(ids(tokenizer, "a red 4"), torch.randn(LATENT))])
+    out = model.loss(batch, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(out.total.detach(), out.lm + 5.0 * out.diffusion)
+    text_only = collator(model)([text_example(ids(tokenizer, "to be or not"))])
+    out = model.loss(text_only)
+    assert out.diffusion.item() == 0.0 and out.lm.item() > 0
+
+
+@pytest.mark.parametrize("objective", ["ddpm", "flow"])
+def test_noise_limit_for_images_before_their_caption(tokenizer, objective):
+    model = make_model(tokenizer, diffusion=DiffusionConfig(objective=objective, noise_limit=0.5))
+    latents = torch.randn(LATENT)
+    examples = [image_to_caption(latents, ids(tokenizer, "a 3"))] * 20 + [caption_to_image(ids(tokenizer, "a 3"), latents)] * 20
+    batch = collator(model)(examples)
+    assert batch.image_first.tolist() == [True] * 20 + [False] * 20
+    drawn = torch.cat([model.loss(batch, torch.Generator().manual_seed(s)).timesteps for s in range(10)]).view(10, 40)
+    times = model.diffusion.model_time(drawn.flatten()).view(10, 40)  # 0..1000 scale for both
+    assert times[:, :20].max() <= 500
+    assert times[:, 20:].max() > 700  # uncapped images reach high noise
+
+
+def test_caption_dropout_is_observable(tokenizer):
+    model = make_model(tokenizer)
+    cap = ids(tokenizer, "a red 4")
+    always = collator(model, caption_dropout=1.0)([caption_to_image(cap, torch.zeros(LATENT))])
+    assert always.caption_dropped.tolist() == [True]
+    assert not set(cap) & set(always.input_ids[0].tolist())  # caption tokens gone
+    assert always.input_ids[0, :2].tolist() == [model.special.bos, model.special.boi]
+    never = collator(model, caption_dropout=0.0)([caption_to_image(cap, torch.zeros(LATENT))])
+    assert never.input_ids[0, 1 : 1 + len(cap)].tolist() == cap
+    some = collator(model, caption_dropout=0.1, seed=0)([caption_to_image(cap, torch.zeros(LATENT))] * 2000)
+    assert 0.08 < some.caption_dropped.float().mean().item() < 0.12
+    kept = collator(model, caption_dropout=1.0)([image_to_caption(torch.zeros(LATENT), cap)])
+    assert kept.caption_dropped.tolist() == [False]  # only captions before their image drop
+
+
+# ---------------------------------------------------------------------------------------------
+# saving and pretrained backbones
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("patch_encoder", "time_conditioning"), [("linear", "token"), ("unet", "add")])
+def test_save_load_identical_outputs(tokenizer, tmp_path, patch_encoder, time_conditioning):
+    model = make_model(tokenizer, patch_encoder=patch_encoder, time_conditioning=time_conditioning)
+    model.save_pretrained(tmp_path / "m", tokenizer)
+    loaded = TransfusionModel.from_pretrained(tmp_path / "m")
+    batch = collator(model)([caption_to_image(ids(tokenizer, "a red 4"), torch.zeros(LATENT))])
+    x, t = torch.randn(1, *LATENT), torch.tensor([250.0])
+    h1, p1 = run(model, batch, x, t)
+    h2, p2 = run(loaded, batch, x, t)
+    assert torch.equal(h1, h2) and torch.equal(p1, p2)
+    assert sorted(p.name for p in (tmp_path / "m").iterdir() if p.suffix in (".json", ".safetensors"))[:2] == ["config.json", "model.safetensors"]
+    from transfusion.data.tokenizer import load_tokenizer
+
+    assert load_tokenizer(tmp_path / "m")("a red 4")["input_ids"] == tokenizer("a red 4")["input_ids"]
+
+
+def test_load_refuses_missing_or_truncated_files(tokenizer, tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a saved Transfusion model"):
+        TransfusionModel.from_pretrained(tmp_path)
+    make_model(tokenizer).save_pretrained(tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:4096])
+    with pytest.raises(ValueError, match="cannot load weights"):
+        TransfusionModel.from_pretrained(tmp_path / "m")
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_pretrained_backbone_through_params(tokenizer, tmp_path, kind):
+    """A tiny random LM saved with save_pretrained loads as the backbone, <boi>/<eoi> added."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
+
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    raw.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=290, special_tokens=["<s>", "</s>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    base_tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>")
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[kind]
+    cfg = cls(vocab_size=len(base_tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    lm = AutoModelForCausalLM.from_config(cfg)
+    lm.save_pretrained(str(tmp_path / "lm"))
+    base_tok.save_pretrained(str(tmp_path / "lm"))
+
+    from transfusion.config import TokenizerConfig
+
+    tok = build_tokenizer(TokenizerConfig(pretrained=tmp_path / "lm"), [])
+    assert len(tok) == len(base_tok) + 3  # <boi>, <eoi>, <pad>
+    model = TransfusionModel.from_params(ModelConfig(pretrained=tmp_path / "lm"), DiffusionConfig(), tok, LATENT)
+    emb = model.backbone.get_input_embeddings().weight
+    assert emb.shape[0] == len(tok) and model.backbone.config.model_type == kind
+    torch.testing.assert_close(emb[: len(base_tok)], lm.get_input_embeddings().weight)
+    batch = collator(model)([caption_to_image(ids(tok, "a red 4"), torch.randn(LATENT))])
+    assert torch.isfinite(model.loss(batch).total)
+
+
+def test_freeze_text_trains_only_image_parts(tokenizer):
+    model = make_model(tokenizer, freeze_text=True)
+    trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"time_embed", "patch_in", "patch_out"}

@@ -1,0 +1,208 @@
+"""Packed Transfusion batches from text-only, caption->image and image->caption examples.
+
+An :class:`Example` is a list of parts, text token ids or one image latent (C, H, W) each, so an
+example may hold several images. Every image becomes ``<boi>`` [time token] P patch slots
+``<eoi>``; every example is wrapped in ``<bos> ... <eos>``. Examples are packed greedily into rows
+of at most ``max_length`` tokens; packed examples never attend to each other (``document``),
+and position ids restart at each example.
+
+Example: ``caption_to_image([11, 12], z)`` then ``image_to_caption(z2, [13])``, 4 patches per
+image, time embedding added to the patches (no time token), packed into one row::
+
+    pos        0    1   2    3   4  5  6  7    8     9    0    1   2  3  4  5    6    7     8
+    input_ids  bos  11  12  boi  .  .  .  .   eoi   eos  bos  boi  .  .  .  .   eoi  13   eos
+    modality   T    T   T    T   P  P  P  P    T     T    T    T   P  P  P  P    T    T    T
+    image_block -1  -1  -1  -1   0  0  0  0   -1    -1   -1   -1   1  1  1  1   -1   -1   -1
+    patch_index -1  -1  -1  -1   0  1  2  3   -1    -1   -1   -1   0  1  2  3   -1   -1   -1
+    document    0   0   0    0   0  0  0  0    0     0    1    1   1  1  1  1    1    1    1
+    labels      11  12  boi  .   .  .  .  eoi eos    .    boi  .   .  .  .  eoi  13   eos   .
+
+(``.`` in input_ids is the pad id in an image slot; ``.`` in labels is -100: no LM loss.) The
+label at position i is the next token when that token is text, so ``<boi>`` and ``<eoi>`` are
+predicted too; patches are the diffusion loss's business. ``images[1]`` precedes its caption,
+so ``image_first[1]`` is True and its noise is capped. With ``caption_dropout`` a caption that
+precedes its image is removed (``caption_dropped``) to train classifier-free guidance.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Union
+
+import torch
+
+TEXT, PATCH, TIME, PAD = 0, 1, 2, -1
+
+Part = Union[list[int], torch.Tensor]
+
+
+@dataclass
+class Example:
+    parts: list[Part]  # token id lists and (C, H, W) latents, in sequence order
+
+
+def text_example(ids: list[int]) -> Example:
+    return Example([list(ids)])
+
+
+def caption_to_image(caption: list[int], latent: torch.Tensor) -> Example:
+    return Example([list(caption), latent])
+
+
+def image_to_caption(latent: torch.Tensor, caption: list[int]) -> Example:
+    return Example([latent, list(caption)])
+
+
+@dataclass(frozen=True)
+class SpecialIds:
+    bos: int
+    eos: int
+    pad: int
+    boi: int
+    eoi: int
+
+    @classmethod
+    def from_tokenizer(cls, tok) -> "SpecialIds":
+        boi, eoi = tok.convert_tokens_to_ids(["<boi>", "<eoi>"])
+        bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        return cls(bos=bos, eos=tok.eos_token_id, pad=tok.pad_token_id, boi=boi, eoi=eoi)
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # (B, L) long; image slots hold the pad id
+    labels: torch.Tensor  # (B, L) long; next text token or -100
+    position_ids: torch.Tensor  # (B, L) long; restart per example
+    modality: torch.Tensor  # (B, L) long; TEXT, PATCH, TIME or PAD
+    image_block: torch.Tensor  # (B, L) long; image index for PATCH/TIME tokens, else -1
+    patch_index: torch.Tensor  # (B, L) long; patch number for PATCH tokens, else -1
+    document: torch.Tensor  # (B, L) long; example number within the row
+    valid: torch.Tensor  # (B, L) bool; False on padding
+    images: torch.Tensor  # (N, C, H, W) clean scaled latents, in order of appearance
+    image_first: torch.Tensor  # (N,) bool; image precedes any text of its example
+    caption_dropped: torch.Tensor  # (N,) bool; its caption was dropped (CFG training)
+
+    def to(self, device: torch.device | str) -> "Batch":
+        return Batch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+    @property
+    def num_text_targets(self) -> int:
+        return int((self.labels != -100).sum())
+
+
+class Collator:
+    """Turns a list of :class:`Example` into one packed :class:`Batch`."""
+
+    def __init__(
+        self,
+        special: SpecialIds,
+        patches_per_image: int,
+        max_length: int,
+        time_token: bool = False,
+        caption_dropout: float = 0.0,
+        seed: int = 0,
+    ) -> None:
+        self.special, self.patches, self.max_length = special, patches_per_image, max_length
+        self.time_token, self.caption_dropout = time_token, caption_dropout
+        self.generator = torch.Generator().manual_seed(seed)
+
+    @property
+    def image_length(self) -> int:
+        """Tokens one image occupies: <boi> [time] patches <eoi>."""
+        return self.patches + 2 + int(self.time_token)
+
+    # -- one example -> token rows ---------------------------------------------------------
+    def _segment(self, example: Example) -> tuple[dict[str, list], list[torch.Tensor], list[bool], list[bool]]:
+        s = self.special
+        parts = list(example.parts)
+        dropped = False
+        if len(parts) >= 2 and isinstance(parts[0], list) and torch.is_tensor(parts[1]) and self.caption_dropout > 0:
+            if torch.rand((), generator=self.generator).item() < self.caption_dropout:
+                parts[0], dropped = [], True
+        seg: dict[str, list] = {"ids": [s.bos], "mod": [TEXT], "img": [-1], "patch": [-1]}
+        images, image_first, drops = [], [], []
+        seen_text = False
+
+        def add(ids, mod, img, patch):
+            seg["ids"] += ids
+            seg["mod"] += mod
+            seg["img"] += img
+            seg["patch"] += patch
+
+        for part in parts:
+            if torch.is_tensor(part):
+                k = len(images)  # local image number, made global in __call__
+                images.append(part)
+                image_first.append(not seen_text)
+                drops.append(dropped)
+                add([s.boi], [TEXT], [-1], [-1])
+                if self.time_token:
+                    add([s.pad], [TIME], [k], [-1])
+                add([s.pad] * self.patches, [PATCH] * self.patches, [k] * self.patches, list(range(self.patches)))
+                add([s.eoi], [TEXT], [-1], [-1])
+            else:
+                seen_text = seen_text or len(part) > 0
+                add(list(part), [TEXT] * len(part), [-1] * len(part), [-1] * len(part))
+        add([s.eos], [TEXT], [-1], [-1])
+        if len(seg["ids"]) > self.max_length:
+            if images:
+                raise ValueError(f"an example with images needs {len(seg['ids'])} tokens > max_length {self.max_length}")
+            seg = {k: v[: self.max_length] for k, v in seg.items()}  # text: truncate
+        return seg, images, image_first, drops
+
+    # -- examples -> packed batch ----------------------------------------------------------
+    def __call__(self, examples: list[Example]) -> Batch:
+        rows: list[list[tuple]] = [[]]
+        used = [0]
+        for ex in examples:
+            seg = self._segment(ex)
+            n = len(seg[0]["ids"])
+            if used[-1] + n > self.max_length and rows[-1]:
+                rows.append([])
+                used.append(0)
+            rows[-1].append(seg)
+            used[-1] += n
+
+        B, L = len(rows), max(used)
+        input_ids = torch.full((B, L), self.special.pad, dtype=torch.long)
+        modality = torch.full((B, L), PAD, dtype=torch.long)
+        image_block = torch.full((B, L), -1, dtype=torch.long)
+        patch_index = torch.full((B, L), -1, dtype=torch.long)
+        document = torch.full((B, L), -1, dtype=torch.long)
+        position_ids = torch.zeros((B, L), dtype=torch.long)
+        images, image_first, drops = [], [], []
+        for b, row in enumerate(rows):
+            at = 0
+            for d, (seg, imgs, first, dropped) in enumerate(row):
+                n = len(seg["ids"])
+                sl = slice(at, at + n)
+                input_ids[b, sl] = torch.tensor(seg["ids"])
+                modality[b, sl] = torch.tensor(seg["mod"])
+                local = torch.tensor(seg["img"])
+                image_block[b, sl] = torch.where(local >= 0, local + len(images), local)
+                patch_index[b, sl] = torch.tensor(seg["patch"])
+                document[b, sl] = d
+                position_ids[b, sl] = torch.arange(n)
+                images += imgs
+                image_first += first
+                drops += dropped
+                at += n
+
+        valid = modality != PAD
+        labels = torch.full((B, L), -100, dtype=torch.long)
+        nxt_text = (modality[:, 1:] == TEXT) & (document[:, 1:] == document[:, :-1])
+        labels[:, :-1] = torch.where(nxt_text, input_ids[:, 1:], labels[:, :-1])
+        stacked = torch.stack(images) if images else torch.zeros(0)
+        return Batch(
+            input_ids=input_ids,
+            labels=labels,
+            position_ids=position_ids,
+            modality=modality,
+            image_block=image_block,
+            patch_index=patch_index,
+            document=document,
+            valid=valid,
+            images=stacked,
+            image_first=torch.tensor(image_first, dtype=torch.bool),
+            caption_dropped=torch.tensor(drops, dtype=torch.bool),
+        )

@@ -1,0 +1,87 @@
+"""Diffusion maths over diffusers' schedulers, kept apart from the network (as in DiT).
+
+Two objectives share one small interface used by ``TransfusionModel.loss``:
+
+- ``sample_timesteps(capped, generator)``: one training timestep per image; an image that
+  precedes its caption (``capped``) draws only from the low-noise part (paper: t <= 500 of 1000).
+- ``add_noise(x0, noise, t)`` -> x_t, ``target(x0, noise, t)`` -> what the network predicts,
+  ``model_time(t)`` -> the value fed to the timestep embedding.
+
+DDPM (default): ``DDPMScheduler`` with the cosine (``squaredcos_cap_v2``) schedule, 1000 steps,
+epsilon prediction. Flow matching: rectified flow ``x_t = (1 - s) x0 + s eps`` on the sigma table
+of ``FlowMatchEulerDiscreteScheduler``, velocity target ``eps - x0``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from transfusion.config import DiffusionConfig
+
+
+class DDPMObjective:
+    name = "ddpm"
+
+    def __init__(self, cfg: DiffusionConfig) -> None:
+        from diffusers import DDPMScheduler
+
+        self.cfg = cfg
+        self.scheduler = DDPMScheduler(
+            num_train_timesteps=cfg.train_steps,
+            beta_schedule=cfg.beta_schedule,
+            prediction_type=cfg.prediction_type,
+            clip_sample=False,
+        )
+        self.limit = int(round(cfg.noise_limit * cfg.train_steps))  # capped images: t <= limit
+
+    def sample_timesteps(self, capped: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """(N,) bool -> (N,) long timesteps in [0, T) ([0, limit] where capped)."""
+        u = torch.rand(capped.shape, generator=generator)
+        high = torch.where(capped, torch.tensor(min(self.limit + 1, self.cfg.train_steps)), torch.tensor(self.cfg.train_steps))
+        return (u * high).long().clamp_max(self.cfg.train_steps - 1)
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.scheduler.add_noise(x0, noise, t.to(x0.device))
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return noise
+
+    def model_time(self, t: torch.Tensor) -> torch.Tensor:
+        return t.float()
+
+
+class FlowMatchingObjective:
+    name = "flow"
+
+    def __init__(self, cfg: DiffusionConfig) -> None:
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        self.cfg = cfg
+        self.scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=cfg.train_steps, shift=cfg.flow_shift)
+        self.sigmas = self.scheduler.sigmas[: cfg.train_steps].float()  # descending, 1 -> ~1/T
+        self.n_capped = int((self.sigmas <= cfg.noise_limit).sum())  # the low-noise tail
+
+    def sample_timesteps(self, capped: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """(N,) bool -> (N,) indices into the sigma table (capped: sigma <= noise_limit)."""
+        n = len(self.sigmas)
+        u = torch.rand(capped.shape, generator=generator)
+        full = (u * n).long().clamp_max(n - 1)
+        tail = n - 1 - (u * self.n_capped).long().clamp_max(self.n_capped - 1)
+        return torch.where(capped, tail, full)
+
+    def sigma(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return self.sigmas[t.cpu()].to(like.device, like.dtype).view(-1, *([1] * (like.dim() - 1)))
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        s = self.sigma(t, x0)
+        return (1 - s) * x0 + s * noise
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return noise - x0
+
+    def model_time(self, t: torch.Tensor) -> torch.Tensor:
+        return self.sigmas[t.cpu()] * self.cfg.train_steps
+
+
+def build_objective(cfg: DiffusionConfig) -> DDPMObjective | FlowMatchingObjective:
+    return DDPMObjective(cfg) if cfg.objective == "ddpm" else FlowMatchingObjective(cfg)

@@ -1,0 +1,211 @@
+"""TransfusionModel: one causal-LM transformer over text tokens and noised latent patches.
+
+    input_ids ─ token embeddings ───────────────┐
+    x_t (N,C,H,W) ─ patch encoder (+ time emb) ─┴─> (B,L,D) ─ backbone (hybrid mask) ─┬─ LM head ─> next-token logits
+                                                                                        └─ patch decoder ─> eps / v (N,C,H,W)
+
+The constructor's argument is the saved config (``config.json``); ``save_pretrained`` writes it
+with safetensors weights and the tokenizer, ``from_pretrained`` rebuilds the same model. The
+diffusion maths live in ``transfusion.diffusion``; ``loss`` wires the two together.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+from transfusion.config import DiffusionConfig
+from transfusion.data.collate import PATCH, TIME, Batch, SpecialIds
+from transfusion.diffusion import build_objective
+from transfusion.model import backbone as bb
+from transfusion.model.mask import hybrid_block_mask, hybrid_mask
+from transfusion.model.patching import build_patching
+
+CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
+
+
+class TransfusionConfig(BaseModel):
+    """Everything needed to rebuild the model (saved as config.json)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    backbone: dict  # the Hugging Face config of the causal LM (model_type llama | qwen2)
+    latent_channels: int
+    latent_size: int
+    patch_size: int
+    patch_encoder: str = "linear"
+    unet_channels: list[int] = [64]
+    time_conditioning: str = "add"
+    attention: str = "sdpa"
+    freeze_text: bool = False
+    special: dict[str, int]  # bos, eos, pad, boi, eoi
+    diffusion: DiffusionConfig = DiffusionConfig()
+
+    @property
+    def patches_per_image(self) -> int:
+        return (self.latent_size // self.patch_size) ** 2
+
+
+@dataclass
+class LossOutput:
+    total: torch.Tensor
+    lm: torch.Tensor
+    diffusion: torch.Tensor
+    timesteps: torch.Tensor  # (N,) the drawn training timesteps (for inspection)
+
+
+class TransfusionModel(nn.Module):
+    def __init__(self, config: TransfusionConfig, backbone: nn.Module | None = None) -> None:
+        from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+
+        super().__init__()
+        self.config = config
+        self.backbone = backbone if backbone is not None else bb.from_config_dict(config.backbone, config.attention)
+        D = self.backbone.config.hidden_size
+        self.time_proj = Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.time_embed = TimestepEmbedding(256, D)
+        self.patch_in, self.patch_out = build_patching(
+            config.patch_encoder, config.latent_channels, config.latent_size, config.patch_size, D, config.unet_channels
+        )
+        self.diffusion = build_objective(config.diffusion)
+        if config.freeze_text:
+            self.backbone.requires_grad_(False)
+
+    @property
+    def special(self) -> SpecialIds:
+        return SpecialIds(**self.config.special)
+
+    # ------------------------------------------------------------------------------------------
+    # the network
+    # ------------------------------------------------------------------------------------------
+    def attention_mask(self, batch: Batch):
+        if self.config.attention == "flex":
+            return hybrid_block_mask(batch.document, batch.image_block, batch.valid)
+        return hybrid_mask(batch.document, batch.image_block, batch.valid)  # (B, 1, L, L)
+
+    def forward(self, batch: Batch, x_t: torch.Tensor, time: torch.Tensor, mask=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden states (B, L, D) and the image prediction (N, C, H, W) for noisy latents
+        ``x_t`` at (model) times ``time`` (N,)."""
+        has_images = x_t.numel() > 0
+        h = self.backbone.get_input_embeddings()(batch.input_ids)  # (B, L, D)
+        if has_images:
+            # 1. time embedding per image  (N, D)
+            temb = self.time_embed(self.time_proj(time.to(x_t.device)).to(x_t.dtype))
+            # 2. latent patches -> vectors  (N, P, D)
+            tokens, skips = self.patch_in(x_t, temb, add_time=self.config.time_conditioning == "add")
+            # 3. token embeddings with the image slots filled in  (B, L, D)
+            is_patch, is_time = batch.modality == PATCH, batch.modality == TIME
+            h = h.clone()
+            h[is_patch] = tokens[batch.image_block[is_patch], batch.patch_index[is_patch]].to(h.dtype)
+            if is_time.any():
+                h[is_time] = temb[batch.image_block[is_time]].to(h.dtype)
+        # 4. the transformer over the hybrid mask  (B, L, D)
+        mask = self.attention_mask(batch) if mask is None else mask
+        hidden = self.backbone.model(inputs_embeds=h, attention_mask=mask, position_ids=batch.position_ids).last_hidden_state
+        if not has_images:
+            return hidden, x_t
+        # 5. image outputs back in latent shape  (N, C, H, W)
+        per_image = hidden.new_zeros(tokens.shape[0], tokens.shape[1], hidden.shape[-1])
+        per_image[batch.image_block[is_patch], batch.patch_index[is_patch]] = hidden[is_patch]
+        pred = self.patch_out(per_image, temb, skips)
+        return hidden, pred
+
+    def text_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.backbone.lm_head(hidden)
+
+    # ------------------------------------------------------------------------------------------
+    # training
+    # ------------------------------------------------------------------------------------------
+    def loss(self, batch: Batch, generator: torch.Generator | None = None) -> LossOutput:
+        """LM cross-entropy on text targets + lambda * diffusion MSE on every image."""
+        # 1. one timestep and noise per image; images before their caption get capped noise
+        t = self.diffusion.sample_timesteps(batch.image_first.cpu(), generator)
+        x0 = batch.images
+        noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
+        x_t = self.diffusion.add_noise(x0, noise, t) if len(t) else x0
+        # 2. one pass of the transformer
+        hidden, pred = self(batch, x_t, self.diffusion.model_time(t))
+        # 3. the two losses (LM only where there is a text target)
+        targets = batch.labels != -100
+        if targets.any():
+            logits = self.text_logits(hidden[targets]).float()
+            lm = F.cross_entropy(logits, batch.labels[targets])
+        else:
+            lm = hidden.sum() * 0.0
+        if len(x0):
+            diff = F.mse_loss(pred.float(), self.diffusion.target(x0, noise, t).float())
+        else:
+            diff = hidden.sum() * 0.0
+        total = lm + self.config.diffusion.loss_weight * diff
+        return LossOutput(total, lm.detach(), diff.detach(), t)
+
+    # ------------------------------------------------------------------------------------------
+    # building, saving, loading
+    # ------------------------------------------------------------------------------------------
+    @classmethod
+    def from_params(cls, model_cfg, diffusion_cfg: DiffusionConfig, tokenizer, latent_shape) -> "TransfusionModel":
+        """A new model from the ``model`` / ``diffusion`` params sections and the tokenizer."""
+        special = SpecialIds.from_tokenizer(tokenizer)
+        channels, size, _ = latent_shape
+        if model_cfg.pretrained is not None:
+            backbone = bb.load_pretrained_backbone(Path(model_cfg.pretrained), len(tokenizer), model_cfg.attention)
+            backbone.config.pad_token_id = special.pad
+        else:
+            backbone = bb.build_backbone(
+                model_cfg.backbone, model_cfg.size, len(tokenizer), max(2048, model_cfg.max_length),
+                model_cfg.attention, special.__dict__,
+            )
+        config = TransfusionConfig(
+            backbone=backbone.config.to_dict(),
+            latent_channels=channels,
+            latent_size=size,
+            patch_size=model_cfg.patch_size,
+            patch_encoder=model_cfg.patch_encoder,
+            unet_channels=model_cfg.unet_channels,
+            time_conditioning=model_cfg.time_conditioning,
+            attention=model_cfg.attention,
+            freeze_text=model_cfg.freeze_text,
+            special=dict(special.__dict__),
+            diffusion=diffusion_cfg,
+        )
+        return cls(config, backbone)
+
+    def save_pretrained(self, directory: Path, tokenizer=None) -> None:
+        """config.json + model.safetensors (+ the tokenizer), written atomically."""
+        from safetensors.torch import save_model
+
+        from transfusion.io import atomic_dir
+
+        with atomic_dir(Path(directory)) as tmp:
+            (tmp / CONFIG_NAME).write_text(json.dumps(self.config.model_dump(mode="json"), indent=2) + "\n")
+            save_model(self, str(tmp / WEIGHTS_NAME))
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp))
+
+    @classmethod
+    def from_pretrained(cls, directory: Path, attention: str | None = None) -> "TransfusionModel":
+        from safetensors.torch import load_model
+
+        directory = Path(directory)
+        for name in (CONFIG_NAME, WEIGHTS_NAME):
+            if not (directory / name).is_file():
+                raise FileNotFoundError(f"{directory}: not a saved Transfusion model (no {name})")
+        try:
+            data = json.loads((directory / CONFIG_NAME).read_text())
+            if attention is not None:
+                data["attention"] = attention
+            config = TransfusionConfig.model_validate(data)
+        except ValueError as err:
+            raise ValueError(f"{directory / CONFIG_NAME}: invalid model config ({str(err).splitlines()[0]})") from None
+        model = cls(config)
+        try:
+            load_model(model, str(directory / WEIGHTS_NAME), strict=True)
+        except Exception as err:
+            raise ValueError(f"{directory / WEIGHTS_NAME}: cannot load weights ({str(err).splitlines()[0]})") from None
+        return model.eval()
