@@ -54,7 +54,7 @@ def _load(params: list[Path] | None, overrides: list[str] | None):
         _fail(str(err), 2)
 
 
-def _run_stage(name: str, params: list[Path] | None, overrides: list[str] | None) -> None:
+def _run_stage(name: str, params: list[Path] | None, overrides: list[str] | None, **kwargs) -> None:
     import importlib
     import json
     import time
@@ -62,15 +62,17 @@ def _run_stage(name: str, params: list[Path] | None, overrides: list[str] | None
     cfg = _load(params, overrides)
     module = importlib.import_module(f"stages.{name}")
     from transfusion.data.archives import DataError
+    from transfusion.train.checkpoint import CheckpointError
+    from transfusion.train.loop import TrainingDiverged, TrainingFailed
 
     start = time.perf_counter()
     try:
-        metrics = module.run(cfg)
-    except (DataError, FileNotFoundError, ValueError) as err:
+        metrics = module.run(cfg, **kwargs)
+    except (DataError, CheckpointError, TrainingDiverged, TrainingFailed, FileNotFoundError, ValueError) as err:
         _fail(str(err).splitlines()[0] if str(err) else type(err).__name__, 1)
     typer.echo(f"{name}: done in {time.perf_counter() - start:.1f}s")
     if metrics:
-        typer.echo(json.dumps(metrics, indent=2, sort_keys=True, default=float))
+        typer.echo(json.dumps(metrics, indent=2, sort_keys=True, default=str))
 
 
 @app.command()
@@ -95,6 +97,26 @@ def vae(params: ParamsOpt = None, set_: SetOpt = None) -> None:
 def latents(params: ParamsOpt = None, set_: SetOpt = None) -> None:
     """Stage latents: encode every scene, scale to unit variance, write latent shards."""
     _run_stage("latents", params, set_)
+
+
+@app.command()
+def train(
+    checkpoint: Annotated[
+        Path | None, typer.Argument(help="With --resume: the checkpoint folder to continue from.", show_default=False)
+    ] = None,
+    params: ParamsOpt = None,
+    set_: SetOpt = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint (or CHECKPOINT).")] = False,
+    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: RAY_ADDRESS, else local).")] = None,
+) -> None:
+    """Stage train: the Transfusion model on Ray Train (resumable, tracked in MLflow).
+
+    transfusion train                         a fresh run
+    transfusion train --resume [CHECKPOINT]   continue the interrupted run (same MLflow run)
+    """
+    if checkpoint is not None and not resume:
+        _fail(f"{checkpoint}: a checkpoint argument needs --resume", 2)
+    _run_stage("train", params, set_, resume=checkpoint if checkpoint is not None else resume, address=address)
 
 
 @app.command("params")

@@ -1,7 +1,8 @@
 """End to end: `dvc repro` of the real dvc.yaml on the real params shrunk by pipelines/cpu-tiny.yaml.
 
 Uses the pinned raw archives (cached under the repo's .cache/archives after the first download).
-Checks that a second repro does nothing and that a VAE param change re-runs only vae + latents.
+Checks that a second repro does nothing and that a VAE param change re-runs only what depends on
+the VAE (vae, latents, train).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def _ran(output: str) -> list[str]:
 def test_dvc_repro_end_to_end(tmp_path):
     repo = tmp_path / "repo"
     repo.mkdir()
-    for name in ("dvc.yaml", "cli.py", ".dvcignore"):
+    for name in ("dvc.yaml", "cli.py", ".dvcignore", ".gitignore"):
         shutil.copy(REPO / name, repo / name)
     for folder in ("transfusion", "stages"):
         shutil.copytree(REPO / folder, repo / folder, ignore=shutil.ignore_patterns("__pycache__"))
@@ -54,8 +55,8 @@ def test_dvc_repro_end_to_end(tmp_path):
     _run(["git", "init", "-q"], repo)
     _run(["dvc", "init", "-q"], repo)
     first = _run(["dvc", "repro"], repo)
-    assert _ran(first) == ["data", "tokenizer", "vae", "latents"]
-    for key in ("data_metrics", "tokenizer_metrics", "vae_metrics", "latents_metrics"):
+    assert _ran(first) == ["data", "tokenizer", "vae", "latents", "train"]
+    for key in ("data_metrics", "tokenizer_metrics", "vae_metrics", "latents_metrics", "train_metrics"):
         assert json.loads((repo / resolved["paths"][key]).read_text())
     assert json.loads((repo / "metrics/latents.json").read_text())["scaled_train_std"] > 0.99
     assert (repo / "dvc.lock").is_file()
@@ -66,7 +67,8 @@ def test_dvc_repro_end_to_end(tmp_path):
     resolved["vae"]["steps"] = 20
     (repo / "params.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
     third = _run(["dvc", "repro"], repo)
-    assert _ran(third) == ["vae", "latents"], third
+    assert _ran(third) == ["vae", "latents", "train"], third
 
     metrics = _run(["dvc", "metrics", "show", "--json"], repo)
-    assert "test_psnr" in metrics and "scaling_factor" in metrics
+    assert "test_psnr" in metrics and "scaling_factor" in metrics and "final_diffusion_loss" in metrics
+    assert (repo / resolved["paths"]["model"] / "model.safetensors").is_file()

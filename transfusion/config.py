@@ -63,6 +63,11 @@ class PathsConfig(Section):
     vae_reconstructions: Path = Path("plots/vae_reconstructions.png")
     latents: Path = Path("data/latents")  # <split>/latents-*.safetensors + index.jsonl, meta.json
     latents_metrics: Path = Path("metrics/latents.json")
+    checkpoints: Path = Path("runs/train/checkpoints")  # rolling training checkpoints (resume)
+    model: Path = Path("artifacts/model")  # the exported model (save_pretrained + VAE reference)
+    train_metrics: Path = Path("metrics/train.json")
+    train_loss_plot: Path = Path("plots/train_loss.csv")
+    train_samples: Path = Path("plots/train_samples.png")
 
 
 class TrackingConfig(Section):
@@ -272,6 +277,55 @@ class MixtureConfig(Section):
         return self
 
 
+class FaultConfig(Section):
+    """Deliberate failures, for testing recovery (never set in real runs)."""
+
+    crash_at_step: int | None = None  # raise in the worker at this step (only in a run that did not resume)
+    nan_at_step: int | None = None  # make the loss NaN at this step
+
+
+class TrainConfig(Section):
+    # Ray Train: one machine by default (Ray started locally), or the cluster at `address`
+    # (RAY_ADDRESS / --address win). use_ray: false runs the same loop in this process.
+    use_ray: bool = True
+    address: str | None = None
+    num_workers: PositiveInt = 1
+    use_gpu: bool = False
+    cpus_per_worker: PositiveInt = 1
+    max_failures: Annotated[int, Field(ge=0)] = 1  # automatic restarts from the last checkpoint
+    # optimisation (paper: AdamW 0.9/0.95, eps 1e-8, wd 0.1, warmup + cosine, clip 1.0)
+    steps: PositiveInt = 3000
+    batch_size: PositiveInt = 16  # examples per worker per micro-step, packed into rows
+    grad_accum: PositiveInt = 1
+    lr: Annotated[float, Field(gt=0)] = 1e-3
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: Annotated[float, Field(gt=0)] = 1e-8
+    weight_decay: Annotated[float, Field(ge=0)] = 0.1
+    warmup_steps: Annotated[int, Field(ge=0)] = 100
+    min_lr_ratio: Annotated[float, Field(ge=0, le=1)] = 0.1
+    grad_clip: Annotated[float, Field(gt=0)] = 1.0
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 where the device is faster with it
+    ema_decay: Annotated[float, Field(ge=0, lt=1)] = 0.999  # 0 disables the EMA
+    seed: int = 0
+    # bookkeeping
+    log_every: PositiveInt = 25
+    checkpoint_every: PositiveInt = 250
+    keep_checkpoints: PositiveInt = 2
+    sample_every: PositiveInt = 1000
+    sample_captions: list[str] = Field(
+        default_factory=lambda: ["a 7", "a red 4", "three 5s", "a 2 to the left of a 9", "a blue 3 and a yellow 8", "a 0 above a 1"]
+    )
+    sample_steps: PositiveInt = 50
+    sample_cfg_scale: Annotated[float, Field(ge=0)] = 3.0
+    fault: FaultConfig = FaultConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if self.warmup_steps >= self.steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be < steps ({self.steps})")
+        return self
+
+
 # ---------------------------------------------------------------------------------------------
 # the whole file
 # ---------------------------------------------------------------------------------------------
@@ -285,6 +339,7 @@ class Params(Section):
     model: ModelConfig = ModelConfig()
     diffusion: DiffusionConfig = DiffusionConfig()
     mixture: MixtureConfig = MixtureConfig()
+    train: TrainConfig = TrainConfig()
 
     @model_validator(mode="after")
     def _check(self) -> "Params":
@@ -303,6 +358,14 @@ class Params(Section):
                 f"{2 ** len(self.model.unet_channels)}, which must equal model.patch_size ({p})"
             )
         return self
+
+    def with_absolute_paths(self) -> "Params":
+        """The same params with every path absolute (for workers that run in another folder)."""
+        paths = {k: Path(v).resolve() for k, v in self.paths.model_dump().items()}
+        update: dict[str, Any] = {"paths": PathsConfig(**paths)}
+        if self.model.pretrained is not None:
+            update["model"] = self.model.model_copy(update={"pretrained": Path(self.model.pretrained).resolve()})
+        return self.model_copy(update=update)
 
     def digest(self) -> str:
         """sha256 of the canonical JSON of these params (the MLflow `params_hash` tag)."""

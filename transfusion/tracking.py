@@ -120,3 +120,43 @@ def find_runs(cfg: TrackingConfig, stage: str | None = None) -> list[dict[str, A
         }
         for r in runs
     ]
+
+
+class RunLogger:
+    """Logs into an existing run by id (from a training worker; no active run needed)."""
+
+    def __init__(self, tracking_uri_: str, run_id: str) -> None:
+        from mlflow import MlflowClient
+
+        self.client = MlflowClient(tracking_uri=tracking_uri_)
+        self.run_id = run_id
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        import time
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self.client.log_batch(self.run_id, metrics=batch)
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        path = Path(path)
+        if path.is_dir():
+            self.client.log_artifacts(self.run_id, str(path), artifact_path or path.name)
+        else:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+
+def download_artifacts(uri: str, tracking_uri_: str | None = None) -> Path:
+    """A local copy of an MLflow artifact URI (``runs:/<id>/model`` ...)."""
+    import mlflow
+
+    if tracking_uri_ or os.environ.get("MLFLOW_TRACKING_URI"):
+        mlflow.set_tracking_uri(tracking_uri_ or os.environ["MLFLOW_TRACKING_URI"])
+    else:
+        mlflow.set_tracking_uri("sqlite:///mlflow.db")
+    try:
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+    except Exception as err:  # MlflowException and friends
+        raise FileNotFoundError(f"{uri}: cannot fetch this MLflow artifact ({str(err).splitlines()[0]})") from None

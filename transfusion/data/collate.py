@@ -101,8 +101,10 @@ class Collator:
         time_token: bool = False,
         caption_dropout: float = 0.0,
         seed: int = 0,
+        pack: bool = True,
     ) -> None:
         self.special, self.patches, self.max_length = special, patches_per_image, max_length
+        self.pack = pack  # False: one example per row (sampling)
         self.time_token, self.caption_dropout = time_token, caption_dropout
         self.generator = torch.Generator().manual_seed(seed)
 
@@ -157,7 +159,7 @@ class Collator:
         for ex in examples:
             seg = self._segment(ex)
             n = len(seg[0]["ids"])
-            if used[-1] + n > self.max_length and rows[-1]:
+            if (not self.pack or used[-1] + n > self.max_length) and rows[-1]:
                 rows.append([])
                 used.append(0)
             rows[-1].append(seg)

@@ -89,32 +89,46 @@ class TransfusionModel(nn.Module):
             return hybrid_block_mask(batch.document, batch.image_block, batch.valid)
         return hybrid_mask(batch.document, batch.image_block, batch.valid)  # (B, 1, L, L)
 
+    def embed_images(self, x_t: torch.Tensor, time: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list]:
+        """Noisy latents (N, C, H, W) at model times (N,) -> patch vectors (N, P, D), the time
+        embedding (N, D) and the encoder's skips (U-Net)."""
+        temb = self.time_embed(self.time_proj(time.to(x_t.device)).to(x_t.dtype))  # (N, D)
+        tokens, skips = self.patch_in(x_t, temb, add_time=self.config.time_conditioning == "add")
+        return tokens, temb, skips
+
+    def image_block(self, tokens: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        """The image's token vectors in sequence order: [time token] + patches  (N, P', D)."""
+        if self.config.time_conditioning == "token":
+            return torch.cat([temb[:, None, :].to(tokens.dtype), tokens], dim=1)
+        return tokens
+
+    def predict_images(self, patch_hidden: torch.Tensor, temb: torch.Tensor, skips: list) -> torch.Tensor:
+        """Transformer outputs at the patches (N, P, D) -> the diffusion prediction (N, C, H, W)."""
+        return self.patch_out(patch_hidden, temb, skips)
+
     def forward(self, batch: Batch, x_t: torch.Tensor, time: torch.Tensor, mask=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Hidden states (B, L, D) and the image prediction (N, C, H, W) for noisy latents
         ``x_t`` at (model) times ``time`` (N,)."""
         has_images = x_t.numel() > 0
         h = self.backbone.get_input_embeddings()(batch.input_ids)  # (B, L, D)
+        is_patch, is_time = batch.modality == PATCH, batch.modality == TIME
         if has_images:
-            # 1. time embedding per image  (N, D)
-            temb = self.time_embed(self.time_proj(time.to(x_t.device)).to(x_t.dtype))
-            # 2. latent patches -> vectors  (N, P, D)
-            tokens, skips = self.patch_in(x_t, temb, add_time=self.config.time_conditioning == "add")
-            # 3. token embeddings with the image slots filled in  (B, L, D)
-            is_patch, is_time = batch.modality == PATCH, batch.modality == TIME
+            # 1. time embedding and patch vectors per image  (N, D), (N, P, D)
+            tokens, temb, skips = self.embed_images(x_t, time)
+            # 2. token embeddings with the image slots filled in  (B, L, D)
             h = h.clone()
             h[is_patch] = tokens[batch.image_block[is_patch], batch.patch_index[is_patch]].to(h.dtype)
             if is_time.any():
                 h[is_time] = temb[batch.image_block[is_time]].to(h.dtype)
-        # 4. the transformer over the hybrid mask  (B, L, D)
+        # 3. the transformer over the hybrid mask  (B, L, D)
         mask = self.attention_mask(batch) if mask is None else mask
         hidden = self.backbone.model(inputs_embeds=h, attention_mask=mask, position_ids=batch.position_ids).last_hidden_state
         if not has_images:
             return hidden, x_t
-        # 5. image outputs back in latent shape  (N, C, H, W)
+        # 4. image outputs back in latent shape  (N, C, H, W)
         per_image = hidden.new_zeros(tokens.shape[0], tokens.shape[1], hidden.shape[-1])
         per_image[batch.image_block[is_patch], batch.patch_index[is_patch]] = hidden[is_patch]
-        pred = self.patch_out(per_image, temb, skips)
-        return hidden, pred
+        return hidden, self.predict_images(per_image, temb, skips)
 
     def text_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.backbone.lm_head(hidden)
@@ -144,6 +158,37 @@ class TransfusionModel(nn.Module):
             diff = hidden.sum() * 0.0
         total = lm + self.config.diffusion.loss_weight * diff
         return LossOutput(total, lm.detach(), diff.detach(), t)
+
+    # ------------------------------------------------------------------------------------------
+    # inference (token ids and scaled latents; transfusion.pipeline adds text and pixels)
+    # ------------------------------------------------------------------------------------------
+    def generate_text(self, prompts: list[list[int]], **kwargs):
+        """Continue each prompt; see :func:`transfusion.sampling.generate_text`."""
+        from transfusion.sampling import generate_text
+
+        return generate_text(self, prompts, **kwargs)
+
+    def sample_images(self, captions: list[list[int]], steps: int | None = None, cfg_scale: float | None = None,
+                      sampler: str | None = None, **kwargs) -> torch.Tensor:
+        """Scaled latents (N, C, H, W), one per caption; defaults from the diffusion config."""
+        from transfusion.sampling import sample_latents
+
+        d = self.config.diffusion
+        sampler = sampler or ("flow_euler" if d.objective == "flow" else d.sampler)
+        return sample_latents(self, captions, steps or d.sample_steps, d.cfg_scale if cfg_scale is None else cfg_scale,
+                              sampler, **kwargs)
+
+    def caption(self, latents: torch.Tensor, **kwargs) -> list[list[int]]:
+        from transfusion.sampling import caption_latents
+
+        return caption_latents(self, latents, **kwargs)
+
+    def generate(self, prompt: list[int], **kwargs):
+        from transfusion.sampling import generate_interleaved
+
+        d = self.config.diffusion
+        kwargs.setdefault("sampler", "flow_euler" if d.objective == "flow" else d.sampler)
+        return generate_interleaved(self, prompt, **kwargs)
 
     # ------------------------------------------------------------------------------------------
     # building, saving, loading
@@ -178,15 +223,20 @@ class TransfusionModel(nn.Module):
 
     def save_pretrained(self, directory: Path, tokenizer=None) -> None:
         """config.json + model.safetensors (+ the tokenizer), written atomically."""
-        from safetensors.torch import save_model
-
         from transfusion.io import atomic_dir
 
         with atomic_dir(Path(directory)) as tmp:
-            (tmp / CONFIG_NAME).write_text(json.dumps(self.config.model_dump(mode="json"), indent=2) + "\n")
-            save_model(self, str(tmp / WEIGHTS_NAME))
-            if tokenizer is not None:
-                tokenizer.save_pretrained(str(tmp))
+            self.write_files(tmp, tokenizer)
+
+    def write_files(self, folder: Path, tokenizer=None) -> None:
+        """The files of :meth:`save_pretrained` into an existing folder (not atomic)."""
+        from safetensors.torch import save_model
+
+        folder = Path(folder)
+        (folder / CONFIG_NAME).write_text(json.dumps(self.config.model_dump(mode="json"), indent=2) + "\n")
+        save_model(self, str(folder / WEIGHTS_NAME))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(folder))
 
     @classmethod
     def from_pretrained(cls, directory: Path, attention: str | None = None) -> "TransfusionModel":

@@ -1,0 +1,139 @@
+"""Training: the plain loop learns; Ray Train with 2 workers survives a crash and resumes into
+the same MLflow run; NaN stops the run keeping a loadable checkpoint; bad checkpoints are refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from transfusion.config import FaultConfig, Params
+from transfusion.train.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint, verify_checkpoint
+
+
+def train_params(base: Params, tmp_path, **train) -> Params:
+    """The tiny pipeline's params with training outputs and tracking under ``tmp_path``."""
+    paths = base.paths.model_copy(update={
+        "checkpoints": tmp_path / "ck", "model": tmp_path / "model", "runs": tmp_path / "runs",
+        "train_metrics": tmp_path / "train.json", "train_loss_plot": tmp_path / "loss.csv",
+        "train_samples": tmp_path / "samples.png",
+    })
+    tracking = base.tracking.model_copy(update={"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+                                                "artifact_location": str(tmp_path / "mlartifacts")})
+    tc = base.train.model_copy(update=train)
+    return base.model_copy(update={"paths": paths, "tracking": tracking, "train": tc})
+
+
+def test_plain_loop_lowers_the_loss(tiny_pipeline, tmp_path):
+    from transfusion.train.loop import LoopConfig, train_loop
+
+    p = train_params(tiny_pipeline, tmp_path, use_ray=False, steps=60, batch_size=8, lr=3e-3, log_every=5,
+                     checkpoint_every=30, sample_every=60, warmup_steps=5)
+    metrics = train_loop(LoopConfig(params=p))
+    rows = [line.split(",") for line in p.paths.train_loss_plot.read_text().splitlines()[1:]]
+    losses = [float(r[1]) for r in rows]
+    assert len(rows) == 12 and int(rows[-1][0]) == 60
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert metrics["steps"] == 60 and metrics["tokens_per_s"] > 0 and metrics["images_per_s"] > 0
+    assert [c.name for c in list_checkpoints(p.paths.checkpoints)] == ["step-00000030", "step-00000060"]
+    assert (p.paths.model / "model.safetensors").is_file() and (p.paths.model / "vae" / "config.json").is_file()
+    assert json.loads((p.paths.model / "latents.json").read_text())["scaling_factor"] > 0
+    assert p.paths.train_samples.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_nan_stops_the_run_and_keeps_a_loadable_checkpoint(tiny_pipeline, tmp_path):
+    from transfusion.data.tokenizer import load_tokenizer
+    from transfusion.model import TransfusionModel
+    from transfusion.train.loop import LoopConfig, TrainingDiverged, train_loop
+
+    p = train_params(tiny_pipeline, tmp_path, use_ray=False, steps=12, checkpoint_every=4, fault=FaultConfig(nan_at_step=7))
+    with pytest.raises(TrainingDiverged, match="at step 7") as err:
+        train_loop(LoopConfig(params=p))
+    last = latest_checkpoint(p.paths.checkpoints)
+    assert last.name == "step-00000004" and str(last) in str(err.value)
+    model = TransfusionModel.from_params(p.model, p.diffusion, load_tokenizer(p.paths.tokenizer), (4, 8, 8))
+    state = load_checkpoint(last, model)
+    assert state["step"] == 4
+    assert all(torch.isfinite(q).all() for q in model.parameters())
+
+
+def test_bad_checkpoints_are_refused(tiny_pipeline, tmp_path):
+    from transfusion.train.loop import LoopConfig, train_loop
+
+    p = train_params(tiny_pipeline, tmp_path, use_ray=False, steps=4, checkpoint_every=4, sample_every=4)
+    train_loop(LoopConfig(params=p))
+    ck = latest_checkpoint(p.paths.checkpoints)
+    verify_checkpoint(ck)
+
+    broken = tmp_path / "broken"
+    shutil.copytree(ck, broken)
+    (broken / "optimizer.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="optimizer.safetensors is missing"):
+        verify_checkpoint(broken)
+    shutil.rmtree(broken)
+    shutil.copytree(ck, broken)
+    data = (broken / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="model.safetensors is truncated"):
+        verify_checkpoint(broken)
+    (broken / "manifest.json").unlink()
+    with pytest.raises(CheckpointError, match="missing or unreadable manifest.json"):
+        verify_checkpoint(broken)
+
+    # the same through the CLI: one line, exit 1
+    from typer.testing import CliRunner
+
+    import yaml
+    from cli import app
+
+    (ck / "trainer.json").write_text("{}")
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(p.model_dump(mode="json")))
+    result = CliRunner().invoke(app, ["train", "-p", str(params_file), "--resume"])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines()[-1].startswith(f"error: {ck}: trainer.json")
+
+
+@pytest.fixture(scope="module")
+def ray_local(tmp_path_factory):
+    import ray
+
+    from transfusion.train.ray_train import ensure_ray
+
+    ensure_ray(None, tmp_path_factory.mktemp("ray"), num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+def test_ray_two_workers_survive_a_crash_and_resume(tiny_pipeline, tmp_path, ray_local):
+    from mlflow import MlflowClient
+
+    from stages import train
+    from transfusion.tracking import find_runs, tracking_uri
+
+    p = train_params(tiny_pipeline, tmp_path, use_ray=True, num_workers=2, cpus_per_worker=1, steps=12,
+                     checkpoint_every=4, log_every=2, sample_every=12, max_failures=1, fault=FaultConfig(crash_at_step=6))
+    metrics = train.run(p)  # crashes at step 6, Ray restarts the workers, they resume from step 4
+    assert metrics["steps"] == 12 and metrics["steps_this_run"] == 8
+    runs = find_runs(p.tracking, "train")
+    assert len(runs) == 1
+    run_id = runs[0]["run_id"]
+    client = MlflowClient(tracking_uri(p.tracking))
+    assert max(m.step for m in client.get_metric_history(run_id, "loss")) == 12
+    for key in ("loss", "lm_loss", "diffusion_loss", "lr", "grad_norm", "tokens_per_s", "images_per_s"):
+        assert client.get_metric_history(run_id, key), key
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert {"samples", "model"} <= artifacts
+    assert [a.path for a in client.list_artifacts(run_id, "samples")] == ["samples/step-00000012.png"]
+    state = json.loads((latest_checkpoint(p.paths.checkpoints) / "trainer.json").read_text())
+    assert set(state["data"]) == {"0", "1"}  # each worker's data position
+
+    # explicit resume with more steps: same run, same step count continued
+    longer = p.model_copy(update={"train": p.train.model_copy(update={"steps": 16, "fault": FaultConfig()})})
+    more = train.run(longer, resume=True)
+    assert more["steps"] == 16 and more["steps_this_run"] == 4 and more["resumed"] == 1.0
+    runs = find_runs(p.tracking, "train")
+    assert [r["run_id"] for r in runs] == [run_id]
+    assert max(m.step for m in client.get_metric_history(run_id, "loss")) == 16

@@ -1,0 +1,2 @@
+"""Training: a plain ``train_loop(config)`` (runs without Ray), checkpoints, and the Ray Train
+wrapper that runs the same loop on N workers."""

@@ -1,0 +1,132 @@
+"""Training checkpoints: safetensors tensors + JSON state, written atomically, verified on load.
+
+A checkpoint is a folder ``step-00001234/`` under ``paths.checkpoints``::
+
+    model.safetensors      the (unwrapped) model
+    ema.safetensors        the EMA of the weights (when enabled)
+    optimizer.safetensors  optimizer tensors (moments, step counts) + the torch RNG state
+    trainer.json           step, optimizer param groups, LR schedule, data position, loss history
+    manifest.json          size and sha256 of every file above (written last)
+
+A folder whose manifest is missing, or whose files are missing, truncated or altered, is refused
+with a :class:`CheckpointError` naming the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, load_model, save_file, save_model
+
+from transfusion.io import atomic_dir
+
+MANIFEST = "manifest.json"
+PREFIX = "step-"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint folder is incomplete or corrupt."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, rest = {}, {}
+    for idx, entry in state["state"].items():
+        for key, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"state.{idx}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                rest.setdefault(str(idx), {})[key] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": rest}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        if name.startswith("state."):
+            _, idx, key = name.split(".", 2)
+            state.setdefault(int(idx), {})[key] = value
+    for idx, entry in meta["scalars"].items():
+        state.setdefault(int(idx), {}).update(entry)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, ema, trainer_state: dict, keep: int) -> Path:
+    """Write ``root/step-XXXXXXXX`` atomically, then keep only the newest ``keep``."""
+    target = Path(root) / f"{PREFIX}{step:08d}"
+    with atomic_dir(target) as tmp:
+        save_model(model, str(tmp / "model.safetensors"))
+        if ema is not None:
+            save_model(ema, str(tmp / "ema.safetensors"))
+        tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+        tensors["rng.torch"] = torch.get_rng_state()
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        state = {"step": step, "optimizer": opt_meta, "scheduler": scheduler.state_dict(), **trainer_state}
+        (tmp / "trainer.json").write_text(json.dumps(state, indent=1))
+        files = sorted(p.name for p in tmp.iterdir())
+        manifest = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in files}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    for old in list_checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    found = list_checkpoints(root)
+    return found[-1] if found else None
+
+
+def verify_checkpoint(path: Path) -> dict:
+    """The manifest of ``path`` after checking every file's size and hash."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no checkpoint folder here")
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError):
+        raise CheckpointError(f"{path}: missing or unreadable {MANIFEST} (an interrupted write?)") from None
+    for name, want in manifest.items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{path}: {name} is missing")
+        size = file.stat().st_size
+        if size != want["bytes"]:
+            raise CheckpointError(f"{path}: {name} is truncated or altered ({size} bytes, expected {want['bytes']})")
+        if _sha256(file) != want["sha256"]:
+            raise CheckpointError(f"{path}: {name} does not match its sha256 in {MANIFEST}")
+    return manifest
+
+
+def load_checkpoint(path: Path, model, optimizer=None, scheduler=None, ema=None) -> dict:
+    """Restore into the given objects (after :func:`verify_checkpoint`); returns trainer.json."""
+    path = Path(path)
+    verify_checkpoint(path)
+    state = json.loads((path / "trainer.json").read_text())
+    load_model(model, str(path / "model.safetensors"), strict=True)
+    if ema is not None and (path / "ema.safetensors").is_file():
+        load_model(ema, str(path / "ema.safetensors"), strict=True)
+    tensors = load_file(str(path / "optimizer.safetensors"))
+    if optimizer is not None:
+        optimizer.load_state_dict(_unflatten_optimizer(tensors, state["optimizer"]))
+    if scheduler is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(tensors["rng.torch"])
+    return state

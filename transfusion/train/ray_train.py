@@ -1,0 +1,113 @@
+"""Ray Train around the plain loop: ``TorchTrainer`` runs ``train_loop`` on every worker.
+
+The only module that imports ray. One machine: Ray is started here, quietly (no usage stats, no
+dashboard), with its temp files under ``paths.runs``. A cluster: ``train.address``, ``--address``
+or ``RAY_ADDRESS`` (what ``ray job submit`` sets) connect to it instead. Worker failures are
+retried ``train.max_failures`` times; the loop resumes each retry from the newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from transfusion.train.loop import LoopConfig, Runtime, TrainingFailed, train_loop
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+
+
+class RayRuntime(Runtime):
+    """Rank, world and device from the Ray Train context; DDP through ``prepare_model``."""
+
+    def __init__(self) -> None:
+        import ray.train
+        import ray.train.torch
+
+        ctx = ray.train.get_context()
+        self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    def prepare(self, module):
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(module, parallel_strategy_kwargs={"find_unused_parameters": True})
+
+
+def _worker(config: dict) -> None:
+    """What each Ray worker runs."""
+    train_loop(config, RayRuntime())  # rank 0 writes paths.train_metrics
+
+
+def ensure_ray(address: str | None, temp_dir: Path, num_cpus: int | None = None) -> None:
+    """Connect to ``address`` (or RAY_ADDRESS), else start a quiet local Ray; reuse if running."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    temp_dir = short_temp_dir(Path(temp_dir))
+    temp_dir.mkdir(parents=True, exist_ok=True)
+    ray.init(
+        num_cpus=num_cpus,
+        _temp_dir=str(temp_dir),
+        configure_logging=True,
+        logging_level="warning",
+        log_to_driver=True,
+    )
+
+
+def short_temp_dir(wanted: Path, limit: int = 48) -> Path:
+    """``wanted`` if short enough, else a stable short folder in the system temp dir: Ray puts
+    unix sockets under its temp dir, and socket paths may not exceed 107 bytes."""
+    import hashlib
+    import tempfile
+
+    wanted = wanted.resolve()
+    if len(str(wanted)) <= limit:
+        return wanted
+    tag = hashlib.sha1(str(wanted).encode()).hexdigest()[:10]
+    return Path(tempfile.gettempdir()) / f"ray-{tag}"
+
+
+def fit(config: LoopConfig, address: str | None = None) -> dict:
+    """Run the loop on ``train.num_workers`` Ray workers; returns rank 0's final metrics
+    (read back from ``paths.train_metrics``, which rank 0 writes)."""
+    import json
+
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    p, tc = config.params, config.params.train
+    cpus = tc.num_workers * tc.cpus_per_worker
+    ensure_ray(address or tc.address, p.paths.runs / "ray", num_cpus=max(cpus, os.cpu_count() or 1))
+    trainer = TorchTrainer(
+        train_loop_per_worker=_worker,
+        train_loop_config=config.model_dump(mode="json"),
+        scaling_config=ScalingConfig(
+            num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker={"CPU": tc.cpus_per_worker}
+        ),
+        run_config=RunConfig(
+            name="transfusion-train",
+            storage_path=str((p.paths.runs / "ray_results").resolve()),
+            failure_config=FailureConfig(max_failures=tc.max_failures),
+        ),
+    )
+    try:
+        trainer.fit()
+    except Exception as err:  # TrainingFailedError wraps the worker's exception
+        cause = _root_cause(err)
+        raise TrainingFailed(f"training failed on a Ray worker: {cause}") from None
+    return json.loads(p.paths.train_metrics.read_text())
+
+
+def _root_cause(err: BaseException) -> str:
+    text = str(err)
+    for line in reversed(text.splitlines()):
+        line = line.strip()
+        if line and ("Error" in line or "error" in line or "Diverged" in line):
+            return line
+    return text.splitlines()[-1] if text else type(err).__name__
