@@ -1,0 +1,380 @@
+"""Image sampling with diffusers' schedulers and classifier-free guidance.
+
+``sample_latents`` denoises one image per caption: DDPM (default), DDIM, or the flow-matching
+Euler sampler for models trained with flow matching. With ``cfg_scale != 1`` every step also runs
+the caption-less sequence (``<bos> <boi> ...``, as in caption-dropout training) and mixes
+``uncond + scale * (cond - uncond)``. Each image has its own generator (seed + index), so a
+batch of captions gives the same images as the captions sampled one by one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from transfusion.config import DiffusionConfig
+from transfusion.data.collate import Collator, Example
+
+SAMPLERS = ("ddpm", "ddim", "flow_euler")
+
+
+def build_scheduler(cfg: DiffusionConfig, sampler: str, steps: int):
+    """A diffusers scheduler matching the training objective, set to ``steps`` steps."""
+    from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
+    flow = cfg.objective == "flow"
+    if flow != (sampler == "flow_euler"):
+        raise ValueError(
+            f"sampler {sampler!r} does not fit a model trained with {cfg.objective!r} "
+            f"(use {'flow_euler' if flow else 'ddpm or ddim'})"
+        )
+    if sampler == "flow_euler":
+        sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=cfg.train_steps, shift=cfg.flow_shift)
+    elif sampler == "ddim":
+        sched = DDIMScheduler(num_train_timesteps=cfg.train_steps, beta_schedule=cfg.beta_schedule,
+                              prediction_type=cfg.prediction_type, clip_sample=False, set_alpha_to_one=False)
+    else:
+        sched = DDPMScheduler(num_train_timesteps=cfg.train_steps, beta_schedule=cfg.beta_schedule,
+                              prediction_type=cfg.prediction_type, clip_sample=False)
+    sched.set_timesteps(steps)
+    return sched
+
+
+def generators(seed: int, n: int, device: str | torch.device = "cpu") -> list[torch.Generator]:
+    return [torch.Generator(device).manual_seed(seed + i) for i in range(n)]
+
+
+def initial_noise(gens: list[torch.Generator], shape: tuple[int, ...], device) -> torch.Tensor:
+    return torch.stack([torch.randn(shape, generator=g, device=g.device) for g in gens]).to(device)
+
+
+def guided(pred: torch.Tensor, cfg_scale: float) -> torch.Tensor:
+    """Mix a stacked [cond; uncond] prediction with the guidance scale."""
+    if cfg_scale == 1.0:
+        return pred
+    cond, uncond = pred.chunk(2)
+    return uncond + cfg_scale * (cond - uncond)
+
+
+@torch.no_grad()
+def sample_latents_uncached(
+    model,
+    captions: list[list[int]],
+    steps: int,
+    cfg_scale: float,
+    sampler: str,
+    seed: int = 0,
+    progress=None,
+) -> torch.Tensor:
+    """Reference sampler: every step re-runs the whole sequence (caption + image)."""
+    cfg = model.config
+    device = next(model.parameters()).device
+    shape = (cfg.latent_channels, cfg.latent_size, cfg.latent_size)
+    sched = build_scheduler(cfg.diffusion, sampler, steps)
+    placeholder = torch.zeros(shape)
+    examples = [Example([list(c), placeholder]) for c in captions]
+    if cfg_scale != 1.0:
+        examples += [Example([[], placeholder]) for _ in captions]
+    collate = Collator(model.special, cfg.patches_per_image, 1 << 30, time_token=cfg.time_conditioning == "token", pack=False)
+    batch = collate(examples).to(device)
+    gens = generators(seed, len(captions))
+    x = initial_noise(gens, shape, device) * sched.init_noise_sigma
+    for t in progress(sched.timesteps) if progress else sched.timesteps:
+        x_in = torch.cat([x, x]) if cfg_scale != 1.0 else x
+        time = torch.full((len(x_in),), float(t), device=device)
+        _, pred = model(batch, x_in, time)
+        x = sched.step(guided(pred.float(), cfg_scale), t, x, generator=gens).prev_sample
+    return x
+
+
+
+# ---------------------------------------------------------------------------------------------
+# KV-cached inference
+# ---------------------------------------------------------------------------------------------
+class Context:
+    """A batch of left-padded sequences held in a transformers ``DynamicCache``.
+
+    ``keys_valid`` (B, K) marks real (non-padding) cached positions, ``next_pos`` (B,) the
+    position id of each row's next token. ``append`` grows the cache; ``look`` runs tokens that
+    see the cache (and, when ``bidirectional``, each other) and then crops the cache back, so a
+    denoising step never leaves anything behind.
+    """
+
+    def __init__(self, model, rows: list[list[int]]) -> None:
+        from transformers import DynamicCache
+
+        self.model = model
+        device = next(model.parameters()).device
+        L = max(len(r) for r in rows)
+        ids = torch.full((len(rows), L), model.special.pad, dtype=torch.long, device=device)
+        valid = torch.zeros((len(rows), L), dtype=torch.bool, device=device)
+        for i, r in enumerate(rows):
+            ids[i, L - len(r):] = torch.tensor(r, dtype=torch.long)
+            valid[i, L - len(r):] = True
+        self.cache = DynamicCache(config=model.backbone.config)
+        self.keys_valid = torch.zeros((len(rows), 0), dtype=torch.bool, device=device)
+        self.next_pos = torch.zeros(len(rows), dtype=torch.long, device=device)
+        self.last_hidden = self._run(self.model.backbone.get_input_embeddings()(ids), valid, keep=True)[:, -1]
+
+    @property
+    def length(self) -> int:
+        return self.keys_valid.shape[1]
+
+    def _run(self, embeds: torch.Tensor, valid: torch.Tensor, keep: bool, bidirectional: bool = False) -> torch.Tensor:
+        """Run (B, q, D) ``embeds`` over the cache; ``valid`` (B, q) marks real new tokens."""
+        B, q = valid.shape
+        device = embeds.device
+        positions = self.next_pos[:, None] + valid.long().cumsum(1) - 1
+        positions = positions.clamp_min(0)
+        new = torch.ones(q, q, dtype=torch.bool, device=device)
+        new = new if bidirectional else new.tril()
+        new = (new[None] & valid[:, None, :]) | torch.eye(q, dtype=torch.bool, device=device)[None]
+        old = self.keys_valid[:, None, :].expand(B, q, self.length)
+        mask = torch.cat([old, new], dim=2)[:, None]  # (B, 1, q, K + q)
+        hidden = self.model.backbone.model(
+            inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+            cache=self.cache, use_cache=True,
+        ).last_hidden_state
+        if keep:
+            self.keys_valid = torch.cat([self.keys_valid, valid], dim=1)
+            self.next_pos = self.next_pos + valid.long().sum(1)
+        else:
+            _crop(self.cache, self.length)
+        return hidden
+
+    def append_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """Append one token per row (B,) and return its hidden state (B, D)."""
+        embeds = self.model.backbone.get_input_embeddings()(ids[:, None])
+        self.last_hidden = self._run(embeds, torch.ones_like(ids[:, None], dtype=torch.bool), keep=True)[:, -1]
+        return self.last_hidden
+
+    def image_prediction(self, x_t: torch.Tensor, time: torch.Tensor, keep: bool = False) -> torch.Tensor:
+        """One denoising look: the image tokens of ``x_t`` (B, C, H, W) at ``time`` (B,) attend
+        to the cache and bidirectionally to each other; returns the prediction (B, C, H, W).
+        With ``keep`` the image stays in the cache (a finished image, time 0)."""
+        tokens, temb, skips = self.model.embed_images(x_t, time)
+        block = self.model.image_block(tokens, temb)  # (B, P', D)
+        valid = torch.ones(block.shape[:2], dtype=torch.bool, device=block.device)
+        hidden = self._run(block, valid, keep=keep, bidirectional=True)
+        patches = hidden[:, block.shape[1] - tokens.shape[1]:]  # drop the time token
+        return self.model.predict_images(patches, temb, skips)
+
+    def select(self, index: torch.Tensor) -> None:
+        self.cache.batch_select_indices(index)
+        self.keys_valid, self.next_pos = self.keys_valid[index], self.next_pos[index]
+        self.last_hidden = self.last_hidden[index]
+
+
+def _crop(cache, length: int) -> None:
+    extra = cache.get_seq_length() - length
+    if extra > 0:
+        cache.crop(-extra)
+
+
+def _pick(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, gens: list[torch.Generator]) -> torch.Tensor:
+    """Next token per row: greedy at temperature 0, else sampled after top-k / top-p filtering."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k > 0:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(-1).cpu()
+    return torch.stack([torch.multinomial(p, 1, generator=g)[0] for p, g in zip(probs, gens)]).to(logits.device)
+
+
+@torch.no_grad()
+def generate_text(
+    model,
+    prompts: list[list[int]],
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    use_cache: bool = True,
+    stop_at: tuple[int, ...] = (),
+    return_logits: bool = False,
+):
+    """Continue each prompt (token ids, ``<bos>`` added) until ``<eos>`` (or a ``stop_at``
+    token, kept) or ``max_new_tokens``. Returns the new ids per prompt (and, with
+    ``return_logits``, the (B, T, V) logits of every step, for equivalence tests)."""
+    s = model.special
+    rows = [[s.bos, *p] for p in prompts]
+    gens = generators(seed, len(rows))
+    out: list[list[int]] = [[] for _ in rows]
+    done = torch.zeros(len(rows), dtype=torch.bool)
+    all_logits = []
+    ctx = Context(model, rows) if use_cache else None
+    for _ in range(max_new_tokens):
+        if use_cache:
+            hidden = ctx.last_hidden
+        else:  # recompute every position from scratch
+            hidden = Context(model, [r + o for r, o in zip(rows, out)]).last_hidden
+        logits = model.text_logits(hidden)
+        all_logits.append(logits.float().cpu())
+        nxt = _pick(logits, temperature, top_k, top_p, gens)
+        for i, t in enumerate(nxt.tolist()):
+            if not done[i]:
+                if t == s.eos:
+                    done[i] = True
+                else:
+                    out[i].append(t)
+                    done[i] = t in stop_at
+        if done.all():
+            break
+        if use_cache:
+            ctx.append_tokens(nxt)
+    if return_logits:
+        return out, torch.stack(all_logits, dim=1)
+    return out
+
+
+@torch.no_grad()
+def sample_latents(
+    model,
+    captions: list[list[int]],
+    steps: int,
+    cfg_scale: float,
+    sampler: str,
+    seed: int = 0,
+    use_cache: bool = True,
+    progress=None,
+    context: Context | None = None,
+) -> torch.Tensor:
+    """Scaled latents (N, C, H, W), one per caption. The prefix ``<bos> caption <boi>`` (and
+    ``<bos> <boi>`` for CFG) runs once into the KV cache; each step runs only the image tokens.
+    ``context`` continues an existing one instead (interleaved generation; rows = images)."""
+    if not use_cache:
+        return sample_latents_uncached(model, captions, steps, cfg_scale, sampler, seed, progress)
+    cfg = model.config
+    s = model.special
+    device = next(model.parameters()).device
+    shape = (cfg.latent_channels, cfg.latent_size, cfg.latent_size)
+    sched = build_scheduler(cfg.diffusion, sampler, steps)
+    n = len(captions)
+    if context is None:
+        rows = [[s.bos, *c, s.boi] for c in captions]
+        if cfg_scale != 1.0:
+            rows += [[s.bos, s.boi]] * n
+        context = Context(model, rows)
+    gens = generators(seed, n)
+    x = initial_noise(gens, shape, device) * sched.init_noise_sigma
+    for t in progress(sched.timesteps) if progress else sched.timesteps:
+        x_in = torch.cat([x, x]) if cfg_scale != 1.0 else x
+        time = torch.full((len(x_in),), float(t), device=device)
+        pred = context.image_prediction(x_in, time)
+        x = sched.step(guided(pred.float(), cfg_scale), t, x, generator=gens).prev_sample
+    return x
+
+
+@torch.no_grad()
+def caption_latents(model, latents: torch.Tensor, max_new_tokens: int = 24) -> list[list[int]]:
+    """Greedy captions for clean scaled latents (N, C, H, W): ``<bos> <boi> image(t=0) <eoi>``
+    in the cache, then text until ``<eos>``."""
+    s = model.special
+    ctx = Context(model, [[s.bos, s.boi]] * len(latents))
+    ctx.image_prediction(latents, torch.zeros(len(latents), device=latents.device), keep=True)
+    ctx.append_tokens(torch.full((len(latents),), s.eoi, dtype=torch.long, device=latents.device))
+    out: list[list[int]] = [[] for _ in range(len(latents))]
+    done = [False] * len(latents)
+    for _ in range(max_new_tokens):
+        nxt = model.text_logits(ctx.last_hidden).argmax(-1)
+        for i, t in enumerate(nxt.tolist()):
+            if not done[i]:
+                done[i] = t == s.eos
+                if not done[i]:
+                    out[i].append(t)
+        if all(done):
+            break
+        ctx.append_tokens(nxt)
+    return out
+
+
+@torch.no_grad()
+def generate_interleaved(
+    model,
+    prompt: list[int],
+    max_new_tokens: int = 64,
+    max_images: int = 2,
+    steps: int = 50,
+    cfg_scale: float = 1.0,
+    sampler: str = "ddpm",
+    temperature: float = 0.0,
+    seed: int = 0,
+    force_image: bool = False,
+    progress=None,
+) -> list[list[int] | torch.Tensor]:
+    """Text until ``<boi>``, then an image by diffusion, ``<eoi>``, then more text: the paper's
+    inference. Returns the parts in order: token-id lists and scaled latents (C, H, W).
+    ``force_image`` starts with ``<boi>`` right after the prompt."""
+    s = model.special
+    device = next(model.parameters()).device
+    ctx = Context(model, [[s.bos, *prompt]])
+    uncond = Context(model, [[s.bos, s.boi]]) if cfg_scale != 1.0 else None
+    parts: list[list[int] | torch.Tensor] = []
+    text: list[int] = []
+    gens = generators(seed, 1)
+    images = 0
+    for i in range(max_new_tokens):
+        if force_image and i == 0:
+            nxt = torch.tensor([s.boi], device=device)
+        else:
+            nxt = _pick(model.text_logits(ctx.last_hidden), temperature, 0, 1.0, gens)
+        tok = int(nxt[0])
+        if tok == s.eos:
+            break
+        if tok == s.boi and images < max_images:
+            if text:
+                parts.append(text)
+                text = []
+            ctx.append_tokens(nxt)
+            latent = _image_in_context(model, ctx, uncond, steps, cfg_scale, sampler, seed + images, progress)
+            ctx.image_prediction(latent, torch.zeros(1, device=device), keep=True)
+            ctx.append_tokens(torch.tensor([s.eoi], device=device))
+            parts.append(latent[0])
+            images += 1
+            continue
+        if tok in (s.boi, s.eoi):
+            continue
+        text.append(tok)
+        ctx.append_tokens(nxt)
+    if text:
+        parts.append(text)
+    return parts
+
+
+def _image_in_context(model, ctx: Context, uncond: Context | None, steps, cfg_scale, sampler, seed, progress):
+    """Denoise one image after the context's ``<boi>`` (with a caption-less context for CFG)."""
+    if uncond is None:
+        return sample_latents(model, [[]], steps, 1.0, sampler, seed, context=ctx, progress=progress)
+    both = _stack_contexts(ctx, uncond)
+    return sample_latents(model, [[]], steps, cfg_scale, sampler, seed, context=both, progress=progress)
+
+
+def _stack_contexts(a: Context, b: Context) -> Context:
+    """A throw-away context holding a's and b's rows (b left-padded to a's length)."""
+    from transformers import DynamicCache
+
+    merged = Context.__new__(Context)
+    merged.model = a.model
+    K = max(a.length, b.length)
+
+    def padded(ctx: Context, layer_tensor: torch.Tensor) -> torch.Tensor:
+        pad = K - layer_tensor.shape[2]
+        return torch.nn.functional.pad(layer_tensor, (0, 0, pad, 0))
+
+    merged.cache = DynamicCache(config=a.model.backbone.config)
+    for idx, (la, lb) in enumerate(zip(a.cache.layers, b.cache.layers)):
+        keys = torch.cat([padded(a, la.keys), padded(b, lb.keys)])
+        values = torch.cat([padded(a, la.values), padded(b, lb.values)])
+        merged.cache.update(keys, values, idx)
+    pad_mask = lambda c: torch.nn.functional.pad(c.keys_valid, (K - c.length, 0), value=False)  # noqa: E731
+    merged.keys_valid = torch.cat([pad_mask(a), pad_mask(b)])
+    merged.next_pos = torch.cat([a.next_pos, b.next_pos])
+    merged.last_hidden = torch.cat([a.last_hidden, b.last_hidden])
+    return merged
