@@ -119,6 +119,138 @@ def train(
     _run_stage("train", params, set_, resume=checkpoint if checkpoint is not None else resume, address=address)
 
 
+# ---------------------------------------------------------------------------------------------
+# inference
+# ---------------------------------------------------------------------------------------------
+ModelOpt = Annotated[
+    str | None,
+    typer.Option("--model", "-m", help="Model folder or MLflow URI (runs:/<id>/model). Default: paths.model."),
+]
+SeedOpt = Annotated[int, typer.Option(help="Random seed (every mode is deterministic given it).")]
+
+
+def _pipeline(model: str | None, params: list[Path] | None, overrides: list[str] | None):
+    from transfusion.pipeline import TransfusionPipeline
+
+    cfg = _load(params, overrides)
+    target = model or str(cfg.paths.model)
+    try:
+        return TransfusionPipeline.from_uri(target)
+    except (FileNotFoundError, ValueError) as err:
+        _fail(str(err).splitlines()[0], 1)
+
+
+def _progress(desc: str):
+    from tqdm import tqdm
+
+    return lambda it: tqdm(it, desc=desc, unit="step", leave=False)
+
+
+@app.command()
+def generate(
+    caption: Annotated[str, typer.Argument(help="What to draw, e.g. 'a red 3 to the left of a blue 7'.")],
+    n: Annotated[int, typer.Option("-n", min=1, max=256, help="Images to sample.")] = 4,
+    out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write (a grid when n > 1).")] = Path("generated.png"),
+    steps: Annotated[int | None, typer.Option(min=1, help="Denoising steps (default: diffusion.sample_steps).")] = None,
+    cfg_scale: Annotated[float | None, typer.Option(help="Classifier-free guidance scale (default: diffusion.cfg_scale).")] = None,
+    sampler: Annotated[str | None, typer.Option(help="ddpm | ddim | flow_euler (default: the model's).")] = None,
+    seed: SeedOpt = 0,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute the caption every step (slow).")] = False,
+    model: ModelOpt = None,
+    params: ParamsOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Sample images for a caption (the prefix runs once into the KV cache)."""
+    from transfusion.data.scenes import render_grid
+    from transfusion.pipeline import save_png
+
+    pipe = _pipeline(model, params, set_)
+    try:
+        images = pipe.sample_images([caption] * n, steps=steps, cfg_scale=cfg_scale, sampler=sampler, seed=seed,
+                                    use_cache=not no_cache, progress=_progress("denoising"))
+    except ValueError as err:
+        _fail(str(err), 2)
+    if n == 1:
+        save_png(images[0], out, scale=4)
+    else:
+        render_grid(images, [f"{caption} (seed {seed + i})" for i in range(n)], out)
+    typer.echo(f"wrote {out}")
+
+
+@app.command("caption")
+def caption_cmd(
+    images: Annotated[list[Path], typer.Argument(help="Image files (the model's canvas size, e.g. 32x32).")],
+    model: ModelOpt = None,
+    params: ParamsOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Caption images: clean latents in context after <boi> ... <eoi>, then text."""
+    from transfusion.pipeline import read_images
+
+    pipe = _pipeline(model, params, set_)
+    try:
+        pixels = read_images(images, pipe.image_size)
+    except (FileNotFoundError, ValueError) as err:
+        _fail(str(err), 1)
+    for file, text in zip(images, pipe.caption(pixels)):
+        typer.echo(f"{file}\t{text}")
+
+
+@app.command()
+def complete(
+    prompt: Annotated[str, typer.Argument(help="Text to continue.")],
+    max_tokens: Annotated[int, typer.Option(min=1, help="New tokens at most.")] = 64,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.8,
+    top_k: Annotated[int, typer.Option(min=0)] = 50,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.95,
+    seed: SeedOpt = 0,
+    model: ModelOpt = None,
+    params: ParamsOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Continue a text prompt (KV-cached decoding)."""
+    pipe = _pipeline(model, params, set_)
+    (text,) = pipe.generate_text([prompt], max_new_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    typer.echo(prompt + text)
+
+
+@app.command()
+def interleave(
+    prompt: Annotated[str, typer.Argument(help="Text to start from.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the generated images.")] = Path("interleaved"),
+    max_tokens: Annotated[int, typer.Option(min=1)] = 48,
+    max_images: Annotated[int, typer.Option(min=0)] = 2,
+    force_image: Annotated[bool, typer.Option(help="Start an image right after the prompt.")] = False,
+    steps: Annotated[int, typer.Option(min=1)] = 100,
+    cfg_scale: Annotated[float, typer.Option()] = 3.0,
+    temperature: Annotated[float, typer.Option(min=0.0)] = 0.0,
+    seed: SeedOpt = 0,
+    model: ModelOpt = None,
+    params: ParamsOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Mixed generation: text until <boi>, an image by diffusion, <eoi>, more text."""
+    import numpy as np
+
+    from transfusion.pipeline import save_png
+
+    pipe = _pipeline(model, params, set_)
+    parts = pipe.generate(prompt, max_new_tokens=max_tokens, max_images=max_images, force_image=force_image,
+                          steps=steps, cfg_scale=cfg_scale, temperature=temperature, seed=seed,
+                          progress=_progress("denoising"))
+    k = 0
+    typer.echo(prompt, nl=False)
+    for part in parts:
+        if isinstance(part, np.ndarray):
+            path = out / f"image-{k}.png"
+            save_png(part, path, scale=4)
+            typer.echo(f" [image: {path}] ", nl=False)
+            k += 1
+        else:
+            typer.echo(part, nl=False)
+    typer.echo("")
+
+
 @app.command("params")
 def show_params(params: ParamsOpt = None, set_: SetOpt = None) -> None:
     """Print the resolved params (files + overrides + defaults) as YAML, after validation."""

@@ -110,3 +110,51 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# ---------------------------------------------------------------------------------------------
+# tiny random models
+# ---------------------------------------------------------------------------------------------
+LATENT = (4, 8, 8)
+MODEL_CORPUS = ["a red 4 and a blue 3 to the left of a 7", "to be or not to be that is the question"] * 50
+
+
+@pytest.fixture(scope="session")
+def text_tokenizer():
+    from transfusion.data.tokenizer import train_bpe
+
+    return train_bpe(MODEL_CORPUS, vocab_size=300)
+
+
+def build_tiny_model(tokenizer, seed=0, diffusion=None, **model_kw):
+    """A tiny model whose zero-initialised output layers are made random, so that image
+    predictions depend on their inputs (property tests would pass vacuously otherwise)."""
+    import torch
+
+    from transfusion.config import DiffusionConfig, ModelConfig
+    from transfusion.model import TransfusionModel
+
+    torch.manual_seed(seed)
+    model = TransfusionModel.from_params(ModelConfig(**model_kw), diffusion or DiffusionConfig(), tokenizer, LATENT)
+    with torch.no_grad():
+        for p in model.patch_out.parameters():
+            if not p.any():
+                p.normal_(0, 0.05)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def exported_model(tmp_path_factory, text_tokenizer):
+    """A folder laid out as the training stage exports it (random weights, tiny VAE)."""
+    import json
+
+    from transfusion.config import VAEConfig
+    from transfusion.vae import build_vae
+
+    folder = tmp_path_factory.mktemp("export") / "model"
+    model = build_tiny_model(text_tokenizer)
+    model.save_pretrained(folder, text_tokenizer)
+    vae = build_vae(VAEConfig(block_out_channels=[8, 16, 16], norm_num_groups=8), image_size=32)
+    vae.save_pretrained(str(folder / "vae"), safe_serialization=True)
+    (folder / "latents.json").write_text(json.dumps({"scaling_factor": 0.5, "latent_shape": list(LATENT), "vae": "vae"}))
+    return folder

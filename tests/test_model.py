@@ -10,29 +10,20 @@ import torch
 
 from transfusion.config import DiffusionConfig, ModelConfig
 from transfusion.data.collate import PATCH, Collator, caption_to_image, image_to_caption, text_example
-from transfusion.data.tokenizer import build_tokenizer, train_bpe
+from transfusion.data.tokenizer import build_tokenizer
 from transfusion.model import TransfusionModel
 from transfusion.model.mask import hybrid_mask
 
-LATENT = (4, 8, 8)
-CORPUS = ["a red 4 and a blue 3 to the left of a 7", "to be or not to be that is the question"] * 50
+from conftest import LATENT, MODEL_CORPUS as CORPUS, build_tiny_model
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return train_bpe(CORPUS, vocab_size=300)
+def tokenizer(text_tokenizer):
+    return text_tokenizer
 
 
 def make_model(tokenizer, seed=0, diffusion=None, **model_kw) -> TransfusionModel:
-    """A tiny model whose zero-initialised output layers are made random, so that image
-    predictions depend on their inputs (the property tests would pass vacuously otherwise)."""
-    torch.manual_seed(seed)
-    model = TransfusionModel.from_params(ModelConfig(**model_kw), diffusion or DiffusionConfig(), tokenizer, LATENT)
-    with torch.no_grad():
-        for p in model.patch_out.parameters():
-            if not p.any():
-                p.normal_(0, 0.05)
-    return model.eval()
+    return build_tiny_model(tokenizer, seed, diffusion, **model_kw)
 
 
 def collator(model: TransfusionModel, **kw) -> Collator:

@@ -291,7 +291,7 @@ class TrainConfig(Section):
     address: str | None = None
     num_workers: PositiveInt = 1
     use_gpu: bool = False
-    cpus_per_worker: PositiveInt = 1
+    cpus_per_worker: PositiveInt = 2
     max_failures: Annotated[int, Field(ge=0)] = 1  # automatic restarts from the last checkpoint
     # optimisation (paper: AdamW 0.9/0.95, eps 1e-8, wd 0.1, warmup + cosine, clip 1.0)
     steps: PositiveInt = 3000

@@ -85,3 +85,35 @@ class TransfusionPipeline:
         for part in self.model.generate(self._ids(prompt), **kwargs):
             out.append(self.decode_latents(part[None])[0] if torch.is_tensor(part) else self._text(part))
         return out
+
+
+def read_images(files: list[Path], size: int) -> np.ndarray:
+    """PNG/JPEG files -> uint8 (N, size, size, 3); a bad or wrongly sized file is a ValueError."""
+    from PIL import Image, UnidentifiedImageError
+
+    out = []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                im.load()
+                rgb = im.convert("RGB")
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{f}: no such image file") from None
+        except (UnidentifiedImageError, OSError) as err:
+            raise ValueError(f"{f}: cannot read image ({err})") from None
+        if rgb.size != (size, size):
+            raise ValueError(f"{f}: expected a {size}x{size} image, got {rgb.size[0]}x{rgb.size[1]}")
+        out.append(np.asarray(rgb, dtype=np.uint8))
+    return np.stack(out)
+
+
+def save_png(image: np.ndarray, path: Path, scale: int = 1) -> None:
+    from PIL import Image
+
+    from transfusion.io import atomic_file
+
+    im = Image.fromarray(image)
+    if scale > 1:
+        im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
+    with atomic_file(Path(path), "wb") as fh:
+        im.save(fh, format="PNG")

@@ -21,6 +21,8 @@ def build_scheduler(cfg: DiffusionConfig, sampler: str, steps: int):
     """A diffusers scheduler matching the training objective, set to ``steps`` steps."""
     from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}: expected one of {', '.join(SAMPLERS)}")
     flow = cfg.objective == "flow"
     if flow != (sampler == "flow_euler"):
         raise ValueError(
@@ -77,7 +79,7 @@ def sample_latents_uncached(
     collate = Collator(model.special, cfg.patches_per_image, 1 << 30, time_token=cfg.time_conditioning == "token", pack=False)
     batch = collate(examples).to(device)
     gens = generators(seed, len(captions))
-    x = initial_noise(gens, shape, device) * sched.init_noise_sigma
+    x = initial_noise(gens, shape, device) * getattr(sched, "init_noise_sigma", 1.0)
     for t in progress(sched.timesteps) if progress else sched.timesteps:
         x_in = torch.cat([x, x]) if cfg_scale != 1.0 else x
         time = torch.full((len(x_in),), float(t), device=device)
@@ -170,6 +172,11 @@ def _crop(cache, length: int) -> None:
         cache.crop(-extra)
 
 
+def _ban(logits: torch.Tensor, tokens: list[int]) -> torch.Tensor:
+    """Logits with ``tokens`` made impossible."""
+    return logits.index_fill(-1, torch.tensor(tokens, device=logits.device), float("-inf"))
+
+
 def _pick(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, gens: list[torch.Generator]) -> torch.Tensor:
     """Next token per row: greedy at temperature 0, else sampled after top-k / top-p filtering."""
     if temperature <= 0:
@@ -199,6 +206,7 @@ def generate_text(
     use_cache: bool = True,
     stop_at: tuple[int, ...] = (),
     return_logits: bool = False,
+    min_new_tokens: int = 0,
 ):
     """Continue each prompt (token ids, ``<bos>`` added) until ``<eos>`` (or a ``stop_at``
     token, kept) or ``max_new_tokens``. Returns the new ids per prompt (and, with
@@ -210,14 +218,15 @@ def generate_text(
     done = torch.zeros(len(rows), dtype=torch.bool)
     all_logits = []
     ctx = Context(model, rows) if use_cache else None
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
         if use_cache:
             hidden = ctx.last_hidden
         else:  # recompute every position from scratch
             hidden = Context(model, [r + o for r, o in zip(rows, out)]).last_hidden
         logits = model.text_logits(hidden)
         all_logits.append(logits.float().cpu())
-        nxt = _pick(logits, temperature, top_k, top_p, gens)
+        banned = [s.boi, s.eoi] + ([s.eos] if step < min_new_tokens else [])
+        nxt = _pick(_ban(logits, banned), temperature, top_k, top_p, gens)
         for i, t in enumerate(nxt.tolist()):
             if not done[i]:
                 if t == s.eos:
@@ -263,7 +272,7 @@ def sample_latents(
             rows += [[s.bos, s.boi]] * n
         context = Context(model, rows)
     gens = generators(seed, n)
-    x = initial_noise(gens, shape, device) * sched.init_noise_sigma
+    x = initial_noise(gens, shape, device) * getattr(sched, "init_noise_sigma", 1.0)
     for t in progress(sched.timesteps) if progress else sched.timesteps:
         x_in = torch.cat([x, x]) if cfg_scale != 1.0 else x
         time = torch.full((len(x_in),), float(t), device=device)
@@ -283,7 +292,7 @@ def caption_latents(model, latents: torch.Tensor, max_new_tokens: int = 24) -> l
     out: list[list[int]] = [[] for _ in range(len(latents))]
     done = [False] * len(latents)
     for _ in range(max_new_tokens):
-        nxt = model.text_logits(ctx.last_hidden).argmax(-1)
+        nxt = _ban(model.text_logits(ctx.last_hidden), [s.boi, s.eoi]).argmax(-1)
         for i, t in enumerate(nxt.tolist()):
             if not done[i]:
                 done[i] = t == s.eos
@@ -307,11 +316,14 @@ def generate_interleaved(
     temperature: float = 0.0,
     seed: int = 0,
     force_image: bool = False,
+    min_new_tokens: int = 0,
     progress=None,
 ) -> list[list[int] | torch.Tensor]:
     """Text until ``<boi>``, then an image by diffusion, ``<eoi>``, then more text: the paper's
     inference. Returns the parts in order: token-id lists and scaled latents (C, H, W).
-    ``force_image`` starts with ``<boi>`` right after the prompt."""
+    ``force_image`` starts with ``<boi>`` right after the prompt; ``<eos>`` is suppressed for
+    the first ``min_new_tokens`` text tokens, ``<boi>`` once ``max_images`` are drawn, and
+    ``<eoi>`` always (the model closes its images itself)."""
     s = model.special
     device = next(model.parameters()).device
     ctx = Context(model, [[s.bos, *prompt]])
@@ -319,16 +331,17 @@ def generate_interleaved(
     parts: list[list[int] | torch.Tensor] = []
     text: list[int] = []
     gens = generators(seed, 1)
-    images = 0
+    images = n_text = 0
     for i in range(max_new_tokens):
         if force_image and i == 0:
             nxt = torch.tensor([s.boi], device=device)
         else:
-            nxt = _pick(model.text_logits(ctx.last_hidden), temperature, 0, 1.0, gens)
+            banned = [s.eoi] + ([s.boi] if images >= max_images else []) + ([s.eos] if n_text < min_new_tokens else [])
+            nxt = _pick(_ban(model.text_logits(ctx.last_hidden), banned), temperature, 0, 1.0, gens)
         tok = int(nxt[0])
         if tok == s.eos:
             break
-        if tok == s.boi and images < max_images:
+        if tok == s.boi:
             if text:
                 parts.append(text)
                 text = []
@@ -339,9 +352,8 @@ def generate_interleaved(
             parts.append(latent[0])
             images += 1
             continue
-        if tok in (s.boi, s.eoi):
-            continue
         text.append(tok)
+        n_text += 1
         ctx.append_tokens(nxt)
     if text:
         parts.append(text)

@@ -1,0 +1,71 @@
+"""Inference latency with and without the KV cache, on this machine.
+
+    python benchmarks/inference.py [--model artifacts/model] [--steps 50] [--tokens 64]
+
+Image sampling: seconds per image for batch 1 and 16 (DDPM, CFG on, i.e. 2 rows per image),
+cached (caption prefix run once, each step runs only the image tokens) vs uncached (each step
+re-runs caption + image). Text: tokens/s decoding with and without the cache. Uses the exported
+model when given (random tiny weights otherwise: speed does not depend on them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+
+def load(model_dir: str | None):
+    if model_dir:
+        from transfusion.pipeline import TransfusionPipeline
+
+        pipe = TransfusionPipeline.from_pretrained(model_dir)
+        return pipe.model, pipe.tokenizer
+    from transfusion.config import DiffusionConfig, ModelConfig
+    from transfusion.data.tokenizer import train_bpe
+    from transfusion.model import TransfusionModel
+
+    tok = train_bpe(["a red 4 and a blue 3 to the left of a 7", "To be, or not to be, that is the question"] * 200, 4096)
+    torch.manual_seed(0)
+    return TransfusionModel.from_params(ModelConfig(), DiffusionConfig(), tok, (4, 8, 8)).eval(), tok
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    from transfusion.sampling import generate_text, sample_latents
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--tokens", type=int, default=64)
+    args = ap.parse_args()
+    model, tok = load(args.model)
+    caption = tok("a blue 3 to the left of a yellow 8", add_special_tokens=False)["input_ids"]
+    prompt = tok("To be, or not to be, that is the question: whether 'tis nobler", add_special_tokens=False)["input_ids"]
+
+    print(f"threads={torch.get_num_threads()} denoising steps={args.steps} (DDPM, CFG scale 3) text tokens={args.tokens}")
+    print("| task | batch | no cache | KV cache | speed-up |")
+    print("|---|---|---|---|---|")
+    sample_latents(model, [caption], 2, 3.0, "ddpm")  # warm-up
+    for batch in (1, 16):
+        caps = [caption] * batch
+        slow = timed(lambda: sample_latents(model, caps, args.steps, 3.0, "ddpm", use_cache=False)) / batch
+        fast = timed(lambda: sample_latents(model, caps, args.steps, 3.0, "ddpm", use_cache=True)) / batch
+        print(f"| image sampling (s/image) | {batch} | {slow:.3f} | {fast:.3f} | {slow / fast:.2f}x |")
+    for batch in (1, 8):
+        prompts = [prompt] * batch
+        kw = dict(max_new_tokens=args.tokens, min_new_tokens=args.tokens)
+        slow = timed(lambda: generate_text(model, prompts, use_cache=False, **kw))
+        fast = timed(lambda: generate_text(model, prompts, use_cache=True, **kw))
+        n = args.tokens * batch
+        print(f"| text decoding (tokens/s) | {batch} | {n / slow:.0f} | {n / fast:.0f} | {slow / fast:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""Inference: KV cache equivalence, CFG, batching, interleaving, and the CLI on bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import build_tiny_model
+from transfusion.config import DiffusionConfig
+from transfusion.sampling import caption_latents, generate_interleaved, generate_text, guided, sample_latents
+
+
+def ids(tok, text):
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.parametrize("backbone", ["llama", "qwen2"])
+def test_cached_and_uncached_text_decoding_agree(text_tokenizer, backbone):
+    model = build_tiny_model(text_tokenizer, backbone=backbone)
+    prompts = [ids(text_tokenizer, "to be or"), ids(text_tokenizer, "a red 4 and a blue 3")]  # different lengths
+    a, la = generate_text(model, prompts, max_new_tokens=12, use_cache=True, return_logits=True)
+    b, lb = generate_text(model, prompts, max_new_tokens=12, use_cache=False, return_logits=True)
+    assert a == b
+    torch.testing.assert_close(la, lb, rtol=0, atol=1e-4)
+    sampled = generate_text(model, prompts, max_new_tokens=12, temperature=1.0, top_k=20, top_p=0.9, seed=3)
+    assert sampled == generate_text(model, prompts, max_new_tokens=12, temperature=1.0, top_k=20, top_p=0.9, seed=3)
+
+
+@pytest.mark.parametrize(("patch_encoder", "time_conditioning", "objective"),
+                         [("linear", "add", "ddpm"), ("unet", "token", "ddpm"), ("linear", "add", "flow")])
+def test_cached_and_uncached_image_samples_agree(text_tokenizer, patch_encoder, time_conditioning, objective):
+    model = build_tiny_model(text_tokenizer, patch_encoder=patch_encoder, time_conditioning=time_conditioning,
+                             diffusion=DiffusionConfig(objective=objective))
+    sampler = "flow_euler" if objective == "flow" else "ddpm"
+    caps = [ids(text_tokenizer, "a red 4"), ids(text_tokenizer, "a 3 and a 7 to the left of")]
+    cached = sample_latents(model, caps, 12, 3.0, sampler, seed=5, use_cache=True)
+    uncached = sample_latents(model, caps, 12, 3.0, sampler, seed=5, use_cache=False)
+    assert cached.shape == (2, 4, 8, 8)
+    torch.testing.assert_close(cached, uncached, rtol=0, atol=2e-3)
+
+
+def test_cfg_scale_one_is_the_conditional_sample(text_tokenizer):
+    model = build_tiny_model(text_tokenizer)
+    caps = [ids(text_tokenizer, "a red 4")]
+    conditional = sample_latents(model, caps, 10, 1.0, "ddim", seed=2)  # no unconditional rows at all
+    almost_one = sample_latents(model, caps, 10, 1.0 + 1e-6, "ddim", seed=2)  # CFG path, mixed at ~1
+    strong = sample_latents(model, caps, 10, 5.0, "ddim", seed=2)
+    torch.testing.assert_close(conditional, almost_one, rtol=0, atol=1e-4)
+    assert (conditional - strong).abs().max() > 1e-2
+    pred = torch.randn(4, 3)
+    torch.testing.assert_close(guided(pred, 1.0), pred)
+    torch.testing.assert_close(guided(torch.cat([pred[:2], pred[2:]]), 3.0), pred[2:] + 3.0 * (pred[:2] - pred[2:]))
+
+
+def test_a_batch_equals_one_by_one(text_tokenizer):
+    model = build_tiny_model(text_tokenizer)
+    caps = [ids(text_tokenizer, t) for t in ("a 7", "a blue 3 and a red 4", "two 5s")]
+    batch = sample_latents(model, caps, 10, 3.0, "ddpm", seed=10)
+    single = torch.cat([sample_latents(model, [c], 10, 3.0, "ddpm", seed=10 + i) for i, c in enumerate(caps)])
+    torch.testing.assert_close(batch, single, rtol=0, atol=1e-4)
+    again = sample_latents(model, caps, 10, 3.0, "ddpm", seed=10)
+    assert torch.equal(batch, again)  # seeds make it deterministic
+
+
+def test_denoising_never_grows_the_cache(text_tokenizer):
+    from transfusion.sampling import Context
+
+    model = build_tiny_model(text_tokenizer)
+    ctx = Context(model, [[1, 2, 3], [1, 4]])
+    before = ctx.cache.get_seq_length()
+    for t in (900.0, 500.0, 10.0):
+        ctx.image_prediction(torch.randn(2, 4, 8, 8), torch.full((2,), t))
+    assert ctx.cache.get_seq_length() == before == ctx.length
+
+
+def test_interleaved_draws_an_image_when_boi_is_forced_and_continues(text_tokenizer):
+    model = build_tiny_model(text_tokenizer)
+    s = model.special
+    parts = generate_interleaved(model, ids(text_tokenizer, "to be"), max_new_tokens=8, max_images=1, steps=5,
+                                 force_image=True, min_new_tokens=4, cfg_scale=2.0)
+    assert torch.is_tensor(parts[0]) and parts[0].shape == (4, 8, 8)
+    assert isinstance(parts[1], list) and len(parts[1]) >= 4
+    assert not {s.boi, s.eoi, s.eos} & set(parts[1])
+    captions = caption_latents(model, torch.stack([parts[0]]), max_new_tokens=5)
+    assert len(captions) == 1 and len(captions[0]) <= 5
+
+
+def test_the_image_changes_the_text_after_it(text_tokenizer):
+    """Text after <eoi> is conditioned on the image (clean latents at t=0 stay in the cache)."""
+    from transfusion.sampling import Context
+
+    model = build_tiny_model(text_tokenizer)
+    s = model.special
+    logits = []
+    for seed in (0, 1):
+        ctx = Context(model, [[s.bos, s.boi]])
+        latent = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(seed))
+        ctx.image_prediction(latent, torch.zeros(1), keep=True)
+        ctx.append_tokens(torch.tensor([s.eoi]))
+        logits.append(model.text_logits(ctx.last_hidden))
+    assert (logits[0] - logits[1]).abs().max() > 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# the pipeline and the CLI
+# ---------------------------------------------------------------------------------------------
+def test_pipeline_round_trip(exported_model):
+    from transfusion.pipeline import TransfusionPipeline
+
+    pipe = TransfusionPipeline.from_pretrained(exported_model)
+    images = pipe.sample_images(["a red 4", "a 7"], steps=4, cfg_scale=2.0, seed=0)
+    assert images.shape == (2, 32, 32, 3) and images.dtype == np.uint8
+    assert len(pipe.caption(images, max_new_tokens=4)) == 2
+    (text,) = pipe.generate_text(["to be"], max_new_tokens=5)
+    assert isinstance(text, str)
+    with pytest.raises(ValueError, match=r"uint8 \(N, 32, 32, 3\)"):
+        pipe.caption(np.zeros((1, 16, 16, 3), np.uint8))
+
+
+def _cli(*args):
+    from cli import app
+
+    return CliRunner().invoke(app, list(args))
+
+
+def test_cli_modes_write_their_outputs(exported_model, tmp_path):
+    grid = tmp_path / "grid.png"
+    r = _cli("generate", "a red 3 to the left of a blue 7", "-n", "2", "--steps", "3", "--out", str(grid), "-m", str(exported_model))
+    assert r.exit_code == 0, r.output
+    assert grid.read_bytes()[:4] == b"\x89PNG"
+    one = tmp_path / "one.png"
+    assert _cli("generate", "a 7", "-n", "1", "--steps", "2", "--out", str(one), "-m", str(exported_model)).exit_code == 0
+
+    from PIL import Image
+
+    small = tmp_path / "small.png"
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(small)
+    r = _cli("caption", str(small), str(small), "-m", str(exported_model))
+    assert r.exit_code == 0 and r.output.count(str(small)) == 2
+
+    r = _cli("complete", "To be, or not", "--max-tokens", "4", "-m", str(exported_model))
+    assert r.exit_code == 0 and r.output.startswith("To be, or not")
+
+    r = _cli("interleave", "to be", "--force-image", "--steps", "2", "--max-tokens", "4", "--out", str(tmp_path / "il"),
+             "-m", str(exported_model))
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "il" / "image-0.png").is_file() and "[image:" in r.output
+
+
+def test_cli_bad_inputs_exit_non_zero_with_one_line(exported_model, tmp_path):
+    from PIL import Image
+
+    r = _cli("generate", "a 7", "-m", str(tmp_path / "nowhere"))
+    assert r.exit_code == 1 and r.output.strip() == f"error: {tmp_path / 'nowhere'}: no model folder here"
+
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"not a png")
+    r = _cli("caption", str(junk), "-m", str(exported_model))
+    assert r.exit_code == 1 and r.output.strip().startswith(f"error: {junk}: cannot read image")
+
+    big = tmp_path / "big.png"
+    Image.new("RGB", (64, 48)).save(big)
+    r = _cli("caption", str(big), "-m", str(exported_model))
+    assert r.exit_code == 1 and r.output.strip() == f"error: {big}: expected a 32x32 image, got 64x48"
+
+    r = _cli("caption", str(tmp_path / "missing.png"), "-m", str(exported_model))
+    assert r.exit_code == 1 and "no such image file" in r.output
+
+    r = _cli("generate", "a 7", "--sampler", "flow_euler", "--steps", "2", "-m", str(exported_model))
+    assert r.exit_code == 2 and "does not fit a model trained with 'ddpm'" in r.output
+
+    r = _cli("generate", "a 7", "-n", "0", "-m", str(exported_model))
+    assert r.exit_code == 2
