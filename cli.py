@@ -100,6 +100,18 @@ def latents(params: ParamsOpt = None, set_: SetOpt = None) -> None:
 
 
 @app.command()
+def judge(params: ParamsOpt = None, set_: SetOpt = None) -> None:
+    """Stage judge: train the cell classifier that reads scenes; report its test exact match."""
+    _run_stage("judge", params, set_)
+
+
+@app.command("eval")
+def evaluate(params: ParamsOpt = None, set_: SetOpt = None) -> None:
+    """Stage eval: GenEval-style score, FID/KID, captioning accuracy, text bits per byte."""
+    _run_stage("eval", params, set_)
+
+
+@app.command()
 def train(
     checkpoint: Annotated[
         Path | None, typer.Argument(help="With --resume: the checkpoint folder to continue from.", show_default=False)

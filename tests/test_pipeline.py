@@ -2,7 +2,7 @@
 
 Uses the pinned raw archives (cached under the repo's .cache/archives after the first download).
 Checks that a second repro does nothing and that a VAE param change re-runs only what depends on
-the VAE (vae, latents, train).
+the VAE (vae, latents, train, eval).
 """
 
 from __future__ import annotations
@@ -55,8 +55,8 @@ def test_dvc_repro_end_to_end(tmp_path):
     _run(["git", "init", "-q"], repo)
     _run(["dvc", "init", "-q"], repo)
     first = _run(["dvc", "repro"], repo)
-    assert _ran(first) == ["data", "tokenizer", "vae", "latents", "train"]
-    for key in ("data_metrics", "tokenizer_metrics", "vae_metrics", "latents_metrics", "train_metrics"):
+    assert sorted(_ran(first)) == sorted(["data", "tokenizer", "vae", "latents", "train", "judge", "eval"])
+    for key in ("data_metrics", "tokenizer_metrics", "vae_metrics", "latents_metrics", "train_metrics", "judge_metrics", "eval_metrics"):
         assert json.loads((repo / resolved["paths"][key]).read_text())
     assert json.loads((repo / "metrics/latents.json").read_text())["scaled_train_std"] > 0.99
     assert (repo / "dvc.lock").is_file()
@@ -67,8 +67,15 @@ def test_dvc_repro_end_to_end(tmp_path):
     resolved["vae"]["steps"] = 20
     (repo / "params.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
     third = _run(["dvc", "repro"], repo)
-    assert _ran(third) == ["vae", "latents", "train"], third
+    assert _ran(third) == ["vae", "latents", "train", "eval"], third
 
     metrics = _run(["dvc", "metrics", "show", "--json"], repo)
     assert "test_psnr" in metrics and "scaling_factor" in metrics and "final_diffusion_loss" in metrics
     assert (repo / resolved["paths"]["model"] / "model.safetensors").is_file()
+    evaluation = json.loads((repo / resolved["paths"]["eval_metrics"]).read_text())
+    assert {"text_bits_per_byte", "text_perplexity", "caption_exact", "judge_ok"} <= set(evaluation)
+    if evaluation["judge_ok"]:  # judge-based scores only from a judge that passed its bar
+        assert "geneval_overall" in evaluation and "fid_judge" in evaluation
+    else:
+        assert not any(k.startswith(("geneval_", "fid_")) for k in evaluation)
+    assert (repo / resolved["paths"]["geneval"] / "00000" / "metadata.jsonl").is_file()

@@ -68,6 +68,12 @@ class PathsConfig(Section):
     train_metrics: Path = Path("metrics/train.json")
     train_loss_plot: Path = Path("plots/train_loss.csv")
     train_samples: Path = Path("plots/train_samples.png")
+    judge: Path = Path("artifacts/judge")
+    judge_metrics: Path = Path("metrics/judge.json")
+    geneval: Path = Path("artifacts/geneval")  # generated images in GenEval's folder layout
+    eval_metrics: Path = Path("metrics/eval.json")
+    geneval_plot: Path = Path("plots/geneval.csv")  # per-category accuracy (a DVC bar plot)
+    eval_plots: Path = Path("plots/eval")  # a grid of generated images per category, captions
 
 
 class TrackingConfig(Section):
@@ -326,6 +332,34 @@ class TrainConfig(Section):
         return self
 
 
+class JudgeConfig(Section):
+    # Cells of the training scenes, plus extra scenes composed from MNIST training digits
+    # (more distinct digits for the classifier; never test digits).
+    extra_scenes: Annotated[int, Field(ge=0)] = 15000
+    empty_fraction: Annotated[float, Field(ge=0, le=1)] = 0.1  # of empty cells kept for training
+    epochs: PositiveInt = 4
+    batch_size: PositiveInt = 256
+    lr: Annotated[float, Field(gt=0)] = 3e-3
+    min_accuracy: Annotated[float, Field(ge=0, le=1)] = 0.99  # whole-scene exact match on test scenes
+    seed: int = 0
+
+
+class EvalConfig(Section):
+    prompts_per_category: PositiveInt = 8
+    images_per_prompt: PositiveInt = 4  # GenEval uses 4
+    prompt_file: FilePath | None = None  # a GenEval-format evaluation_metadata.jsonl instead
+    sample_steps: PositiveInt = 100
+    sampler: Literal["ddpm", "ddim", "flow_euler"] | None = None  # None: the model's default
+    cfg_scale: Annotated[float, Field(ge=0)] = 5.0
+    batch_size: PositiveInt = 32
+    fid_samples: PositiveInt = 500  # generated scenes (captions of test scenes) for FID / KID
+    feature_extractor: Literal["judge", "inception"] = "judge"
+    inception_weights: FilePath | None = None  # torch-fidelity's pt_inception weights file
+    caption_samples: PositiveInt = 300
+    text_max_tokens: PositiveInt = 20000
+    seed: int = 0
+
+
 # ---------------------------------------------------------------------------------------------
 # the whole file
 # ---------------------------------------------------------------------------------------------
@@ -340,6 +374,8 @@ class Params(Section):
     diffusion: DiffusionConfig = DiffusionConfig()
     mixture: MixtureConfig = MixtureConfig()
     train: TrainConfig = TrainConfig()
+    judge: JudgeConfig = JudgeConfig()
+    eval: EvalConfig = EvalConfig()
 
     @model_validator(mode="after")
     def _check(self) -> "Params":

@@ -220,7 +220,7 @@ def train_loop(config: dict | LoopConfig, runtime: Runtime | None = None) -> dic
     wall = time.perf_counter() - t_start
     metrics = _final_metrics(history, wall, tc.steps - start)
     if is_main:
-        _export(ema.module if ema is not None else model, tokenizer, p)
+        _export(ema.module if ema is not None else model, tokenizer, p, cfg.run_id)
         from transfusion.io import write_json
 
         write_json(p.paths.train_metrics, metrics)
@@ -312,7 +312,7 @@ def _sample_grid(model, tokenizer, p: Params, path: Path) -> None:
     model.train(was_training)
 
 
-def _export(model, tokenizer, p: Params) -> None:
+def _export(model, tokenizer, p: Params, run_id: str | None = None) -> None:
     """The final model folder: save_pretrained + tokenizer + the VAE and latent scaling."""
     from transfusion.data.latents import load_meta
     from transfusion.io import atomic_dir
@@ -321,6 +321,7 @@ def _export(model, tokenizer, p: Params) -> None:
     with atomic_dir(p.paths.model) as tmp:
         model.write_files(tmp, tokenizer)
         shutil.copytree(p.paths.vae, tmp / "vae")
+        (tmp / "train_run.json").write_text(json.dumps({"run_id": run_id}) + "\n")
         (tmp / "latents.json").write_text(
             json.dumps({"scaling_factor": meta["scaling_factor"], "latent_shape": meta["latent_shape"], "vae": "vae"}, indent=2) + "\n"
         )
