@@ -68,7 +68,7 @@ def run(params: Params) -> dict[str, float]:
             generated = sample(fid_captions, cfg.seed + 100_000)
             real = test.images
             got = fid_kid(generated, real, name, paths.judge, cfg.inception_weights)
-            floor = fid_kid(train_images[: len(real)], real, name, paths.judge, cfg.inception_weights)
+            floor = fid_kid(train_images[: len(generated)], real, name, paths.judge, cfg.inception_weights)  # same N
             metrics |= {f"fid_{name}": got["fid"], f"kid_{name}": got["kid"],
                         f"fid_{name}_real_train_vs_test": floor["fid"], f"kid_{name}_real_train_vs_test": floor["kid"]}
 

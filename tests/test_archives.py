@@ -12,13 +12,14 @@ import numpy as np
 import pytest
 
 from transfusion.config import MNIST_ARCHIVE, ArchiveSpec
+from transfusion.io import sha256_of
 from transfusion.data.archives import (
     DataError,
     UnsafePickleError,
     fetch_archive,
     load_numpy_pickle,
     read_members,
-    sha256_of,
+
 )
 
 

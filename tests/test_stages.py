@@ -110,3 +110,14 @@ def test_mlflow_uri_from_environment(tiny_params, tmp_path, monkeypatch):
         run.log_metrics({"x": 1.5})
     assert (tmp_path / "elsewhere.db").is_file()
     assert [r["metrics"] for r in find_runs(tiny_params.tracking, "probe")] == [{"x": 1.5}]
+
+
+def test_relative_sqlite_uri_is_made_absolute(tmp_path, monkeypatch):
+    from transfusion.config import TrackingConfig
+    from transfusion.tracking import tracking_uri
+
+    monkeypatch.chdir(tmp_path)
+    assert tracking_uri(TrackingConfig(tracking_uri="sqlite:///mlflow.db")) == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert tracking_uri(TrackingConfig(tracking_uri="sqlite:////abs/x.db")) == "sqlite:////abs/x.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert tracking_uri(TrackingConfig()) == "http://127.0.0.1:5000"

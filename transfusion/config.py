@@ -337,7 +337,7 @@ class JudgeConfig(Section):
     # (more distinct digits for the classifier; never test digits).
     extra_scenes: Annotated[int, Field(ge=0)] = 15000
     empty_fraction: Annotated[float, Field(ge=0, le=1)] = 0.1  # of empty cells kept for training
-    epochs: PositiveInt = 4
+    epochs: PositiveInt = 6
     batch_size: PositiveInt = 256
     lr: Annotated[float, Field(gt=0)] = 3e-3
     min_accuracy: Annotated[float, Field(ge=0, le=1)] = 0.99  # whole-scene exact match on test scenes

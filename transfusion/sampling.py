@@ -78,12 +78,19 @@ def sample_latents_uncached(
         examples += [Example([[], placeholder]) for _ in captions]
     collate = Collator(model.special, cfg.patches_per_image, 1 << 30, time_token=cfg.time_conditioning == "token", pack=False)
     batch = collate(examples).to(device)
-    gens = generators(seed, len(captions))
+    return denoise(sched, lambda x_in, time: model(batch, x_in, time)[1], generators(seed, len(captions)),
+                   shape, device, cfg_scale, progress)
+
+
+def denoise(sched, predict, gens: list[torch.Generator], shape: tuple[int, ...], device, cfg_scale: float,
+            progress=None) -> torch.Tensor:
+    """The sampling loop: ``predict(x_in, time)`` gives the network output for the stacked
+    [cond; uncond] latents (just cond at scale 1); the scheduler steps the guided prediction."""
     x = initial_noise(gens, shape, device) * getattr(sched, "init_noise_sigma", 1.0)
     for t in progress(sched.timesteps) if progress else sched.timesteps:
         x_in = torch.cat([x, x]) if cfg_scale != 1.0 else x
         time = torch.full((len(x_in),), float(t), device=device)
-        _, pred = model(batch, x_in, time)
+        pred = predict(x_in, time)
         x = sched.step(guided(pred.float(), cfg_scale), t, x, generator=gens).prev_sample
     return x
 
@@ -271,14 +278,7 @@ def sample_latents(
         if cfg_scale != 1.0:
             rows += [[s.bos, s.boi]] * n
         context = Context(model, rows)
-    gens = generators(seed, n)
-    x = initial_noise(gens, shape, device) * getattr(sched, "init_noise_sigma", 1.0)
-    for t in progress(sched.timesteps) if progress else sched.timesteps:
-        x_in = torch.cat([x, x]) if cfg_scale != 1.0 else x
-        time = torch.full((len(x_in),), float(t), device=device)
-        pred = context.image_prediction(x_in, time)
-        x = sched.step(guided(pred.float(), cfg_scale), t, x, generator=gens).prev_sample
-    return x
+    return denoise(sched, context.image_prediction, generators(seed, n), shape, device, cfg_scale, progress)
 
 
 @torch.no_grad()

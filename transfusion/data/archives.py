@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import fnmatch
 import gzip
-import hashlib
 import io
 import pickle
 import shutil
@@ -24,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from transfusion.config import ArchiveSpec
+from transfusion.io import sha256_of
 
 
 class DataError(RuntimeError):
@@ -32,14 +32,6 @@ class DataError(RuntimeError):
 
 class UnsafePickleError(DataError):
     """A pickle asked for something other than numpy arrays."""
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _cached(spec: ArchiveSpec, cache: Path) -> Path | None:

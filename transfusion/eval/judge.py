@@ -11,6 +11,7 @@ domain feature extractor for FID/KID.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -22,15 +23,17 @@ EMPTY = 10
 
 
 class CellNet(nn.Module):
-    def __init__(self, feature_dim: int = 64) -> None:
+    """(M, 1, c, c) intensity cells -> 11 classes; c = 16 by default (any multiple of 4)."""
+
+    def __init__(self, feature_dim: int = 128) -> None:
         super().__init__()
         self.conv = nn.Sequential(
             nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
             nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
-            nn.Conv2d(64, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
+            nn.Conv2d(64, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.AdaptiveMaxPool2d(4),
         )
-        self.features = nn.Sequential(nn.Flatten(), nn.Dropout(0.2), nn.Linear(256, feature_dim), nn.ReLU())
+        self.features = nn.Sequential(nn.Flatten(), nn.Dropout(0.3), nn.Linear(64 * 16, feature_dim), nn.ReLU())
         self.head = nn.Linear(feature_dim, 11)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -150,10 +153,22 @@ def training_cells(images: np.ndarray, records: list[dict], grid: int, empty_fra
     return x[keep], y[keep]
 
 
+def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random small affine warps per cell (rotation +-12 deg, scale 0.9-1.1, shift +-1.5 px)."""
+    n, _, c, _ = x.shape
+    angle = (torch.rand(n, generator=gen) - 0.5) * (2 * math.pi * 12 / 360)
+    scale = 0.9 + 0.2 * torch.rand(n, generator=gen)
+    shift = (torch.rand(n, 2, generator=gen) - 0.5) * (3.0 * 2 / c)
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, align_corners=False, padding_mode="zeros")
+
+
 def train_judge(x: torch.Tensor, y: torch.Tensor, palette: dict, grid: int, canvas: int, epochs: int = 4,
                 batch_size: int = 256, lr: float = 3e-3, seed: int = 0, on_epoch=None) -> Judge:
     """Fit the cell classifier on intensity cells ``x`` (M, 1, c, c) with labels ``y`` (M,),
-    random 1-pixel shifts as augmentation."""
+    small random affine warps as augmentation."""
     torch.manual_seed(seed)
     net = CellNet()
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
@@ -165,8 +180,7 @@ def train_judge(x: torch.Tensor, y: torch.Tensor, palette: dict, grid: int, canv
         order = torch.randperm(len(x), generator=gen)
         for start in range(0, len(x) - batch_size + 1, batch_size):
             idx = order[start : start + batch_size]
-            dx, dy = (int(v) for v in torch.randint(-1, 2, (2,), generator=gen))
-            xb = torch.roll(x[idx], shifts=(dy, dx), dims=(2, 3))
+            xb = augment(x[idx], gen)
             loss = F.cross_entropy(net(xb), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()

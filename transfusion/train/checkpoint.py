@@ -14,7 +14,6 @@ with a :class:`CheckpointError` naming the file.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from transfusion.io import atomic_dir
+from transfusion.io import atomic_dir, sha256_of
 
 MANIFEST = "manifest.json"
 PREFIX = "step-"
@@ -30,14 +29,6 @@ PREFIX = "step-"
 
 class CheckpointError(RuntimeError):
     """A checkpoint folder is incomplete or corrupt."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -75,7 +66,7 @@ def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, ema, tra
         state = {"step": step, "optimizer": opt_meta, "scheduler": scheduler.state_dict(), **trainer_state}
         (tmp / "trainer.json").write_text(json.dumps(state, indent=1))
         files = sorted(p.name for p in tmp.iterdir())
-        manifest = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in files}
+        manifest = {name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256_of(tmp / name)} for name in files}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     for old in list_checkpoints(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
@@ -110,7 +101,7 @@ def verify_checkpoint(path: Path) -> dict:
         size = file.stat().st_size
         if size != want["bytes"]:
             raise CheckpointError(f"{path}: {name} is truncated or altered ({size} bytes, expected {want['bytes']})")
-        if _sha256(file) != want["sha256"]:
+        if sha256_of(file) != want["sha256"]:
             raise CheckpointError(f"{path}: {name} does not match its sha256 in {MANIFEST}")
     return manifest
 

@@ -56,6 +56,9 @@ def ensure_ray(address: str | None, temp_dir: Path, num_cpus: int | None = None)
         _temp_dir=str(temp_dir),
         configure_logging=True,
         logging_level="warning",
+        # Ray's own actors log at ERROR only (Train's placement-group monitor warns every few
+        # seconds when the state API is not served); our workers' progress lines are prints.
+        logging_config=ray.LoggingConfig(encoding="TEXT", log_level="ERROR"),
         log_to_driver=True,
     )
 
