@@ -83,7 +83,7 @@ def run(params: Params) -> dict[str, float]:
         text = read_text_split(paths.text, "test")
         ids = tokenize_corpus(pipe.tokenizer, text)[: cfg.text_max_tokens].tolist()
         n_bytes = len(pipe.tokenizer.decode(ids).encode("utf-8"))
-        metrics |= bits_per_byte(pipe.model, ids, n_bytes, params.model.max_length - 1)
+        metrics |= bits_per_byte(pipe.model, ids, n_bytes, params.mixture.text_length)
 
         # 5. outputs: metrics, per-category bars (csv), a grid per category, examples of captions
         write_json(paths.eval_metrics, metrics)

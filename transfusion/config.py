@@ -275,6 +275,9 @@ class MixtureConfig(Section):
     text: Annotated[float, Field(ge=0)] = 1.0
     caption_to_image: Annotated[float, Field(ge=0)] = 4.0
     image_to_caption: Annotated[float, Field(ge=0)] = 1.0
+    # tokens per text-only example (the text context the model learns; eval scores text in
+    # chunks of this length, so it never asks for positions it was not trained on)
+    text_length: Annotated[int, Field(ge=8)] = 128
 
     @model_validator(mode="after")
     def _check(self) -> "MixtureConfig":
@@ -384,6 +387,10 @@ class Params(Section):
             raise ValueError(
                 f"vae.block_out_channels: {len(self.vae.block_out_channels)} blocks downsample by "
                 f"{down}, which does not divide data.scenes.canvas ({canvas})"
+            )
+        if self.mixture.text_length > self.model.max_length - 2:
+            raise ValueError(
+                f"mixture.text_length ({self.mixture.text_length}) must be <= model.max_length - 2 ({self.model.max_length - 2})"
             )
         latent, p = canvas // down, self.model.patch_size
         if latent % p:

@@ -115,9 +115,7 @@ def train_loop(config: dict | LoopConfig, runtime: Runtime | None = None) -> dic
     meta = load_meta(p.paths.latents)
     text_ids = tokenize_corpus(tokenizer, read_text_split(p.paths.text, "train"))
     model = TransfusionModel.from_params(p.model, p.diffusion, tokenizer, tuple(meta["latent_shape"]))
-    image_len = model.config.patches_per_image + 2 + int(p.model.time_conditioning == "token")
-    chunk = max(8, min(p.model.max_length - 2, 4 * image_len))
-    stream = ExampleStream(p.paths.latents, text_ids, tokenizer, p.mixture, chunk, tc.seed, rt.rank, rt.world_size)
+    stream = ExampleStream(p.paths.latents, text_ids, tokenizer, p.mixture, p.mixture.text_length, tc.seed, rt.rank, rt.world_size)
     collate = Collator(model.special, model.config.patches_per_image, p.model.max_length,
                        time_token=p.model.time_conditioning == "token", caption_dropout=p.diffusion.caption_dropout,
                        seed=tc.seed * 1000 + rt.rank)
