@@ -58,6 +58,10 @@ def main() -> None:
         slow = timed(lambda: sample_latents(model, caps, args.steps, 3.0, "ddpm", use_cache=False)) / batch
         fast = timed(lambda: sample_latents(model, caps, args.steps, 3.0, "ddpm", use_cache=True)) / batch
         print(f"| image sampling (s/image) | {batch} | {slow:.3f} | {fast:.3f} | {slow / fast:.2f}x |")
+    long_context = (prompt * 20)[:200] + caption  # e.g. an interleaved document before the image
+    slow = timed(lambda: sample_latents(model, [long_context] * 4, args.steps, 3.0, "ddpm", use_cache=False)) / 4
+    fast = timed(lambda: sample_latents(model, [long_context] * 4, args.steps, 3.0, "ddpm", use_cache=True)) / 4
+    print(f"| image sampling after a 200-token context (s/image) | 4 | {slow:.3f} | {fast:.3f} | {slow / fast:.2f}x |")
     for batch in (1, 8):
         prompts = [prompt] * batch
         kw = dict(max_new_tokens=args.tokens, min_new_tokens=args.tokens)
