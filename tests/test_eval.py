@@ -95,7 +95,7 @@ def test_fid_of_a_set_against_itself_is_zero_and_shifted_is_not(judged, tiny_pip
 
     _, _, test = judged
     same = fid_kid(test.images, test.images, "judge", tiny_pipeline.paths.judge)
-    assert abs(same["fid"]) < 1e-3  # (KID's unbiased estimator is not 0 for one set against itself)
+    assert abs(same["fid"]) < 1e-2  # numerically 0 (sqrtm of a rank-deficient covariance); KID's unbiased estimator is not 0 for one set against itself)
     shifted_images = np.roll(test.images, 8, axis=2)  # digits move across cell borders
     shifted = fid_kid(test.images, shifted_images, "judge", tiny_pipeline.paths.judge)
     assert shifted["fid"] > 1.0 and shifted["kid"] > 0

@@ -29,6 +29,17 @@ def tracking_uri(cfg: TrackingConfig) -> str:
     return uri
 
 
+def _use(mlflow, uri: str) -> None:
+    """``mlflow.set_tracking_uri`` without its side effect of exporting MLFLOW_TRACKING_URI
+    (which would make the next run in this process ignore its own params)."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 def git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
@@ -91,7 +102,7 @@ def stage_run(params: Params, stage: str, run_id: str | None = None) -> Iterator
     import mlflow
 
     logging.getLogger("alembic").setLevel(logging.WARNING)
-    mlflow.set_tracking_uri(tracking_uri(params.tracking))
+    _use(mlflow, tracking_uri(params.tracking))
     exp_id = _experiment_id(mlflow, params.tracking)
     tags = {"git_commit": git_commit(), "dvc_stage": stage, "params_hash": params.digest()}
     with mlflow.start_run(run_id=run_id, experiment_id=None if run_id else exp_id, run_name=stage, tags=tags) as run:
@@ -107,7 +118,7 @@ def find_runs(cfg: TrackingConfig, stage: str | None = None) -> list[dict[str, A
     """Runs of the experiment (newest first) as plain dicts: id, name, status, metrics, tags."""
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri(cfg))
+    _use(mlflow, tracking_uri(cfg))
     exp = mlflow.get_experiment_by_name(cfg.experiment)
     if exp is None:
         return []
@@ -158,10 +169,7 @@ def download_artifacts(uri: str, tracking_uri_: str | None = None) -> Path:
     """A local copy of an MLflow artifact URI (``runs:/<id>/model`` ...)."""
     import mlflow
 
-    if tracking_uri_ or os.environ.get("MLFLOW_TRACKING_URI"):
-        mlflow.set_tracking_uri(tracking_uri_ or os.environ["MLFLOW_TRACKING_URI"])
-    else:
-        mlflow.set_tracking_uri("sqlite:///mlflow.db")
+    _use(mlflow, tracking_uri_ or os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri(TrackingConfig()))
     try:
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
     except Exception as err:  # MlflowException and friends
