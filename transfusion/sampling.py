@@ -167,11 +167,6 @@ class Context:
         patches = hidden[:, block.shape[1] - tokens.shape[1]:]  # drop the time token
         return self.model.predict_images(patches, temb, skips)
 
-    def select(self, index: torch.Tensor) -> None:
-        self.cache.batch_select_indices(index)
-        self.keys_valid, self.next_pos = self.keys_valid[index], self.next_pos[index]
-        self.last_hidden = self.last_hidden[index]
-
 
 def _crop(cache, length: int) -> None:
     extra = cache.get_seq_length() - length
@@ -376,14 +371,13 @@ def _stack_contexts(a: Context, b: Context) -> Context:
     merged.model = a.model
     K = max(a.length, b.length)
 
-    def padded(ctx: Context, layer_tensor: torch.Tensor) -> torch.Tensor:
-        pad = K - layer_tensor.shape[2]
-        return torch.nn.functional.pad(layer_tensor, (0, 0, pad, 0))
+    def padded(layer_tensor: torch.Tensor) -> torch.Tensor:  # (B, heads, T, d) -> left-padded to K
+        return torch.nn.functional.pad(layer_tensor, (0, 0, K - layer_tensor.shape[2], 0))
 
     merged.cache = DynamicCache(config=a.model.backbone.config)
     for idx, (la, lb) in enumerate(zip(a.cache.layers, b.cache.layers)):
-        keys = torch.cat([padded(a, la.keys), padded(b, lb.keys)])
-        values = torch.cat([padded(a, la.values), padded(b, lb.values)])
+        keys = torch.cat([padded(la.keys), padded(lb.keys)])
+        values = torch.cat([padded(la.values), padded(lb.values)])
         merged.cache.update(keys, values, idx)
     pad_mask = lambda c: torch.nn.functional.pad(c.keys_valid, (K - c.length, 0), value=False)  # noqa: E731
     merged.keys_valid = torch.cat([pad_mask(a), pad_mask(b)])
