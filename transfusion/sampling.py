@@ -357,10 +357,8 @@ def generate_interleaved(
 
 def _image_in_context(model, ctx: Context, uncond: Context | None, steps, cfg_scale, sampler, seed, progress):
     """Denoise one image after the context's ``<boi>`` (with a caption-less context for CFG)."""
-    if uncond is None:
-        return sample_latents(model, [[]], steps, 1.0, sampler, seed, context=ctx, progress=progress)
-    both = _stack_contexts(ctx, uncond)
-    return sample_latents(model, [[]], steps, cfg_scale, sampler, seed, context=both, progress=progress)
+    context, scale = (ctx, 1.0) if uncond is None else (_stack_contexts(ctx, uncond), cfg_scale)
+    return sample_latents(model, [[]], steps, scale, sampler, seed, context=context, progress=progress)
 
 
 def _stack_contexts(a: Context, b: Context) -> Context:

@@ -31,6 +31,9 @@ from torch import nn
 from transfusion.config import Params
 
 
+WINDOW = ("loss", "lm", "diffusion", "tokens", "images", "n", "grad_norm")  # sums between log lines
+
+
 class LoopConfig(BaseModel):
     """What a worker needs: the params and the MLflow run to log into."""
 
@@ -149,7 +152,7 @@ def train_loop(config: dict | LoopConfig, runtime: Runtime | None = None) -> dic
     logger = _logger(cfg) if is_main else None
 
     # 3. steps
-    window = {"loss": 0.0, "lm": 0.0, "diffusion": 0.0, "tokens": 0, "images": 0, "n": 0, "grad_norm": 0.0}
+    window = dict.fromkeys(WINDOW, 0.0)
     t_window = time.perf_counter()
     t_start = time.perf_counter()
     for step in range(start + 1, tc.steps + 1):
@@ -198,7 +201,7 @@ def train_loop(config: dict | LoopConfig, runtime: Runtime | None = None) -> dic
                 "images_per_s": window["images"] / dt,
             }
             history.append(row)
-            window = dict.fromkeys(window, 0) | {"loss": 0.0, "lm": 0.0, "diffusion": 0.0, "grad_norm": 0.0}
+            window = dict.fromkeys(WINDOW, 0.0)
             t_window = time.perf_counter()
             if is_main:
                 logger.log_metrics({k: v for k, v in row.items() if k != "step"}, step)
