@@ -165,7 +165,7 @@ def generate(
     out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write (a grid when n > 1).")] = Path("generated.png"),
     steps: Annotated[int | None, typer.Option(min=1, help="Denoising steps (default: diffusion.sample_steps).")] = None,
     cfg_scale: Annotated[float | None, typer.Option(help="Classifier-free guidance scale (default: diffusion.cfg_scale).")] = None,
-    sampler: Annotated[str | None, typer.Option(help="ddpm | ddim | flow_euler (default: the model's).")] = None,
+    sampler: Annotated[str | None, typer.Option(help="ddpm | ddim | dpmpp | flow_euler (default: the model's).")] = None,
     seed: SeedOpt = 0,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute the caption every step (slow).")] = False,
     model: ModelOpt = None,

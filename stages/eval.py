@@ -36,12 +36,16 @@ def run(params: Params) -> dict[str, float]:
     train_images = load_image_split(paths.scenes, "train").images
     train_run = json.loads((paths.model / "train_run.json").read_text()).get("run_id") if (paths.model / "train_run.json").is_file() else None
 
-    def sample(captions: list[str], seed: int) -> np.ndarray:
+    def sample(captions: list[str], seed: int, cfg_scale: float = cfg.cfg_scale) -> np.ndarray:
         out = []
         for start in tqdm(range(0, len(captions), cfg.batch_size), desc="sampling", unit="batch"):
             out.append(pipe.sample_images(captions[start : start + cfg.batch_size], steps=cfg.sample_steps,
-                                          cfg_scale=cfg.cfg_scale, sampler=cfg.sampler, seed=seed + start))
+                                          cfg_scale=cfg_scale, sampler=cfg.sampler, seed=seed + start))
         return np.concatenate(out)
+
+    def judged(images: np.ndarray, prompts: list, k: int) -> dict[str, float]:
+        read = judge.read(images)
+        return geneval.score([read[i * k : (i + 1) * k] for i in range(len(prompts))], prompts)
 
     with tracking.stage_run(params, "eval") as run:
         run.set_tags({"train_run_id": train_run or "unknown"})
@@ -54,12 +58,19 @@ def run(params: Params) -> dict[str, float]:
         images = sample(captions, cfg.seed)
         per_prompt = [images[i * cfg.images_per_prompt : (i + 1) * cfg.images_per_prompt] for i in range(len(prompts))]
         geneval.write_layout(paths.geneval, prompts, per_prompt)
+        sweep: list[dict] = []
         if judge_ok:
-            read = judge.read(images)
-            metrics |= geneval.score([read[i * cfg.images_per_prompt : (i + 1) * cfg.images_per_prompt]
-                                      for i in range(len(prompts))], prompts)
-            metrics["geneval_real_test_scenes"] = geneval.score([[c] for c in judge.read(test.images[:300])],
-                                                                [_prompt(r) for r in test.records[:300]])["geneval_overall"]
+            metrics |= judged(images, prompts, cfg.images_per_prompt)
+            passed = [geneval.geneval_correct(c, geneval.metadata(prompts[i // cfg.images_per_prompt]))
+                      for i, c in enumerate(judge.read(images))]
+            real = judged(test.images[:300], [_prompt(r) for r in test.records[:300]], 1)
+            metrics["geneval_real_test_scenes"] = real["geneval_overall"]
+            metrics["scene_match_real_test_scenes"] = real["scene_match_overall"]
+            # the guidance scale swept: one image per prompt at each scale
+            for scale in cfg.cfg_sweep:
+                got = judged(sample([p.caption() for p in prompts], cfg.seed + 200_000, scale), prompts, 1)
+                sweep.append({"cfg_scale": scale, "geneval_overall": got["geneval_overall"],
+                              "scene_match_overall": got["scene_match_overall"]})
 
         # 2. FID / KID against real test scenes; real train vs real test as the floor
         name = "judge" if cfg.feature_extractor == "judge" else "inception"
@@ -88,22 +99,32 @@ def run(params: Params) -> dict[str, float]:
         # 5. outputs: metrics, per-category bars (csv), a grid per category, examples of captions
         write_json(paths.eval_metrics, metrics)
         paths.eval_plots.mkdir(parents=True, exist_ok=True)
+        with atomic_file(paths.cfg_sweep_plot) as fh:  # a header only when the judge failed its bar
+            fh.write("cfg_scale,geneval_overall,scene_match_overall\n")
+            fh.writelines(f"{r['cfg_scale']:g},{r['geneval_overall']:.4f},{r['scene_match_overall']:.4f}\n" for r in sweep)
         with atomic_file(paths.geneval_plot) as fh:
             fh.write("category,accuracy\n")
             for key, value in metrics.items():
-                if key.startswith("geneval_") and key not in ("geneval_overall", "geneval_real_test_scenes"):
+                if key.startswith("geneval_") and key not in ("geneval_overall", "geneval_real_test_scenes"):  # GenEval's rule
                     fh.write(f"{key.removeprefix('geneval_')},{value:.4f}\n")
         for category in {p.category for p in prompts}:
             idx = [i for i, p in enumerate(prompts) if p.category == category][:4]
             tiles = np.concatenate([per_prompt[i] for i in idx])
             render_grid(tiles, [prompts[i].caption() for i in idx for _ in range(cfg.images_per_prompt)],
                         paths.eval_plots / f"geneval_{category}.png", cols=cfg.images_per_prompt)
+        if judge_ok:  # the README's picture: 4 prompts per category, first image each, GenEval's verdict
+            pick = [i for c in geneval.TAGS for i in [k for k, p in enumerate(prompts) if p.category == c][:4]]
+            render_grid(np.stack([per_prompt[i][0] for i in pick]),
+                        [f"{prompts[i].caption()}: {'pass' if passed[i * cfg.images_per_prompt] else 'fail'} "
+                         f"({prompts[i].category} {metrics['geneval_' + prompts[i].category]:.2f})" for i in pick],
+                        paths.eval_plots / "samples_by_category.png", cols=4)
         with atomic_file(paths.eval_plots / "captions.csv") as fh:
             fh.write("truth,generated\n")
             fh.writelines(f"{r['caption']},{t.replace(',', ' ')}\n" for r, t in zip(test.records[:50], texts[:50]))
         run.log_metrics(metrics)
         run.log_artifact(paths.eval_plots, "plots")
         run.log_artifact(paths.geneval_plot, "plots")
+        run.log_artifact(paths.cfg_sweep_plot, "plots")
     return metrics
 
 

@@ -33,7 +33,7 @@ def run(params: Params) -> dict[str, float]:
             run.log_metrics({"loss": loss}, step=epoch + 1)
 
         judge = train_judge(x, y, dict(scenes.palette), scenes.grid, scenes.canvas, cfg.epochs, cfg.batch_size,
-                            cfg.lr, cfg.seed, on_epoch)
+                            cfg.lr, cfg.seed, on_epoch, tuple(cfg.channels))
         judge.save(paths.judge)
         metrics = scene_exact_match(judge, test.images, test.records)
         metrics["training_cells"] = len(y)

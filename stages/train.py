@@ -57,6 +57,7 @@ def run(params: Params, resume: bool | Path = False, address: str | None = None)
         mlrun.log_metrics({k: v for k, v in metrics.items() if k != "steps"})
         mlrun.log_artifact(paths.train_loss_plot)
         mlrun.log_artifact(paths.train_samples)
+        mlrun.log_artifact(paths.train_probes)
         mlrun.log_artifact(paths.model, "model")
         metrics["mlflow_run_id"] = mlrun.run_id
     return metrics

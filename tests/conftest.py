@@ -126,6 +126,13 @@ def text_tokenizer():
     return train_bpe(MODEL_CORPUS, vocab_size=300)
 
 
+def diffusion_config(objective: str, **kw):
+    """A DiffusionConfig for ``objective`` with its own sampler (flow_euler or ddpm)."""
+    from transfusion.config import DiffusionConfig
+
+    return DiffusionConfig(objective=objective, sampler="flow_euler" if objective == "flow" else "ddpm", **kw)
+
+
 def build_tiny_model(tokenizer, seed=0, diffusion=None, **model_kw):
     """A tiny model whose zero-initialised output layers are made random, so that image
     predictions depend on their inputs (property tests would pass vacuously otherwise)."""
@@ -135,7 +142,9 @@ def build_tiny_model(tokenizer, seed=0, diffusion=None, **model_kw):
     from transfusion.model import TransfusionModel
 
     torch.manual_seed(seed)
-    model = TransfusionModel.from_params(ModelConfig(**model_kw), diffusion or DiffusionConfig(), tokenizer, LATENT)
+    # the paper's layout (patch 2: 16 patches, DDPM) unless a test asks otherwise
+    diffusion = diffusion or DiffusionConfig(objective="ddpm", sampler="ddpm")
+    model = TransfusionModel.from_params(ModelConfig(**{"patch_size": 2, **model_kw}), diffusion, tokenizer, LATENT)
     with torch.no_grad():
         for p in model.patch_out.parameters():
             if not p.any():

@@ -41,24 +41,91 @@ def test_geneval_score_is_one_on_real_scenes_and_lower_when_shuffled(judged):
     prompts = [parse_caption(r["caption"]) for r in test.records]
     read = [[c] for c in judge.read(test.images)]
     real = geneval.score(read, prompts)
-    assert real["geneval_overall"] == 1.0
-    assert {k for k in real if k != "geneval_overall"} == {f"geneval_{c}" for c in {p.category for p in prompts}}
+    assert real["geneval_overall"] == 1.0 and real["scene_match_overall"] == 1.0
+    categories = {p.category for p in prompts}
+    assert set(real) == {f"{rule}_{c}" for rule in ("geneval", "scene_match") for c in [*categories, "overall"]}
     shuffled = geneval.score(read, prompts[7:] + prompts[:7])
-    assert shuffled["geneval_overall"] < 0.5
+    assert shuffled["scene_match_overall"] < 0.5
+    assert shuffled["scene_match_overall"] <= shuffled["geneval_overall"] < 0.75  # GenEval's rule is the laxer
+
+
+def _obj(digit, row, col, color="red", score=0.9):
+    return {"digit": digit, "color": color, "row": row, "col": col, "score": score}
+
+
+def test_geneval_rule_follows_genevals_evaluate():
+    meta = lambda caption: geneval.metadata(parse_caption(caption))  # noqa: E731
+    ok = geneval.geneval_correct
+    # single / two objects: the asked objects must be there; others may be too
+    assert ok({"objects": [_obj(7, 0, 0), _obj(3, 1, 1)]}, meta("a 7"))
+    assert not ok({"objects": [_obj(3, 1, 1)]}, meta("a 7"))
+    assert ok({"objects": [_obj(3, 0, 0), _obj(7, 1, 1), _obj(7, 0, 1)]}, meta("a 3 and a 7"))
+    # counting: exactly n (exclude n + 1); other classes allowed
+    fives = lambda n: [_obj(5, i // 2, i % 2) for i in range(n)]  # noqa: E731
+    assert ok({"objects": fives(3)}, meta("three 5s"))
+    assert ok({"objects": fives(3)[:2] + [_obj(2, 1, 1)]}, meta("two 5s"))
+    assert not ok({"objects": fives(4)}, meta("three 5s"))
+    assert not ok({"objects": fives(2)}, meta("three 5s"))
+    # colour: judged on the most confident object of the class
+    red_low = {"objects": [_obj(4, 0, 0, "red", 0.6), _obj(4, 1, 1, "green", 0.99)]}
+    red_high = {"objects": [_obj(4, 0, 0, "red", 0.99), _obj(4, 1, 1, "green", 0.6)]}
+    assert not ok(red_low, meta("a red 4")) and ok(red_high, meta("a red 4"))
+    assert ok({"objects": [_obj(3, 0, 0, "blue"), _obj(8, 0, 1, "yellow")]}, meta("a blue 3 and a yellow 8"))
+    assert not ok({"objects": [_obj(3, 0, 0, "yellow"), _obj(8, 0, 1, "blue")]}, meta("a blue 3 and a yellow 8"))
+    # position: GenEval's box geometry (a diagonal neighbour is both left of and above)
+    assert ok({"objects": [_obj(2, 0, 0), _obj(9, 0, 1)]}, meta("a 2 to the left of a 9"))
+    assert ok({"objects": [_obj(2, 1, 0), _obj(9, 0, 1)]}, meta("a 2 to the left of a 9"))
+    assert not ok({"objects": [_obj(2, 0, 1), _obj(9, 0, 0)]}, meta("a 2 to the left of a 9"))
+    assert not ok({"objects": [_obj(2, 0, 0), _obj(9, 1, 0)]}, meta("a 2 to the left of a 9"))
+    assert ok({"objects": [_obj(0, 0, 1), _obj(1, 1, 1)]}, meta("a 0 above a 1"))
+    assert not ok({"objects": [_obj(0, 0, 1)]}, meta("a 0 above a 1"))  # no target
+
+
+def test_relative_position_of_grid_cells():
+    rel = geneval.relative_position
+    assert rel(_obj(1, 0, 0), _obj(1, 0, 1)) == {"left of"}
+    assert rel(_obj(1, 1, 1), _obj(1, 0, 1)) == {"below"}
+    assert rel(_obj(1, 0, 0), _obj(1, 1, 1)) == {"left of", "above"}
+    assert rel(_obj(1, 0, 0), _obj(1, 0, 0)) == set()
+
+
+def test_scene_match_is_strict_where_geneval_is_not():
+    extra = {"objects": [_obj(7, 0, 0), _obj(3, 1, 1)]}
+    out = geneval.score([[extra]], [parse_caption("a 7")])
+    assert out["geneval_single_object"] == 1.0 and out["scene_match_single_object"] == 0.0
+
+
+def test_quick_eval_is_judged_and_skipped_without_a_judge(judged, tiny_pipeline, tmp_path):
+    from transfusion.data.tokenizer import load_tokenizer
+    from transfusion.eval.probe import load_probe_data, quick_eval
+    from transfusion.model import TransfusionModel
+
+    p = tiny_pipeline
+    tok = load_tokenizer(p.paths.tokenizer)
+    data = load_probe_data(p.paths.latents, tok, 12, p.paths.judge, p.paths.vae, dict(p.data.scenes.palette))
+    assert data.judge is not None and len(data.latents) == len(data.records) == 12
+    model = TransfusionModel.from_params(p.model, p.diffusion, tok, tuple(data.latents.shape[1:]))
+    out = quick_eval(model, tok, data, prompts_per_category=1, n_captions=6, steps=2, cfg_scale=2.0)
+    assert {"quick_geneval_overall", "quick_scene_match_overall", "quick_caption_exact"} <= set(out)
+    assert all(0.0 <= v <= 1.0 for v in out.values())
+    assert out["quick_scene_match_overall"] <= out["quick_geneval_overall"]  # the exact scene is the stricter rule
+    unjudged = load_probe_data(p.paths.latents, tok, 12, tmp_path / "none", p.paths.vae, {})
+    assert unjudged.judge is None and quick_eval(model, tok, unjudged, 1, 6, 2, 2.0) == {}
 
 
 def test_overall_is_the_mean_of_categories():
     p1, p2 = parse_caption("a 7"), parse_caption("three 5s")
     c7 = {"objects": [{"digit": 7, "color": "red", "row": 0, "col": 0}]}
     out = geneval.score([[c7, c7, c7, {"objects": []}], [c7]], [p1, p2])
-    assert out["geneval_single_object"] == 0.75 and out["geneval_counting"] == 0.0
-    assert out["geneval_overall"] == pytest.approx(0.375)
+    for rule in ("geneval", "scene_match"):
+        assert out[f"{rule}_single_object"] == 0.75 and out[f"{rule}_counting"] == 0.0
+        assert out[f"{rule}_overall"] == pytest.approx(0.375)
 
 
 GENEVAL_LINES = [
     {"tag": "single_object", "include": [{"class": "7", "count": 1}], "prompt": "a 7"},
     {"tag": "two_object", "include": [{"class": "3", "count": 1}, {"class": "7", "count": 1}], "prompt": "a 3 and a 7"},
-    {"tag": "counting", "include": [{"class": "5", "count": 3}], "prompt": "three 5s"},
+    {"tag": "counting", "include": [{"class": "5", "count": 3}], "exclude": [{"class": "5", "count": 4}], "prompt": "three 5s"},
     {"tag": "colors", "include": [{"class": "4", "count": 1, "color": "red"}], "prompt": "a red 4"},
     {"tag": "position", "include": [{"class": "9", "count": 1}, {"class": "2", "count": 1, "position": ["left of", 0]}],
      "prompt": "a 2 to the left of a 9"},
@@ -73,8 +140,7 @@ def test_geneval_prompt_file_and_folder_layout(tmp_path):
     prompts = geneval.read_prompt_file(path)
     assert [p.caption() for p in prompts] == [line["prompt"] for line in GENEVAL_LINES]
     assert [geneval.TAGS[p.category] for p in prompts] == [line["tag"] for line in GENEVAL_LINES]
-    assert [geneval.metadata(p)["include"] for p in prompts[:4]] == [line["include"] for line in GENEVAL_LINES[:4]]
-    assert geneval.metadata(prompts[5])["include"] == GENEVAL_LINES[5]["include"]
+    assert [geneval.metadata(p) for p in prompts] == GENEVAL_LINES  # GenEval's own metadata, field for field
 
     images = [np.full((3, 32, 32, 3), i, np.uint8) for i in range(len(prompts))]
     geneval.write_layout(tmp_path / "out", prompts, images)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import build_tiny_model
+from conftest import build_tiny_model, diffusion_config
 from transfusion.config import DiffusionConfig
 from transfusion.sampling import caption_latents, generate_interleaved, generate_text, guided, sample_latents
 
@@ -32,13 +32,36 @@ def test_cached_and_uncached_text_decoding_agree(text_tokenizer, backbone):
                          [("linear", "add", "ddpm"), ("unet", "token", "ddpm"), ("linear", "add", "flow")])
 def test_cached_and_uncached_image_samples_agree(text_tokenizer, patch_encoder, time_conditioning, objective):
     model = build_tiny_model(text_tokenizer, patch_encoder=patch_encoder, time_conditioning=time_conditioning,
-                             diffusion=DiffusionConfig(objective=objective))
+                             diffusion=diffusion_config(objective))
     sampler = "flow_euler" if objective == "flow" else "ddpm"
     caps = [ids(text_tokenizer, "a red 4"), ids(text_tokenizer, "a 3 and a 7 to the left of")]
     cached = sample_latents(model, caps, 12, 3.0, sampler, seed=5, use_cache=True)
     uncached = sample_latents(model, caps, 12, 3.0, sampler, seed=5, use_cache=False)
     assert cached.shape == (2, 4, 8, 8)
     torch.testing.assert_close(cached, uncached, rtol=0, atol=2e-3)
+
+
+@pytest.mark.parametrize(("objective", "sampler", "steps"),
+                         [("ddpm", "ddpm", 50), ("ddpm", "ddim", 20), ("ddpm", "dpmpp", 20), ("flow", "flow_euler", 20)])
+def test_samplers_recover_the_image_from_an_exact_predictor(objective, sampler, steps):
+    """With the exact epsilon (or velocity) of one clean latent x0 at every step, each sampler
+    must end at x0: the sampling loop, the schedulers' time grids and the guidance all agree."""
+    from transfusion.sampling import build_scheduler, denoise, generators
+
+    cfg = diffusion_config(objective)
+    sched = build_scheduler(cfg, sampler, steps)
+    x0 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    def predict(x, time):
+        if objective == "flow":
+            return (x - x0) / (time[:, None, None, None] / cfg.train_steps)  # v = noise - x0
+        abar = sched.alphas_cumprod[time.long()][:, None, None, None]
+        return (x - abar.sqrt() * x0) / (1 - abar).sqrt()  # epsilon
+
+    out = denoise(sched, predict, generators(1, 2), (4, 8, 8), "cpu", 1.0)
+    # DDIM ends at alphas_cumprod[0] < 1 (set_alpha_to_one=False): a trace of noise, ~0.006 sigma
+    torch.testing.assert_close(out, x0, rtol=0, atol=4e-2)
+    assert (out - x0).abs().mean() < 1e-2
 
 
 def test_cfg_scale_one_is_the_conditional_sample(text_tokenizer):

@@ -14,7 +14,7 @@ from transfusion.data.tokenizer import build_tokenizer
 from transfusion.model import TransfusionModel
 from transfusion.model.mask import hybrid_mask
 
-from conftest import LATENT, MODEL_CORPUS as CORPUS, build_tiny_model
+from conftest import LATENT, MODEL_CORPUS as CORPUS, build_tiny_model, diffusion_config
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +130,7 @@ def test_mask_matches_the_documented_layout(tokenizer):
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(("objective", "patch_encoder"), list(itertools.product(["ddpm", "flow"], ["linear", "unet"])))
 def test_tiny_model_overfits_one_batch(tokenizer, objective, patch_encoder):
-    model = make_model(tokenizer, patch_encoder=patch_encoder, diffusion=DiffusionConfig(objective=objective)).train()
+    model = make_model(tokenizer, patch_encoder=patch_encoder, diffusion=diffusion_config(objective)).train()
     g = torch.Generator().manual_seed(0)
     latents = torch.randn(3, *LATENT, generator=g)
     batch = collator(model)([
@@ -162,7 +162,7 @@ def test_loss_parts_and_weight(tokenizer):
 
 @pytest.mark.parametrize("objective", ["ddpm", "flow"])
 def test_noise_limit_for_images_before_their_caption(tokenizer, objective):
-    model = make_model(tokenizer, diffusion=DiffusionConfig(objective=objective, noise_limit=0.5))
+    model = make_model(tokenizer, diffusion=diffusion_config(objective, noise_limit=0.5))
     latents = torch.randn(LATENT)
     examples = [image_to_caption(latents, ids(tokenizer, "a 3"))] * 20 + [caption_to_image(ids(tokenizer, "a 3"), latents)] * 20
     batch = collator(model)(examples)
@@ -171,6 +171,22 @@ def test_noise_limit_for_images_before_their_caption(tokenizer, objective):
     times = model.diffusion.model_time(drawn.flatten()).view(10, 40)  # 0..1000 scale for both
     assert times[:, :20].max() <= 500
     assert times[:, 20:].max() > 700  # uncapped images reach high noise
+
+
+@pytest.mark.parametrize("objective", ["ddpm", "flow"])
+def test_dropped_captions_train_the_whole_noise_range(tokenizer, objective):
+    """CFG's unconditional branch (<bos> <boi> ...) starts sampling at pure noise, so images whose
+    caption was dropped must reach t > noise_limit; images before their caption never do."""
+    model = make_model(tokenizer, diffusion=diffusion_config(objective, noise_limit=0.5))
+    latents, cap = torch.randn(LATENT), ids(tokenizer, "a 3")
+    examples = [caption_to_image(cap, latents)] * 20 + [image_to_caption(latents, cap)] * 20
+    batch = collator(model, caption_dropout=1.0)(examples)
+    assert batch.caption_dropped.tolist() == [True] * 20 + [False] * 20
+    assert batch.image_first.tolist() == [False] * 20 + [True] * 20
+    drawn = torch.cat([model.loss(batch, torch.Generator().manual_seed(s)).timesteps for s in range(10)]).view(10, 40)
+    times = model.diffusion.model_time(drawn.flatten()).view(10, 40)
+    assert times[:, :20].max() > 700  # unconditional images see high noise
+    assert times[:, 20:].max() <= 500  # image-first images stay capped
 
 
 def test_caption_dropout_is_observable(tokenizer):

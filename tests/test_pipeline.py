@@ -79,3 +79,10 @@ def test_dvc_repro_end_to_end(tmp_path):
     else:
         assert not any(k.startswith(("geneval_", "fid_")) for k in evaluation)
     assert (repo / resolved["paths"]["geneval"] / "00000" / "metadata.jsonl").is_file()
+    # the judge runs before training: the in-training probes include the quick judged evaluation
+    probes = (repo / resolved["paths"]["train_probes"]).read_text().splitlines()
+    assert {"images_seen", "ema_quick_geneval_overall", "ema_quick_caption_exact", "diffusion_uncond_b3"} <= set(probes[0].split(","))
+    assert len(probes) == 1 + 2  # eval_every 6 of 12 steps
+    sweep = (repo / resolved["paths"]["cfg_sweep_plot"])
+    assert sweep.read_text().splitlines()[0] == "cfg_scale,geneval_overall,scene_match_overall"
+    assert len(sweep.read_text().splitlines()) == (1 + 2 if evaluation["judge_ok"] else 1)  # cfg_sweep [1, 3]

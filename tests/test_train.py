@@ -18,7 +18,8 @@ def train_params(base: Params, tmp_path, **train) -> Params:
     paths = base.paths.model_copy(update={
         "checkpoints": tmp_path / "ck", "model": tmp_path / "model", "runs": tmp_path / "runs",
         "train_metrics": tmp_path / "train.json", "train_loss_plot": tmp_path / "loss.csv",
-        "train_samples": tmp_path / "samples.png",
+        "train_samples": tmp_path / "samples.png", "train_probes": tmp_path / "probes.csv",
+        "judge": tmp_path / "no-judge",  # probes without the quick judged evaluation (tests/test_eval.py has it)
     })
     tracking = base.tracking.model_copy(update={"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
                                                 "artifact_location": str(tmp_path / "mlartifacts")})
@@ -30,7 +31,7 @@ def test_plain_loop_lowers_the_loss(tiny_pipeline, tmp_path):
     from transfusion.train.loop import LoopConfig, train_loop
 
     p = train_params(tiny_pipeline, tmp_path, use_ray=False, steps=60, batch_size=8, lr=3e-3, log_every=5,
-                     checkpoint_every=30, sample_every=60, warmup_steps=5)
+                     checkpoint_every=30, sample_every=60, warmup_steps=5, eval_every=25)
     metrics = train_loop(LoopConfig(params=p))
     rows = [line.split(",") for line in p.paths.train_loss_plot.read_text().splitlines()[1:]]
     losses = [float(r[1]) for r in rows]
@@ -41,6 +42,16 @@ def test_plain_loop_lowers_the_loss(tiny_pipeline, tmp_path):
     assert (p.paths.model / "model.safetensors").is_file() and (p.paths.model / "vae" / "config.json").is_file()
     assert json.loads((p.paths.model / "latents.json").read_text())["scaling_factor"] > 0
     assert p.paths.train_samples.read_bytes()[:4] == b"\x89PNG"
+    # conditioning probes at every eval_every steps and at the end, raw and EMA, against images seen
+    header, *probe_rows = [line.split(",") for line in p.paths.train_probes.read_text().splitlines()]
+    probes = [dict(zip(header, map(float, r))) for r in probe_rows]
+    assert [r["step"] for r in probes] == [25, 50, 60]
+    assert 0 < probes[0]["images_seen"] < probes[1]["images_seen"] < probes[2]["images_seen"] == metrics["images_seen"]
+    for prefix in ("", "ema_"):
+        for key in ("diffusion_cond_b0", "diffusion_uncond_b3", "caption_loss", "caption_loss_shuffled"):
+            assert all(r[prefix + key] > 0 for r in probes)
+    assert metrics["ema_caption_loss"] == pytest.approx(probes[-1]["ema_caption_loss"], rel=1e-5)
+    assert not any(k.startswith("quick_") for k in header)  # no judge here
 
 
 def test_nan_stops_the_run_and_keeps_a_loadable_checkpoint(tiny_pipeline, tmp_path):

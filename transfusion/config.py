@@ -68,11 +68,13 @@ class PathsConfig(Section):
     train_metrics: Path = Path("metrics/train.json")
     train_loss_plot: Path = Path("plots/train_loss.csv")
     train_samples: Path = Path("plots/train_samples.png")
+    train_probes: Path = Path("plots/train_probes.csv")  # conditioning probes against images seen
     judge: Path = Path("artifacts/judge")
     judge_metrics: Path = Path("metrics/judge.json")
     geneval: Path = Path("artifacts/geneval")  # generated images in GenEval's folder layout
     eval_metrics: Path = Path("metrics/eval.json")
     geneval_plot: Path = Path("plots/geneval.csv")  # per-category accuracy (a DVC bar plot)
+    cfg_sweep_plot: Path = Path("plots/cfg_sweep.csv")  # GenEval-style overall against the guidance scale
     eval_plots: Path = Path("plots/eval")  # a grid of generated images per category, captions
 
 
@@ -235,7 +237,7 @@ class LatentsConfig(Section):
 # ---------------------------------------------------------------------------------------------
 # the model, its diffusion objective, and how sequences are built
 # ---------------------------------------------------------------------------------------------
-BACKBONE_SIZES = ("tiny", "small", "1b", "7b")
+BACKBONE_SIZES = ("tiny", "base", "small", "1b", "7b")
 
 
 class ModelConfig(Section):
@@ -245,7 +247,7 @@ class ModelConfig(Section):
     # from_pretrained (no remote code), token embeddings resized for <boi>/<eoi>.
     pretrained: DirectoryPath | None = None
     freeze_text: bool = False  # train only the image parts (patch encoder/decoder, time embedding)
-    patch_size: PositiveInt = 2
+    patch_size: PositiveInt = 4
     patch_encoder: Literal["linear", "unet"] = "linear"
     unet_channels: list[PositiveInt] = Field(default_factory=lambda: [64], min_length=1)
     time_conditioning: Literal["add", "token"] = "add"  # paper: add to patches; OmniGen: a time token
@@ -254,7 +256,7 @@ class ModelConfig(Section):
 
 
 class DiffusionConfig(Section):
-    objective: Literal["ddpm", "flow"] = "ddpm"
+    objective: Literal["ddpm", "flow"] = "flow"
     train_steps: PositiveInt = 1000
     beta_schedule: Literal["squaredcos_cap_v2", "linear", "scaled_linear"] = "squaredcos_cap_v2"
     prediction_type: Literal["epsilon"] = "epsilon"
@@ -264,20 +266,27 @@ class DiffusionConfig(Section):
     noise_limit: Annotated[float, Field(gt=0, le=1)] = 0.5
     loss_weight: Annotated[float, Field(ge=0)] = 5.0  # lambda: total = LM + lambda * diffusion
     caption_dropout: Annotated[float, Field(ge=0, le=1)] = 0.1  # classifier-free guidance training
-    sample_steps: PositiveInt = 250
-    sampler: Literal["ddpm", "ddim", "flow_euler"] = "ddpm"
-    cfg_scale: Annotated[float, Field(ge=0)] = 5.0
+    sample_steps: PositiveInt = 50
+    sampler: Literal["ddpm", "ddim", "dpmpp", "flow_euler"] = "flow_euler"
+    cfg_scale: Annotated[float, Field(ge=0)] = 3.0
+
+    @model_validator(mode="after")
+    def _check(self) -> "DiffusionConfig":
+        if (self.objective == "flow") != (self.sampler == "flow_euler"):
+            want = "flow_euler" if self.objective == "flow" else "ddpm, ddim or dpmpp"
+            raise ValueError(f"sampler: {self.sampler!r} does not fit objective {self.objective!r} (use {want})")
+        return self
 
 
 class MixtureConfig(Section):
     """Relative weights of the three kinds of training example (paper: 80/20 caption-first)."""
 
-    text: Annotated[float, Field(ge=0)] = 1.0
-    caption_to_image: Annotated[float, Field(ge=0)] = 4.0
-    image_to_caption: Annotated[float, Field(ge=0)] = 1.0
+    text: Annotated[float, Field(ge=0)] = 0.25
+    caption_to_image: Annotated[float, Field(ge=0)] = 3.0
+    image_to_caption: Annotated[float, Field(ge=0)] = 2.0
     # tokens per text-only example (the text context the model learns; eval scores text in
     # chunks of this length, so it never asks for positions it was not trained on)
-    text_length: Annotated[int, Field(ge=8)] = 128
+    text_length: Annotated[int, Field(ge=8)] = 64
 
     @model_validator(mode="after")
     def _check(self) -> "MixtureConfig":
@@ -293,6 +302,16 @@ class FaultConfig(Section):
     nan_at_step: int | None = None  # make the loss NaN at this step
 
 
+class ProbeConfig(Section):
+    """Conditioning probes every ``train.eval_every`` steps (``transfusion.eval.probe``)."""
+
+    val_examples: PositiveInt = 64  # val scenes for the diffusion / caption losses
+    prompts_per_category: PositiveInt = 8  # quick GenEval-style run: one image per prompt
+    captions: Annotated[int, Field(ge=0)] = 100  # val scenes captioned greedily
+    sample_steps: PositiveInt = 20  # fast sampler: flow_euler (flow) or DDIM (ddpm)
+    cfg_scale: Annotated[float, Field(ge=0)] = 3.0
+
+
 class TrainConfig(Section):
     # Ray Train: one machine by default (Ray started locally), or the cluster at `address`
     # (RAY_ADDRESS / --address win). use_ray: false runs the same loop in this process.
@@ -303,22 +322,23 @@ class TrainConfig(Section):
     cpus_per_worker: PositiveInt = 2
     max_failures: Annotated[int, Field(ge=0)] = 1  # automatic restarts from the last checkpoint
     # optimisation (paper: AdamW 0.9/0.95, eps 1e-8, wd 0.1, warmup + cosine, clip 1.0)
-    steps: PositiveInt = 3000
-    batch_size: PositiveInt = 16  # examples per worker per micro-step, packed into rows
+    steps: PositiveInt = 4000
+    batch_size: PositiveInt = 32  # examples per worker per micro-step, packed into rows
     grad_accum: PositiveInt = 1
-    lr: Annotated[float, Field(gt=0)] = 1e-3
+    lr: Annotated[float, Field(gt=0)] = 2e-3
     betas: tuple[float, float] = (0.9, 0.95)
     eps: Annotated[float, Field(gt=0)] = 1e-8
     weight_decay: Annotated[float, Field(ge=0)] = 0.1
-    warmup_steps: Annotated[int, Field(ge=0)] = 100
+    warmup_steps: Annotated[int, Field(ge=0)] = 150
     min_lr_ratio: Annotated[float, Field(ge=0, le=1)] = 0.1
     grad_clip: Annotated[float, Field(gt=0)] = 1.0
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 where the device is faster with it
-    ema_decay: Annotated[float, Field(ge=0, lt=1)] = 0.999  # 0 disables the EMA
+    ema_decay: Annotated[float, Field(ge=0, lt=1)] = 0.995  # 0 disables the EMA
+    ema_warmup: bool = True  # decay min(ema_decay, (1 + n) / (10 + n)) after n updates
     seed: int = 0
     # bookkeeping
     log_every: PositiveInt = 25
-    checkpoint_every: PositiveInt = 250
+    checkpoint_every: PositiveInt = 500
     keep_checkpoints: PositiveInt = 2
     sample_every: PositiveInt = 1000
     sample_captions: list[str] = Field(
@@ -326,6 +346,8 @@ class TrainConfig(Section):
     )
     sample_steps: PositiveInt = 50
     sample_cfg_scale: Annotated[float, Field(ge=0)] = 3.0
+    eval_every: PositiveInt = 1000  # conditioning probes on raw and EMA weights (and at the end)
+    probe: ProbeConfig = ProbeConfig()
     fault: FaultConfig = FaultConfig()
 
     @model_validator(mode="after")
@@ -340,7 +362,8 @@ class JudgeConfig(Section):
     # (more distinct digits for the classifier; never test digits).
     extra_scenes: Annotated[int, Field(ge=0)] = 15000
     empty_fraction: Annotated[float, Field(ge=0, le=1)] = 0.1  # of empty cells kept for training
-    epochs: PositiveInt = 6
+    epochs: PositiveInt = 2
+    channels: tuple[PositiveInt, PositiveInt] = (24, 48)  # the cell CNN's two conv stages
     batch_size: PositiveInt = 256
     lr: Annotated[float, Field(gt=0)] = 3e-3
     min_accuracy: Annotated[float, Field(ge=0, le=1)] = 0.99  # whole-scene exact match on test scenes
@@ -351,9 +374,10 @@ class EvalConfig(Section):
     prompts_per_category: PositiveInt = 8
     images_per_prompt: PositiveInt = 4  # GenEval uses 4
     prompt_file: FilePath | None = None  # a GenEval-format evaluation_metadata.jsonl instead
-    sample_steps: PositiveInt = 100
-    sampler: Literal["ddpm", "ddim", "flow_euler"] | None = None  # None: the model's default
-    cfg_scale: Annotated[float, Field(ge=0)] = 5.0
+    sample_steps: PositiveInt = 50
+    sampler: Literal["ddpm", "ddim", "dpmpp", "flow_euler"] | None = None  # None: the model's default
+    cfg_scale: Annotated[float, Field(ge=0)] = 3.0
+    cfg_sweep: list[Annotated[float, Field(ge=0)]] = Field(default_factory=lambda: [1.0, 2.0, 3.0, 5.0, 7.0])  # one image per prompt each
     batch_size: PositiveInt = 32
     fid_samples: PositiveInt = 500  # generated scenes (captions of test scenes) for FID / KID
     feature_extractor: Literal["judge", "inception"] = "judge"

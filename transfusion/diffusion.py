@@ -5,7 +5,8 @@ Two objectives share one small interface used by ``TransfusionModel.loss``:
 - ``sample_timesteps(capped, generator)``: one training timestep per image; an image that
   precedes its caption (``capped``) draws only from the low-noise part (paper: t <= 500 of 1000).
 - ``add_noise(x0, noise, t)`` -> x_t, ``target(x0, noise, t)`` -> what the network predicts,
-  ``model_time(t)`` -> the value fed to the timestep embedding.
+  ``model_time(t)`` -> the value fed to the timestep embedding (0..T, T = most noise);
+  ``timesteps_at(levels)`` -> the timesteps at noise levels in [0, 1] (probes and tests).
 
 DDPM (default): ``DDPMScheduler`` with the cosine (``squaredcos_cap_v2``) schedule, 1000 steps,
 epsilon prediction. Flow matching: rectified flow ``x_t = (1 - s) x0 + s eps`` on the sigma table
@@ -49,6 +50,9 @@ class DDPMObjective:
     def model_time(self, t: torch.Tensor) -> torch.Tensor:
         return t.float()
 
+    def timesteps_at(self, levels: torch.Tensor) -> torch.Tensor:
+        return (levels * self.cfg.train_steps).long().clamp(0, self.cfg.train_steps - 1)
+
 
 class FlowMatchingObjective:
     name = "flow"
@@ -81,6 +85,9 @@ class FlowMatchingObjective:
 
     def model_time(self, t: torch.Tensor) -> torch.Tensor:
         return self.sigmas[t.cpu()] * self.cfg.train_steps
+
+    def timesteps_at(self, levels: torch.Tensor) -> torch.Tensor:
+        return (self.sigmas[None, :] - levels.float()[:, None]).abs().argmin(1)
 
 
 def build_objective(cfg: DiffusionConfig) -> DDPMObjective | FlowMatchingObjective:

@@ -21,7 +21,9 @@ image, time embedding added to the patches (no time token), packed into one row:
 label at position i is the next token when that token is text, so ``<boi>`` and ``<eoi>`` are
 predicted too; patches are the diffusion loss's business. ``images[1]`` precedes its caption,
 so ``image_first[1]`` is True and its noise is capped. With ``caption_dropout`` a caption that
-precedes its image is removed (``caption_dropped``) to train classifier-free guidance.
+precedes its image is removed (``caption_dropped``) to train classifier-free guidance; such an
+image is not image-first (``<bos> <boi>`` is the unconditional branch that sampling runs from
+pure noise, so it must see the whole noise range).
 """
 
 from __future__ import annotations
@@ -135,7 +137,9 @@ class Collator:
             if torch.is_tensor(part):
                 k = len(images)  # local image number, made global in __call__
                 images.append(part)
-                image_first.append(not seen_text)
+                # a dropped caption makes the image unconditional, not image-first: it keeps the
+                # full noise range that CFG sampling starts from
+                image_first.append(not seen_text and not dropped)
                 drops.append(dropped)
                 add([s.boi], [TEXT], [-1], [-1])
                 if self.time_token:

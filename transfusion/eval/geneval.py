@@ -1,10 +1,21 @@
 """GenEval-style compositional score on MNIST scenes, and GenEval's file formats.
 
 Prompts come from test-scene captions, ``prompts_per_category`` for each of GenEval's six
-categories (or from a GenEval ``evaluation_metadata.jsonl``). Each generated image is correct
-when the judge reads exactly what its prompt asks (``scenes.satisfies``); the overall score is
-the mean of the six category accuracies (GenEval's rule). Images are written in GenEval's layout
-so its own scorer can run on them::
+categories (or from a GenEval ``evaluation_metadata.jsonl``). The judge reads each generated
+image into objects (digit, colour, cell, confidence), and two rules score them:
+
+- ``geneval_*`` -- GenEval's own rule (``evaluate`` in its ``evaluate_images.py``), applied to the
+  prompt's GenEval metadata: each ``include`` clause needs ``count`` objects of its class (others
+  may be there too); colour and position are checked on the ``count`` most confident of them;
+  position uses GenEval's box geometry (``relative_position``, threshold 0.1); an ``exclude``
+  clause fails the image when ``count`` or more of its class are there (counting prompts carry
+  ``exclude: count n + 1``, so "three 5s" needs exactly three 5s). Comparable in kind with
+  published GenEval numbers.
+- ``scene_match_*`` -- the whole scene must be exactly what the caption says and nothing else
+  (``scenes.satisfies``): stricter.
+
+The overall score is the mean of the six category accuracies (GenEval's rule). Images are
+written in GenEval's layout so its own scorer can run on them::
 
     <root>/00000/metadata.jsonl        one line: the prompt's metadata
     <root>/00000/samples/0000.png ...  the images for that prompt
@@ -26,21 +37,69 @@ TAGS = {"single_object": "single_object", "two_objects": "two_object", "counting
 CATEGORY_OF_TAG = {v: k for k, v in TAGS.items()}
 
 
+POSITION_THRESHOLD = 0.1  # GenEval's default `position_threshold`
+GENEVAL_RELATIONS = {"left_of": "left of", "right_of": "right of", "above": "above", "below": "below"}
+
+
 def metadata(prompt: Prompt) -> dict:
-    """GenEval's metadata for one prompt: tag, include (class, count, color, position), prompt."""
-    include = []
+    """GenEval's metadata for one prompt: tag, include (class, count, color, position),
+    exclude (counting: ``count`` n + 1), prompt -- as in GenEval's ``evaluation_metadata.jsonl``."""
+    meta: dict = {"tag": TAGS[prompt.category]}
     if prompt.category == "counting":
-        include.append({"class": str(prompt.digits[0]), "count": len(prompt.digits)})
+        digit, n = str(prompt.digits[0]), len(prompt.digits)
+        meta["include"] = [{"class": digit, "count": n}]
+        meta["exclude"] = [{"class": digit, "count": n + 1}]
+    elif prompt.relation is not None:  # GenEval: the target first, then the subject "<relation> 0"
+        subject, target = prompt.digits
+        meta["include"] = [{"class": str(target), "count": 1},
+                           {"class": str(subject), "count": 1, "position": [GENEVAL_RELATIONS[prompt.relation], 0]}]
     else:
+        meta["include"] = []
         for k, digit in enumerate(prompt.digits):
             item: dict = {"class": str(digit), "count": 1}
             if prompt.colors:
                 item["color"] = prompt.colors[k]
-            include.append(item)
-        if prompt.relation is not None:  # GenEval: the second object is "<relation> the first"
-            inverse = {"left_of": "right of", "right_of": "left of", "above": "below", "below": "above"}
-            include[1]["position"] = [inverse[prompt.relation], 0]
-    return {"tag": TAGS[prompt.category], "include": include, "prompt": prompt.caption()}
+            meta["include"].append(item)
+    meta["prompt"] = prompt.caption()
+    return meta
+
+
+def relative_position(a: dict, b: dict) -> set[str]:
+    """GenEval's ``relative_position`` of object ``a`` to ``b``, their boxes being grid cells."""
+    box = lambda o: np.array([[o["col"], o["row"]], [o["col"] + 1, o["row"] + 1]], dtype=np.float64)  # noqa: E731
+    boxes = np.stack([box(a), box(b)])  # (2, 2 corners, xy)
+    center_a, center_b = boxes.mean(axis=-2)
+    dim_a, dim_b = np.abs(np.diff(boxes, axis=-2))[..., 0, :]
+    offset = center_a - center_b
+    revised = np.maximum(np.abs(offset) - POSITION_THRESHOLD * (dim_a + dim_b), 0) * np.sign(offset)
+    if np.all(np.abs(revised) < 1e-3):
+        return set()
+    dx, dy = revised / np.linalg.norm(offset)
+    return {name for name, hit in (("left of", dx < -0.5), ("right of", dx > 0.5), ("above", dy < -0.5), ("below", dy > 0.5)) if hit}
+
+
+def geneval_correct(content: dict, meta: dict) -> bool:
+    """GenEval's ``evaluate`` on judged ``content``: objects ordered by the judge's confidence
+    (``score``; row-major where absent), ``include`` clauses with AND, ``exclude`` with OR."""
+    detected: dict[str, list[dict]] = {}
+    for o in sorted(content["objects"], key=lambda o: -o.get("score", 1.0)):
+        detected.setdefault(str(o["digit"]), []).append(o)
+    correct, groups = True, []
+    for req in meta.get("include", []):
+        found = detected.get(req["class"], [])[: req["count"]]
+        matched = len(found) >= req["count"]
+        if matched and "color" in req:
+            matched = sum(o["color"] == req["color"] for o in found) >= req["count"]
+        if matched and "position" in req:
+            relation, target = req["position"]
+            matched = groups[target] is not None and all(
+                relation in relative_position(o, t) for o in found for t in groups[target])
+        groups.append(found if matched else None)
+        correct = correct and matched
+    for req in meta.get("exclude", []):
+        if len(detected.get(req["class"], [])) >= req["count"]:
+            correct = False
+    return correct
 
 
 def prompts_from_records(records: list[dict], per_category: int, seed: int) -> list[Prompt]:
@@ -92,14 +151,20 @@ def write_layout(root: Path, prompts: list[Prompt], images: list[np.ndarray]) ->
 
 
 def score(read: list[list[dict]], prompts: list[Prompt]) -> dict[str, float]:
-    """Per-category accuracy and the overall mean of categories; ``read[i]`` holds the judged
-    content of prompt i's images."""
-    by_category: dict[str, list[bool]] = {}
-    for prompt, contents in zip(prompts, read):
-        by_category.setdefault(prompt.category, []).extend(satisfies(c, prompt) for c in contents)
-    out = {f"geneval_{c}": float(np.mean(v)) for c, v in by_category.items()}
-    out["geneval_overall"] = float(np.mean([out[f"geneval_{c}"] for c in by_category]))
+    """Per-category accuracy and the overall mean of categories by both rules (``geneval_*``:
+    GenEval's; ``scene_match_*``: the exact scene); ``read[i]`` holds the judged content of
+    prompt i's images."""
+    rules = {"geneval": lambda c, p, meta: geneval_correct(c, meta), "scene_match": lambda c, p, meta: satisfies(c, p)}
+    out: dict[str, float] = {}
+    for name, rule in rules.items():
+        by_category: dict[str, list[bool]] = {}
+        for prompt, contents in zip(prompts, read):
+            meta = metadata(prompt)
+            by_category.setdefault(prompt.category, []).extend(rule(c, prompt, meta) for c in contents)
+        out |= {f"{name}_{c}": float(np.mean(v)) for c, v in by_category.items()}
+        out[f"{name}_overall"] = float(np.mean([out[f"{name}_{c}"] for c in by_category]))
     return out
 
 
-__all__ = ["RELATIONS", "TAGS", "metadata", "prompts_from_records", "read_prompt_file", "score", "write_layout"]
+__all__ = ["RELATIONS", "TAGS", "geneval_correct", "metadata", "prompts_from_records", "read_prompt_file",
+           "relative_position", "score", "write_layout"]

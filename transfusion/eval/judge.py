@@ -23,21 +23,24 @@ EMPTY = 10
 
 
 class CellNet(nn.Module):
-    """(M, 1, c, c) intensity cells -> 11 classes; c = 16 by default (any multiple of 4)."""
+    """(M, 1, c, c) intensity cells -> 11 classes; c = 16 by default (any multiple of 4).
+    Two conv stages of ``channels`` (two 3x3 convs each), max-pooled to 4x4, a feature layer.
+    Runs channels-last (oneDNN's fast layout for small convolutions on CPUs: ~1.5x here)."""
 
-    def __init__(self, feature_dim: int = 128) -> None:
+    def __init__(self, channels: tuple[int, int] = (32, 64), feature_dim: int = 128, dropout: float = 0.0) -> None:
         super().__init__()
-        self.conv = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-            nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
-            nn.Conv2d(64, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.AdaptiveMaxPool2d(4),
-        )
-        self.features = nn.Sequential(nn.Flatten(), nn.Dropout(0.3), nn.Linear(64 * 16, feature_dim), nn.ReLU())
+        a, b = channels
+
+        def conv(cin: int, cout: int) -> list[nn.Module]:
+            return [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU()]
+
+        self.conv = nn.Sequential(*conv(1, a), *conv(a, a), nn.MaxPool2d(2), *conv(a, b), *conv(b, b), nn.AdaptiveMaxPool2d(4))
+        self.features = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(b * 16, feature_dim), nn.ReLU())
         self.head = nn.Linear(feature_dim, 11)
+        self.to(memory_format=torch.channels_last)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(self.conv(x))  # (N, F)
+        return self.features(self.conv(x.contiguous(memory_format=torch.channels_last)))  # (N, F)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.embed(x))  # (N, 11)
@@ -69,24 +72,29 @@ def cell_labels(records: list[dict], grid: int) -> torch.Tensor:
 
 
 class Judge:
-    def __init__(self, net: CellNet, palette: dict[str, tuple[int, int, int]], grid: int, canvas: int) -> None:
+    def __init__(self, net: CellNet, palette: dict[str, tuple[int, int, int]], grid: int, canvas: int,
+                 channels: tuple[int, int] = (32, 64)) -> None:
         self.net, self.palette, self.grid, self.canvas = net.eval(), palette, grid, canvas
+        self.channels = tuple(channels)
         ref = torch.tensor([palette[k] for k in palette], dtype=torch.float32)
         self.colour_names = list(palette)
         self.colour_ref = ref / ref.amax(1, keepdim=True)  # hue, brightness removed
 
     # -- reading scenes --------------------------------------------------------------------------
     @torch.no_grad()
-    def classify(self, images: np.ndarray, batch: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per image and cell: class (N, g, g) and colour index (N, g, g)."""
+    def classify(self, images: np.ndarray, batch: int = 2048) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per image and cell: class (N, g, g), colour index (N, g, g) and the class's
+        probability (N, g, g)."""
         rgb = cells(images, self.grid)
-        classes, colours = [], []
+        classes, colours, confidence = [], [], []
         for start in range(0, len(rgb), batch):
             part = rgb[start : start + batch]
-            classes.append(self._logits(intensity(part)).argmax(-1))
+            best = self._logits(intensity(part)).max(-1)
+            classes.append(best.indices)
+            confidence.append(best.values.exp())
             colours.append(self._colour(part))
         g = self.grid
-        return torch.cat(classes).view(-1, g, g), torch.cat(colours).view(-1, g, g)
+        return tuple(torch.cat(x).view(-1, g, g) for x in (classes, colours, confidence))  # type: ignore[return-value]
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         """Class log-probabilities averaged over the cell and its four 1-pixel shifts (TTA)."""
@@ -101,12 +109,13 @@ class Judge:
         return torch.cdist(hue, self.colour_ref).argmin(1)
 
     def read(self, images: np.ndarray) -> list[dict]:
-        """Structured content of each image: {"objects": [{digit, color, row, col}, ...]}."""
-        classes, colours = self.classify(images)
+        """Structured content of each image: {"objects": [{digit, color, row, col, score}, ...]}
+        (``score``: the judge's probability for that digit, GenEval's detection confidence)."""
+        classes, colours, confidence = self.classify(images)
         out = []
-        for cls, col in zip(classes.tolist(), colours.tolist()):
+        for cls, col, conf in zip(classes.tolist(), colours.tolist(), confidence.tolist()):
             objects = [
-                {"digit": cls[r][c], "color": self.colour_names[col[r][c]], "row": r, "col": c}
+                {"digit": cls[r][c], "color": self.colour_names[col[r][c]], "row": r, "col": c, "score": round(conf[r][c], 4)}
                 for r in range(self.grid) for c in range(self.grid) if cls[r][c] != EMPTY
             ]
             out.append({"objects": objects})
@@ -129,7 +138,7 @@ class Judge:
 
         with atomic_dir(Path(folder)) as tmp:
             save_model(self.net, str(tmp / "model.safetensors"))
-            meta = {"palette": self.palette, "grid": self.grid, "canvas": self.canvas}
+            meta = {"palette": self.palette, "grid": self.grid, "canvas": self.canvas, "channels": list(self.channels)}
             (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
 
     @classmethod
@@ -140,9 +149,10 @@ class Judge:
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"{folder}: no judge here; run the judge stage first")
         meta = json.loads((folder / "config.json").read_text())
-        net = CellNet()
+        channels = tuple(meta.get("channels", (32, 64)))
+        net = CellNet(channels)
         load_model(net, str(folder / "model.safetensors"))
-        return cls(net, {k: tuple(v) for k, v in meta["palette"].items()}, meta["grid"], meta["canvas"])
+        return cls(net, {k: tuple(v) for k, v in meta["palette"].items()}, meta["grid"], meta["canvas"], channels)
 
 
 def training_cells(images: np.ndarray, records: list[dict], grid: int, empty_fraction: float, seed: int):
@@ -166,11 +176,12 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 def train_judge(x: torch.Tensor, y: torch.Tensor, palette: dict, grid: int, canvas: int, epochs: int = 4,
-                batch_size: int = 256, lr: float = 3e-3, seed: int = 0, on_epoch=None) -> Judge:
+                batch_size: int = 256, lr: float = 3e-3, seed: int = 0, on_epoch=None,
+                channels: tuple[int, int] = (32, 64)) -> Judge:
     """Fit the cell classifier on intensity cells ``x`` (M, 1, c, c) with labels ``y`` (M,),
     small random affine warps as augmentation."""
     torch.manual_seed(seed)
-    net = CellNet()
+    net = CellNet(channels)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     steps = epochs * (len(x) // batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, steps))
@@ -188,12 +199,12 @@ def train_judge(x: torch.Tensor, y: torch.Tensor, palette: dict, grid: int, canv
             sched.step()
         if on_epoch is not None:
             on_epoch(epoch, float(loss.detach()))
-    return Judge(net.eval(), palette, grid, canvas)
+    return Judge(net.eval(), palette, grid, canvas, channels)
 
 
 def scene_exact_match(judge: Judge, images: np.ndarray, records: list[dict]) -> dict[str, float]:
     """Whole-scene exact match (every cell's digit and colour) and per-cell digit accuracy."""
-    classes, colours = judge.classify(images)
+    classes, colours, _ = judge.classify(images)
     truth = cell_labels(records, judge.grid).view_as(classes)
     names = judge.colour_names
     want_colour = torch.full_like(colours, -1)

@@ -12,6 +12,7 @@ from pathlib import Path
 # name -> (hidden, intermediate, layers, heads, kv heads)
 SIZES: dict[str, tuple[int, int, int, int, int]] = {
     "tiny": (128, 384, 4, 4, 4),  # CPU tests and the default pipeline
+    "base": (256, 768, 6, 4, 4),  # pipelines/cpu-quality.yaml: an hour on a 2-core CPU
     "small": (384, 1024, 8, 6, 6),
     "1b": (2048, 5632, 22, 32, 4),  # TinyLlama-1.1B shape
     "7b": (4096, 11008, 32, 32, 32),  # LLaMA-2-7B shape

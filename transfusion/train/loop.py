@@ -11,8 +11,10 @@ use the default. The loop:
 3. trains ``train.steps`` optimizer steps (gradient accumulation, clipping, bf16 autocast where
    it pays) and stops with :class:`TrainingDiverged` on a non-finite loss or gradient, before
    the bad update, so the last checkpoint stays good;
-4. on rank 0: logs metrics to the MLflow run, writes checkpoints every N steps, a sample grid
-   every M steps, and at the end exports the model (EMA weights) with its tokenizer and VAE.
+4. on rank 0: logs metrics to the MLflow run, runs the conditioning probes
+   (``transfusion.eval.probe``) on raw and EMA weights every ``eval_every`` steps, writes
+   checkpoints every N steps, a sample grid every M steps, and at the end exports the model (EMA
+   weights) with its tokenizer and VAE.
 """
 
 from __future__ import annotations
@@ -90,6 +92,19 @@ def resolve_precision(setting: str, device: torch.device) -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
+def ema_update(decay: float, warmup: bool):
+    """``AveragedModel``'s multi_avg_fn: exponential moving average; with ``warmup`` the decay
+    after n updates is min(decay, (1 + n) / (10 + n)), so early averages follow the weights
+    instead of lagging ~1/(1 - decay) steps behind from the random init."""
+
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged) -> None:
+        n = int(num_averaged)
+        d = min(decay, (1 + n) / (10 + n)) if warmup else decay
+        torch._foreach_lerp_(averaged, current, 1.0 - d)
+
+    return update
+
+
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
     if step < warmup:
         return (step + 1) / warmup
@@ -112,6 +127,7 @@ def train_loop(config: dict | LoopConfig, runtime: Runtime | None = None) -> dic
     rt = runtime or Runtime(tc.use_gpu)
     is_main = rt.rank == 0
     torch.manual_seed(tc.seed + rt.rank)
+    t_setup = time.perf_counter()
 
     # 1. data and model
     tokenizer = load_tokenizer(p.paths.tokenizer)
@@ -136,17 +152,19 @@ def train_loop(config: dict | LoopConfig, runtime: Runtime | None = None) -> dic
     )
     ema = None
     if tc.ema_decay > 0:
-        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+        from torch.optim.swa_utils import AveragedModel
 
-        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(tc.ema_decay), use_buffers=True)
+        ema = AveragedModel(model, multi_avg_fn=ema_update(tc.ema_decay, tc.ema_warmup), use_buffers=True)
     bf16 = resolve_precision(tc.precision, rt.device)
+    probe_data = _probe_data(p, tokenizer) if is_main else None
 
     # 2. resume
-    start, history = 0, []
+    start, history, probes, seen = 0, [], [], 0
     found = latest_checkpoint(p.paths.checkpoints)
     if found is not None:
         state = load_checkpoint(found, model, optimizer, scheduler, ema)
         start, history = state["step"], state.get("history", [])
+        probes, seen = state.get("probes", []), int(state.get("images_seen", 0))
         stream.load_state(state["data"][str(rt.rank)] if str(rt.rank) in state["data"] else {"drawn": 0})
         _say(is_main, f"resumed from {found} at step {start}")
     logger = _logger(cfg) if is_main else None
@@ -155,6 +173,7 @@ def train_loop(config: dict | LoopConfig, runtime: Runtime | None = None) -> dic
     window = dict.fromkeys(WINDOW, 0.0)
     t_window = time.perf_counter()
     t_start = time.perf_counter()
+    setup = t_start - t_setup
     for step in range(start + 1, tc.steps + 1):
         if tc.fault.crash_at_step == step and start == 0:
             raise RuntimeError(f"injected crash at step {step} (train.fault.crash_at_step)")
@@ -172,6 +191,7 @@ def train_loop(config: dict | LoopConfig, runtime: Runtime | None = None) -> dic
             window["diffusion"] += diff.item() / tc.grad_accum
             window["tokens"] += int(batch.valid.sum()) * rt.world_size
             window["images"] += len(batch.images) * rt.world_size
+            seen += len(batch.images) * rt.world_size
         grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
         if not math.isfinite(total.item()) or not torch.isfinite(grad_norm):
             kept = latest_checkpoint(p.paths.checkpoints)
@@ -207,11 +227,16 @@ def train_loop(config: dict | LoopConfig, runtime: Runtime | None = None) -> dic
                 logger.log_metrics({k: v for k, v in row.items() if k != "step"}, step)
                 _say(True, f"step {step}/{tc.steps} loss {row['loss']:.4f} (lm {row['lm_loss']:.3f}, "
                            f"diff {row['diffusion_loss']:.4f}) {row['tokens_per_s']:.0f} tok/s {row['images_per_s']:.1f} img/s")
+        if is_main and (step % tc.eval_every == 0 or step == tc.steps):
+            probes.append(_probe(model, ema, tokenizer, probe_data, tc, step, seen))
+            logger.log_metrics({k: v for k, v in probes[-1].items() if k != "step"}, step)
+            _say(True, "probe " + ", ".join(f"{k} {probes[-1][k]:.3f}" for k in PROBE_HEADLINE if k in probes[-1]))
         if step % tc.checkpoint_every == 0 or step == tc.steps:
             data_states = _gather_data_states(stream.state(), rt)
             if is_main:
                 save_checkpoint(p.paths.checkpoints, step, model, optimizer, scheduler, ema,
-                                {"history": history, "data": data_states, "run_id": cfg.run_id}, tc.keep_checkpoints)
+                                {"history": history, "data": data_states, "run_id": cfg.run_id, "probes": probes,
+                                 "images_seen": seen}, tc.keep_checkpoints)
         if is_main and (step % tc.sample_every == 0 or step == tc.steps):
             grid = p.paths.runs / "samples" / f"step-{step:08d}.png"
             _sample_grid(ema.module if ema is not None else model, tokenizer, p, grid)
@@ -219,14 +244,18 @@ def train_loop(config: dict | LoopConfig, runtime: Runtime | None = None) -> dic
 
     # 4. export
     wall = time.perf_counter() - t_start
-    metrics = _final_metrics(history, wall, tc.steps - start)
+    metrics = _final_metrics(history, wall, tc.steps - start) | {"images_seen": seen, "setup_s": setup}
+    metrics |= {k: v for k, v in (probes[-1] if probes else {}).items() if k not in ("step", "images_seen")}
     if is_main:
+        t_export = time.perf_counter()
         _export(ema.module if ema is not None else model, tokenizer, p, cfg.run_id)
         from transfusion.io import write_json
 
+        metrics["export_s"] = time.perf_counter() - t_export
         write_json(p.paths.train_metrics, metrics)
         shutil.copyfile(p.paths.runs / "samples" / f"step-{tc.steps:08d}.png", _mk(p.paths.train_samples))
         _write_history(history, p.paths.train_loss_plot)
+        _write_rows(probes, p.paths.train_probes)
     return metrics
 
 
@@ -286,28 +315,56 @@ def _final_metrics(history: list[dict], wall: float, steps_run: int) -> dict:
 
 
 def _write_history(history: list[dict], path: Path) -> None:
+    keys = ["step", "loss", "lm_loss", "diffusion_loss", "lr", "grad_norm", "tokens_per_s", "images_per_s"]
+    _write_rows([{k: row[k] for k in keys} for row in history], path)
+
+
+def _write_rows(rows: list[dict], path: Path) -> None:
+    """A CSV of ``rows`` (the first row's keys as columns); a header only when empty."""
     from transfusion.io import atomic_file
 
-    keys = ["step", "loss", "lm_loss", "diffusion_loss", "lr", "grad_norm", "tokens_per_s", "images_per_s"]
+    keys = list(rows[0]) if rows else ["step"]
     with atomic_file(path) as fh:
         fh.write(",".join(keys) + "\n")
-        for row in history:
-            fh.write(",".join(f"{row[k]:.6g}" for k in keys) + "\n")
+        for row in rows:
+            fh.write(",".join(f"{row.get(k, float('nan')):.6g}" for k in keys) + "\n")
+
+
+PROBE_HEADLINE = ("ema_quick_geneval_overall", "ema_quick_caption_exact", "ema_diffusion_cond", "ema_diffusion_uncond",
+                  "ema_caption_loss", "ema_caption_loss_shuffled")
+
+
+def _probe_data(p: Params, tokenizer):
+    from transfusion.eval.probe import load_probe_data
+
+    n = max(p.train.probe.val_examples, p.train.probe.captions)
+    return load_probe_data(p.paths.latents, tokenizer, n, p.paths.judge, p.paths.vae, dict(p.data.scenes.palette))
+
+
+def _probe(model, ema, tokenizer, data, tc, step: int, seen: int) -> dict:
+    """Conditioning probes of the raw and the EMA weights (``ema_`` prefix)."""
+    from transfusion.eval.probe import run_probes
+
+    row: dict = {"step": step, "images_seen": seen}
+    for prefix, net in (("", model), ("ema_", ema.module if ema is not None else None)):
+        if net is not None:
+            out = run_probes(net, tokenizer, data, tc.probe.prompts_per_category, tc.probe.captions,
+                             tc.probe.sample_steps, tc.probe.cfg_scale, seed=tc.seed)
+            row |= {prefix + k: v for k, v in out.items()}
+    return row
 
 
 @torch.no_grad()
 def _sample_grid(model, tokenizer, p: Params, path: Path) -> None:
     from transfusion.data.latents import load_meta
     from transfusion.data.scenes import render_grid
-    from transfusion.sampling import sample_latents_uncached
     from transfusion.vae import decode, load_vae
 
     tc = p.train
     was_training = model.training
     model.eval()
     captions = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in tc.sample_captions]
-    sampler = "flow_euler" if p.diffusion.objective == "flow" else "ddpm"
-    latents = sample_latents_uncached(model, captions, tc.sample_steps, tc.sample_cfg_scale, sampler, seed=tc.seed)
+    latents = model.sample_images(captions, tc.sample_steps, tc.sample_cfg_scale, seed=tc.seed)  # the model's sampler
     images = decode(load_vae(p.paths.vae), latents.float().cpu() / load_meta(p.paths.latents)["scaling_factor"])
     render_grid(images, list(tc.sample_captions), _mk(path), cols=min(6, len(images)))
     model.train(was_training)

@@ -1,0 +1,76 @@
+"""Conditioning probes (transfusion.eval.probe) and the EMA warm-up: equivalences that must hold
+whatever the weights, and the probes' record in a training run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import build_tiny_model, diffusion_config
+from transfusion.config import DiffusionConfig
+from transfusion.eval.probe import BUCKETS, ProbeData, caption_losses, diffusion_losses
+
+
+def ids(tok, text):
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def probe_data(tok, latents, captions) -> ProbeData:
+    return ProbeData(latents=latents, records=[{"caption": c} for c in captions], captions=[ids(tok, c) for c in captions],
+                     judge=None, vae=None, scaling_factor=1.0, palette={})
+
+
+@pytest.mark.parametrize("objective", ["ddpm", "flow"])
+def test_noise_buckets_map_to_their_levels(objective):
+    from transfusion.diffusion import build_objective
+
+    obj = build_objective(diffusion_config(objective))
+    t = obj.timesteps_at(torch.tensor(BUCKETS))
+    torch.testing.assert_close(obj.model_time(t) / 1000, torch.tensor(BUCKETS), rtol=0, atol=2e-3)
+
+
+def test_caption_gap_is_zero_without_captions_and_not_with_them(text_tokenizer):
+    model = build_tiny_model(text_tokenizer, diffusion=diffusion_config("flow"))
+    latents = torch.randn(6, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    empty = diffusion_losses(model, probe_data(text_tokenizer, latents, [""] * 6))
+    for k in range(len(BUCKETS)):
+        assert empty[f"diffusion_cond_b{k}"] == empty[f"diffusion_uncond_b{k}"]
+    captioned = diffusion_losses(model, probe_data(text_tokenizer, latents, ["a red 4", "a 7", "two 5s"] * 2))
+    assert any(captioned[f"diffusion_cond_b{k}"] != captioned[f"diffusion_uncond_b{k}"] for k in range(len(BUCKETS)))
+    assert captioned["diffusion_cond"] == pytest.approx(sum(captioned[f"diffusion_cond_b{k}"] for k in range(4)) / 4)
+    again = diffusion_losses(model, probe_data(text_tokenizer, latents, ["a red 4", "a 7", "two 5s"] * 2))
+    assert again == captioned  # fixed noise: a probe is repeatable
+
+
+def test_shuffled_images_change_the_caption_loss_only_when_images_differ(text_tokenizer):
+    model = build_tiny_model(text_tokenizer)
+    captions = ["a red 4", "a 7", "two 5s", "a 3 and a 7"]
+    same = caption_losses(model, probe_data(text_tokenizer, torch.ones(4, 4, 8, 8), captions))
+    assert same["caption_loss"] == pytest.approx(same["caption_loss_shuffled"], abs=1e-6)
+    different = caption_losses(model, probe_data(text_tokenizer, torch.randn(4, 4, 8, 8) * 3, captions))
+    assert different["caption_loss"] != pytest.approx(different["caption_loss_shuffled"], abs=1e-6)
+
+
+def test_ema_warmup_follows_early_weights():
+    from torch.optim.swa_utils import AveragedModel
+
+    from transfusion.train.loop import ema_update
+
+    net = torch.nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        net.weight.fill_(0.0)
+    plain = AveragedModel(net, multi_avg_fn=ema_update(0.99, warmup=False), use_buffers=True)
+    warm = AveragedModel(net, multi_avg_fn=ema_update(0.99, warmup=True), use_buffers=True)
+    expect_plain, expect_warm = 0.0, 0.0
+    for n in range(1, 30):
+        with torch.no_grad():
+            net.weight.fill_(float(n))
+        plain.update_parameters(net)
+        warm.update_parameters(net)
+        # AveragedModel copies the first update; later ones decay (n - 1 averages before this one)
+        d = min(0.99, n / (n + 9))
+        expect_plain = n if n == 1 else 0.99 * expect_plain + 0.01 * n
+        expect_warm = n if n == 1 else d * expect_warm + (1 - d) * n
+    assert plain.module.weight[0, 0].item() == pytest.approx(expect_plain, rel=1e-5)
+    assert warm.module.weight[0, 0].item() == pytest.approx(expect_warm, rel=1e-5)
+    assert warm.module.weight[0, 0].item() > 2 * plain.module.weight[0, 0].item()  # the plain EMA lags far behind

@@ -1,0 +1,152 @@
+"""Conditioning probes, run while training: does the model use its captions and its images?
+
+On held-out (``val``) latents, for any weights (the training stage probes raw and EMA):
+
+1. **Caption -> image.** Validation diffusion loss per noise-level bucket, with the caption and
+   with it dropped (the same images, noise and timesteps): ``diffusion_cond_b{k}`` and
+   ``diffusion_uncond_b{k}``, bucket k of ``BUCKETS`` (noise level 0 = clean, 1 = pure noise).
+   A model that uses its caption has a lower conditional loss at high noise; none at all is a bug.
+2. **Image -> caption.** Teacher-forced caption loss (nats per caption token) after the true
+   image and after another scene's image (``caption_loss`` / ``caption_loss_shuffled``).
+3. **A quick evaluation.** ``prompts_per_category`` prompts of each GenEval category from val
+   captions, one image each with a fast sampler, read by the judge (``quick_geneval_*`` by
+   GenEval's rule, ``quick_scene_match_overall``), and greedy captions of ``captions`` val
+   scenes (``quick_caption_exact``). Needs scenes with structured content and a judge.
+
+Everything runs under ``torch.no_grad`` with its own generators: probing does not change the
+training's random streams.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from transfusion.data.collate import Collator, caption_to_image, image_to_caption
+
+BUCKETS = (0.125, 0.375, 0.625, 0.875)  # noise levels probed (centres of four equal buckets)
+
+
+@dataclass
+class ProbeData:
+    """What the probes read, loaded once: val latents with their records, a judge (optional)."""
+
+    latents: torch.Tensor  # (N, C, h, w) scaled val latents
+    records: list[dict]
+    captions: list[list[int]]  # token ids per record
+    judge: object | None  # transfusion.eval.judge.Judge, or None: no quick evaluation
+    vae: object | None
+    scaling_factor: float
+    palette: dict
+
+
+def load_probe_data(latents_root: Path, tokenizer, n: int, judge_path: Path | None, vae_path: Path,
+                    palette: dict) -> ProbeData:
+    """The first ``n`` val latents; the judge and VAE when the scenes carry structured content."""
+    from transfusion.data.latents import LatentReader, load_meta
+    from transfusion.eval.judge import Judge
+    from transfusion.vae import load_vae
+
+    reader = LatentReader(latents_root, "val", shuffle=False, repeat=False)
+    rows = []
+    for latent, record in reader:
+        rows.append((torch.as_tensor(latent), record))
+        if len(rows) == n:
+            break
+    latents = torch.stack([r[0] for r in rows])
+    records = [r[1] for r in rows]
+    captions = [tokenizer(r["caption"], add_special_tokens=False)["input_ids"] for r in records]
+    judged = judge_path is not None and (Path(judge_path) / "config.json").is_file() and all(r.get("content") for r in records)
+    return ProbeData(
+        latents=latents, records=records, captions=captions,
+        judge=Judge.load(judge_path) if judged else None,
+        vae=load_vae(vae_path) if judged else None,
+        scaling_factor=float(load_meta(latents_root)["scaling_factor"]),
+        palette=dict(palette),
+    )
+
+
+@torch.no_grad()
+def diffusion_losses(model, data: ProbeData, seed: int = 0) -> dict[str, float]:
+    """Validation diffusion MSE per noise bucket, with and without the caption."""
+    device = next(model.parameters()).device
+    diffusion = model.diffusion
+    x0 = data.latents.repeat(len(BUCKETS), 1, 1, 1).to(device)  # (K*N, C, h, w)
+    levels = torch.tensor(BUCKETS).repeat_interleave(len(data.latents))
+    t = diffusion.timesteps_at(levels)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(device)
+    x_t, target = diffusion.add_noise(x0, noise, t), diffusion.target(x0, noise, t)
+    out = {}
+    for name, drop in (("cond", False), ("uncond", True)):
+        placeholder = torch.zeros(x0.shape[1:])  # the collator lays out slots; forward takes x_t
+        examples = [caption_to_image([] if drop else c, placeholder) for c in data.captions * len(BUCKETS)]
+        batch = _collator(model)(examples).to(device)
+        _, pred = model(batch, x_t, diffusion.model_time(t))
+        per_image = (pred.float() - target.float()).pow(2).flatten(1).mean(1).view(len(BUCKETS), -1).mean(1)
+        out |= {f"diffusion_{name}_b{k}": float(v) for k, v in enumerate(per_image)}
+        out[f"diffusion_{name}"] = float(per_image.mean())
+    return out
+
+
+@torch.no_grad()
+def caption_losses(model, data: ProbeData) -> dict[str, float]:
+    """Teacher-forced caption loss after the true clean image and after a shuffled one."""
+    import torch.nn.functional as F
+
+    device = next(model.parameters()).device
+    out = {}
+    for name, shift in (("caption_loss", 0), ("caption_loss_shuffled", 1)):
+        images = data.latents.roll(shift, dims=0).to(device)
+        batch = _collator(model)([image_to_caption(z, c) for z, c in zip(images, data.captions)]).to(device)
+        hidden, _ = model(batch, images, torch.zeros(len(images), device=device))
+        targets = batch.labels != -100
+        out[name] = float(F.cross_entropy(model.text_logits(hidden[targets]).float(), batch.labels[targets]))
+    return out
+
+
+@torch.no_grad()
+def quick_eval(model, tokenizer, data: ProbeData, prompts_per_category: int, n_captions: int, steps: int,
+               cfg_scale: float, seed: int = 0) -> dict[str, float]:
+    """A small GenEval-style run and captioning accuracy, judged."""
+    from transfusion.eval import geneval
+    from transfusion.eval.captioning import caption_scores
+    from transfusion.vae import decode
+
+    if data.judge is None:
+        return {}
+    sampler = "flow_euler" if model.config.diffusion.objective == "flow" else "ddim"
+    prompts = geneval.prompts_from_records(data.records, prompts_per_category, seed)
+    ids = [tokenizer(p.caption(), add_special_tokens=False)["input_ids"] for p in prompts]
+    latents = model.sample_images(ids, steps=steps, cfg_scale=cfg_scale, sampler=sampler, seed=seed)
+    images = decode(data.vae, latents.float().cpu() / data.scaling_factor)
+    scores = geneval.score([[c] for c in data.judge.read(images)], prompts)
+    out = {f"quick_{k}": v for k, v in scores.items() if k.startswith("geneval_") or k == "scene_match_overall"}
+    n = min(n_captions, len(data.latents))
+    device = next(model.parameters()).device
+    texts = [tokenizer.decode(c, skip_special_tokens=True) for c in model.caption(data.latents[:n].to(device))]
+    out["quick_caption_exact"] = caption_scores(data.records[:n], texts, data.palette)["caption_exact"]
+    return out
+
+
+def run_probes(model, tokenizer, data: ProbeData, prompts_per_category: int, n_captions: int, steps: int,
+               cfg_scale: float, seed: int = 0) -> dict[str, float]:
+    """All three probes on ``model`` (put in eval mode for the duration)."""
+    was_training = model.training
+    model.eval()
+    try:
+        out = diffusion_losses(model, data, seed)
+        out |= caption_losses(model, data)
+        out |= quick_eval(model, tokenizer, data, prompts_per_category, n_captions, steps, cfg_scale, seed)
+    finally:
+        model.train(was_training)
+    return out
+
+
+def _collator(model) -> Collator:
+    cfg = model.config
+    return Collator(model.special, cfg.patches_per_image, 1 << 30, time_token=cfg.time_conditioning == "token", pack=False)
+
+
+__all__ = ["BUCKETS", "ProbeData", "caption_losses", "diffusion_losses", "load_probe_data", "quick_eval", "run_probes"]
