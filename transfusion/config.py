@@ -322,7 +322,7 @@ class TrainConfig(Section):
     cpus_per_worker: PositiveInt = 2
     max_failures: Annotated[int, Field(ge=0)] = 1  # automatic restarts from the last checkpoint
     # optimisation (paper: AdamW 0.9/0.95, eps 1e-8, wd 0.1, warmup + cosine, clip 1.0)
-    steps: PositiveInt = 4000
+    steps: PositiveInt = 3000
     batch_size: PositiveInt = 32  # examples per worker per micro-step, packed into rows
     grad_accum: PositiveInt = 1
     lr: Annotated[float, Field(gt=0)] = 2e-3
