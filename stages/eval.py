@@ -112,11 +112,10 @@ def run(params: Params) -> dict[str, float]:
             tiles = np.concatenate([per_prompt[i] for i in idx])
             render_grid(tiles, [prompts[i].caption() for i in idx for _ in range(cfg.images_per_prompt)],
                         paths.eval_plots / f"geneval_{category}.png", cols=cfg.images_per_prompt)
-        if judge_ok:  # the README's picture: 4 prompts per category, first image each, GenEval's verdict
+        if judge_ok:  # the README's picture: 4 prompts per category (a row each), first image, GenEval's verdict
             pick = [i for c in geneval.TAGS for i in [k for k, p in enumerate(prompts) if p.category == c][:4]]
             render_grid(np.stack([per_prompt[i][0] for i in pick]),
-                        [f"{prompts[i].caption()}: {'pass' if passed[i * cfg.images_per_prompt] else 'fail'} "
-                         f"({prompts[i].category} {metrics['geneval_' + prompts[i].category]:.2f})" for i in pick],
+                        [f"{prompts[i].caption()} ({'pass' if passed[i * cfg.images_per_prompt] else 'fail'})" for i in pick],
                         paths.eval_plots / "samples_by_category.png", cols=4)
         with atomic_file(paths.eval_plots / "captions.csv") as fh:
             fh.write("truth,generated\n")
