@@ -8,7 +8,6 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import build_tiny_model, diffusion_config
-from transfusion.config import DiffusionConfig
 from transfusion.sampling import caption_latents, generate_interleaved, generate_text, guided, sample_latents
 
 

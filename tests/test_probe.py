@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from conftest import build_tiny_model, diffusion_config
-from transfusion.config import DiffusionConfig
 from transfusion.eval.probe import BUCKETS, ProbeData, caption_losses, diffusion_losses
 
 
