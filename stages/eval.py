@@ -43,8 +43,7 @@ def run(params: Params) -> dict[str, float]:
                                           cfg_scale=cfg_scale, sampler=cfg.sampler, seed=seed + start))
         return np.concatenate(out)
 
-    def judged(images: np.ndarray, prompts: list, k: int) -> dict[str, float]:
-        read = judge.read(images)
+    def judged(read: list[dict], prompts: list, k: int) -> dict[str, float]:
         return geneval.score([read[i * k : (i + 1) * k] for i in range(len(prompts))], prompts)
 
     with tracking.stage_run(params, "eval") as run:
@@ -60,15 +59,16 @@ def run(params: Params) -> dict[str, float]:
         geneval.write_layout(paths.geneval, prompts, per_prompt)
         sweep: list[dict] = []
         if judge_ok:
-            metrics |= judged(images, prompts, cfg.images_per_prompt)
+            read = judge.read(images)
+            metrics |= judged(read, prompts, cfg.images_per_prompt)
             passed = [geneval.geneval_correct(c, geneval.metadata(prompts[i // cfg.images_per_prompt]))
-                      for i, c in enumerate(judge.read(images))]
-            real = judged(test.images[:300], [_prompt(r) for r in test.records[:300]], 1)
+                      for i, c in enumerate(read)]
+            real = judged(judge.read(test.images[:300]), [_prompt(r) for r in test.records[:300]], 1)
             metrics["geneval_real_test_scenes"] = real["geneval_overall"]
             metrics["scene_match_real_test_scenes"] = real["scene_match_overall"]
             # the guidance scale swept: one image per prompt at each scale
             for scale in cfg.cfg_sweep:
-                got = judged(sample([p.caption() for p in prompts], cfg.seed + 200_000, scale), prompts, 1)
+                got = judged(judge.read(sample([p.caption() for p in prompts], cfg.seed + 200_000, scale)), prompts, 1)
                 sweep.append({"cfg_scale": scale, "geneval_overall": got["geneval_overall"],
                               "scene_match_overall": got["scene_match_overall"]})
 
