@@ -73,3 +73,15 @@ def test_ema_warmup_follows_early_weights():
     assert plain.module.weight[0, 0].item() == pytest.approx(expect_plain, rel=1e-5)
     assert warm.module.weight[0, 0].item() == pytest.approx(expect_warm, rel=1e-5)
     assert warm.module.weight[0, 0].item() > 2 * plain.module.weight[0, 0].item()  # the plain EMA lags far behind
+
+
+def test_loss_probes_read_only_val_examples_rows(text_tokenizer):
+    from transfusion.eval.probe import run_probes
+
+    model = build_tiny_model(text_tokenizer, diffusion=diffusion_config("flow"))
+    latents = torch.randn(6, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    data = probe_data(text_tokenizer, latents, ["a red 4", "a 7", "two 5s", "a 1", "a 2", "a 3"])
+    out = run_probes(model, text_tokenizer, data, 2, prompts_per_category=1, n_captions=6, steps=2, cfg_scale=1.0)
+    head = diffusion_losses(model, data.head(2)) | caption_losses(model, data.head(2))
+    assert out == head  # no judge: no quick evaluation, only the two loss probes over 2 rows
+    assert out != diffusion_losses(model, data) | caption_losses(model, data)

@@ -19,7 +19,7 @@ training's random streams.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -40,6 +40,10 @@ class ProbeData:
     vae: object | None
     scaling_factor: float
     palette: dict
+
+    def head(self, n: int) -> "ProbeData":
+        """The first ``n`` rows (the loss probes read ``val_examples``, captioning ``captions``)."""
+        return replace(self, latents=self.latents[:n], records=self.records[:n], captions=self.captions[:n])
 
 
 def load_probe_data(latents_root: Path, tokenizer, n: int, judge_path: Path | None, vae_path: Path,
@@ -130,14 +134,15 @@ def quick_eval(model, tokenizer, data: ProbeData, prompts_per_category: int, n_c
     return out
 
 
-def run_probes(model, tokenizer, data: ProbeData, prompts_per_category: int, n_captions: int, steps: int,
-               cfg_scale: float, seed: int = 0) -> dict[str, float]:
-    """All three probes on ``model`` (put in eval mode for the duration)."""
+def run_probes(model, tokenizer, data: ProbeData, val_examples: int, prompts_per_category: int, n_captions: int,
+               steps: int, cfg_scale: float, seed: int = 0) -> dict[str, float]:
+    """All three probes on ``model`` (put in eval mode for the duration); the loss probes read the
+    first ``val_examples`` rows of ``data``."""
     was_training = model.training
     model.eval()
     try:
-        out = diffusion_losses(model, data, seed)
-        out |= caption_losses(model, data)
+        out = diffusion_losses(model, data.head(val_examples), seed)
+        out |= caption_losses(model, data.head(val_examples))
         out |= quick_eval(model, tokenizer, data, prompts_per_category, n_captions, steps, cfg_scale, seed)
     finally:
         model.train(was_training)

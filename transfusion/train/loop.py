@@ -348,7 +348,7 @@ def _probe(model, ema, tokenizer, data, tc, step: int, seen: int) -> dict:
     row: dict = {"step": step, "images_seen": seen}
     for prefix, net in (("", model), ("ema_", ema.module if ema is not None else None)):
         if net is not None:
-            out = run_probes(net, tokenizer, data, tc.probe.prompts_per_category, tc.probe.captions,
+            out = run_probes(net, tokenizer, data, tc.probe.val_examples, tc.probe.prompts_per_category, tc.probe.captions,
                              tc.probe.sample_steps, tc.probe.cfg_scale, seed=tc.seed)
             row |= {prefix + k: v for k, v in out.items()}
     return row
