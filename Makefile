@@ -1,8 +1,7 @@
 # The two entry points of the README. Both create/reuse .venv first.
 SHELL := /bin/bash
-export RAY_USAGE_STATS_ENABLED := 0
-export MLFLOW_DISABLE_TELEMETRY := true
-export DVC_NO_ANALYTICS := 1
+include transfusion/defaults.env  # the environment of every entry point, written once
+.EXPORT_ALL_VARIABLES:
 
 .PHONY: setup repro test test-all lock
 

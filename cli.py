@@ -8,20 +8,16 @@ bad inputs (missing data, corrupt archives, ...) exit with code 1 and one line.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-for _var, _value in {
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "DVC_NO_ANALYTICS": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-}.items():
-    os.environ.setdefault(_var, _value)
+from transfusion import env
+from transfusion.errors import UserError
+
+env.apply()
 
 app = typer.Typer(
     help="Train and evaluate Transfusion models (text by next-token prediction, images by diffusion).",
@@ -45,13 +41,19 @@ def _fail(message: str, code: int) -> None:
     raise typer.Exit(code)
 
 
-def _load(params: list[Path] | None, overrides: list[str] | None):
-    from transfusion.config import ParamsError, load_params
-
+def _guard(call, code: int | None = None):
+    """``call()``; a :class:`UserError` becomes its one line and exit code (``code``: the
+    arguments are all that can be wrong, a usage error)."""
     try:
-        return load_params(params or [Path("params.yaml")], overrides or [])
-    except ParamsError as err:
-        _fail(str(err), 2)
+        return call()
+    except UserError as err:
+        _fail(str(err).splitlines()[0] if str(err) else type(err).__name__, err.exit_code if code is None else code)
+
+
+def _load(params: list[Path] | None, overrides: list[str] | None):
+    from transfusion.config import load_params
+
+    return _guard(lambda: load_params(params or [Path("params.yaml")], overrides or []))
 
 
 def _run_stage(name: str, params: list[Path] | None, overrides: list[str] | None, **kwargs) -> None:
@@ -61,54 +63,32 @@ def _run_stage(name: str, params: list[Path] | None, overrides: list[str] | None
 
     cfg = _load(params, overrides)
     module = importlib.import_module(f"stages.{name}")
-    from transfusion.data.archives import DataError
-    from transfusion.train.checkpoint import CheckpointError
-    from transfusion.train.loop import TrainingDiverged, TrainingFailed
-
     start = time.perf_counter()
-    try:
-        metrics = module.run(cfg, **kwargs)
-    except (DataError, CheckpointError, TrainingDiverged, TrainingFailed, FileNotFoundError, ValueError) as err:
-        _fail(str(err).splitlines()[0] if str(err) else type(err).__name__, 1)
+    metrics = _guard(lambda: module.run(cfg, **kwargs))
     typer.echo(f"{name}: done in {time.perf_counter() - start:.1f}s")
     if metrics:
         typer.echo(json.dumps(metrics, indent=2, sort_keys=True, default=str))
 
 
-@app.command()
-def data(params: ParamsOpt = None, set_: SetOpt = None) -> None:
-    """Stage data: fetch pinned archives, compose MNIST scenes, split the text."""
-    _run_stage("data", params, set_)
+STAGES = {  # the stages without options of their own: name -> help
+    "data": "Stage data: fetch pinned archives, compose MNIST scenes, split the text.",
+    "tokenizer": "Stage tokenizer: train the byte-level BPE (or load a local pretrained one).",
+    "vae": "Stage vae: train the AutoencoderKL on the scene images, report test PSNR.",
+    "latents": "Stage latents: encode every scene, scale to unit variance, write latent shards.",
+    "judge": "Stage judge: train the cell classifier that reads scenes; report its test exact match.",
+    "eval": "Stage eval: GenEval-style score, FID/KID, captioning accuracy, text bits per byte.",
+}
 
 
-@app.command()
-def tokenizer(params: ParamsOpt = None, set_: SetOpt = None) -> None:
-    """Stage tokenizer: train the byte-level BPE (or load a local pretrained one)."""
-    _run_stage("tokenizer", params, set_)
+def _stage_command(name: str, help_: str) -> None:
+    def command(params: ParamsOpt = None, set_: SetOpt = None) -> None:
+        _run_stage(name, params, set_)
+
+    app.command(name, help=help_)(command)
 
 
-@app.command()
-def vae(params: ParamsOpt = None, set_: SetOpt = None) -> None:
-    """Stage vae: train the AutoencoderKL on the scene images, report test PSNR."""
-    _run_stage("vae", params, set_)
-
-
-@app.command()
-def latents(params: ParamsOpt = None, set_: SetOpt = None) -> None:
-    """Stage latents: encode every scene, scale to unit variance, write latent shards."""
-    _run_stage("latents", params, set_)
-
-
-@app.command()
-def judge(params: ParamsOpt = None, set_: SetOpt = None) -> None:
-    """Stage judge: train the cell classifier that reads scenes; report its test exact match."""
-    _run_stage("judge", params, set_)
-
-
-@app.command("eval")
-def evaluate(params: ParamsOpt = None, set_: SetOpt = None) -> None:
-    """Stage eval: GenEval-style score, FID/KID, captioning accuracy, text bits per byte."""
-    _run_stage("eval", params, set_)
+for _name, _help in STAGES.items():
+    _stage_command(_name, _help)
 
 
 @app.command()
@@ -144,12 +124,11 @@ SeedOpt = Annotated[int, typer.Option(help="Random seed (every mode is determini
 def _pipeline(model: str | None, params: list[Path] | None, overrides: list[str] | None):
     from transfusion.pipeline import TransfusionPipeline
 
+    from transfusion.tracking import tracking_uri
+
     cfg = _load(params, overrides)
     target = model or str(cfg.paths.model)
-    try:
-        return TransfusionPipeline.from_uri(target)
-    except (FileNotFoundError, ValueError) as err:
-        _fail(str(err).splitlines()[0], 1)
+    return _guard(lambda: TransfusionPipeline.from_uri(target, tracking_uri(cfg.tracking)))
 
 
 def _progress(desc: str):
@@ -177,11 +156,8 @@ def generate(
     from transfusion.pipeline import save_png
 
     pipe = _pipeline(model, params, set_)
-    try:
-        images = pipe.sample_images([caption] * n, steps=steps, cfg_scale=cfg_scale, sampler=sampler, seed=seed,
-                                    use_cache=not no_cache, progress=_progress("denoising"))
-    except ValueError as err:
-        _fail(str(err), 2)
+    images = _guard(lambda: pipe.sample_images([caption] * n, steps=steps, cfg_scale=cfg_scale, sampler=sampler, seed=seed,
+                                               use_cache=not no_cache, progress=_progress("denoising")), code=2)
     if n == 1:
         save_png(images[0], out, scale=4)
     else:
@@ -200,10 +176,7 @@ def caption_cmd(
     from transfusion.pipeline import read_images
 
     pipe = _pipeline(model, params, set_)
-    try:
-        pixels = read_images(images, pipe.image_size)
-    except (FileNotFoundError, ValueError) as err:
-        _fail(str(err), 1)
+    pixels = _guard(lambda: read_images(images, pipe.image_size))
     for file, text in zip(images, pipe.caption(pixels)):
         typer.echo(f"{file}\t{text}")
 
@@ -233,8 +206,8 @@ def interleave(
     max_tokens: Annotated[int, typer.Option(min=1)] = 48,
     max_images: Annotated[int, typer.Option(min=0)] = 2,
     force_image: Annotated[bool, typer.Option(help="Start an image right after the prompt.")] = False,
-    steps: Annotated[int, typer.Option(min=1)] = 100,
-    cfg_scale: Annotated[float, typer.Option()] = 3.0,
+    steps: Annotated[int | None, typer.Option(min=1, help="Denoising steps (default: the model's).")] = None,
+    cfg_scale: Annotated[float | None, typer.Option(min=0.0, help="Guidance scale (default: the model's).")] = None,
     temperature: Annotated[float, typer.Option(min=0.0)] = 0.0,
     seed: SeedOpt = 0,
     model: ModelOpt = None,

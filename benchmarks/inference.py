@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 
@@ -22,13 +23,14 @@ def load(model_dir: str | None):
 
         pipe = TransfusionPipeline.from_pretrained(model_dir)
         return pipe.model, pipe.tokenizer
-    from transfusion.config import DiffusionConfig, ModelConfig
+    from transfusion.config import load_params
     from transfusion.data.tokenizer import train_bpe
     from transfusion.model import TransfusionModel
 
     tok = train_bpe(["a red 4 and a blue 3 to the left of a 7", "To be, or not to be, that is the question"] * 200, 4096)
     torch.manual_seed(0)
-    return TransfusionModel.from_params(ModelConfig(), DiffusionConfig(), tok, (4, 8, 8)).eval(), tok
+    p = load_params(Path(__file__).resolve().parents[1] / "params.yaml")  # the default model
+    return TransfusionModel.from_params(p.model, p.diffusion, tok, (4, 8, 8)).eval(), tok
 
 
 def timed(fn) -> float:

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 
-from transfusion.config import DiffusionConfig, ModelConfig
+from transfusion.config import load_params
 from transfusion.data.collate import Collator, caption_to_image, image_to_caption, text_example
 from transfusion.data.tokenizer import train_bpe
 from transfusion.model import TransfusionModel
+
+DEFAULTS = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
 
 
 def make_batch(model, tok, n: int, max_length: int):
@@ -39,7 +42,7 @@ def bench(model, batch, steps: int, bf16: bool, device: str) -> float:
                 torch.cuda.synchronize()
             start = time.perf_counter()
         with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16):
-            out = model.loss(batch, generator=torch.Generator().manual_seed(i))
+            out = model.loss(batch, generator=torch.Generator().manual_seed(i), loss_weight=5.0, noise_limit=0.5)
         opt.zero_grad(set_to_none=True)
         out.total.backward()
         opt.step()
@@ -60,7 +63,10 @@ def main() -> None:
     rows = []
     for patch_encoder in ("linear", "unet"):
         torch.manual_seed(0)
-        model = TransfusionModel.from_params(ModelConfig(patch_encoder=patch_encoder), DiffusionConfig(), tok, (4, 8, 8))
+        levels = DEFAULTS.model.patch_size.bit_length() - 1  # a U-Net level per halving: patch 4 -> 2
+        unet = {"unet_channels": [64] * levels} if patch_encoder == "unet" else {}
+        model_cfg = DEFAULTS.model.model_copy(update={"patch_encoder": patch_encoder, **unet})
+        model = TransfusionModel.from_params(model_cfg, DEFAULTS.diffusion, tok, (4, 8, 8))
         model.to(args.device).train()
         batch = make_batch(model, tok, args.batch, args.max_length).to(args.device)
         tokens, images = int(batch.valid.sum()), len(batch.images)

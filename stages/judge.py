@@ -28,12 +28,11 @@ def run(params: Params) -> dict[str, float]:
             ex, ey = training_cells(images, records, scenes.grid, cfg.empty_fraction, cfg.seed + 1)
             x, y = torch.cat([x, ex]), torch.cat([y, ey])
 
-        def on_epoch(epoch: int, loss: float) -> None:
+        def on_log(epoch: int, loss: float) -> None:
             print(f"[judge] epoch {epoch + 1}/{cfg.epochs} loss {loss:.4f}", flush=True)
             run.log_metrics({"loss": loss}, step=epoch + 1)
 
-        judge = train_judge(x, y, dict(scenes.palette), scenes.grid, scenes.canvas, cfg.epochs, cfg.batch_size,
-                            cfg.lr, cfg.seed, on_epoch, tuple(cfg.channels))
+        judge = train_judge(x, y, cfg, scenes, on_log)
         judge.save(paths.judge)
         metrics = scene_exact_match(judge, test.images, test.records)
         metrics["training_cells"] = len(y)

@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 import yaml
 
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("DVC_NO_ANALYTICS", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from transfusion import env
+
+env.apply()
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -126,11 +125,24 @@ def text_tokenizer():
     return train_bpe(MODEL_CORPUS, vocab_size=300)
 
 
-def diffusion_config(objective: str, **kw):
-    """A DiffusionConfig for ``objective`` with its own sampler (flow_euler or ddpm)."""
-    from transfusion.config import DiffusionConfig
+def section(name: str, **changes):
+    """The ``name`` section of params.yaml (the one place defaults are written) with ``changes``,
+    validated: ``section("vae", steps=40)``."""
+    import functools
 
-    return DiffusionConfig(objective=objective, sampler="flow_euler" if objective == "flow" else "ddpm", **kw)
+    from transfusion.config import load_params
+
+    @functools.cache
+    def defaults():
+        return load_params(REPO / "params.yaml")
+
+    current = getattr(defaults(), name)
+    return type(current).model_validate({**current.model_dump(), **changes})
+
+
+def diffusion_config(objective: str, **kw):
+    """The diffusion section for ``objective`` with its own sampler (flow_euler or ddpm)."""
+    return section("diffusion", objective=objective, sampler="flow_euler" if objective == "flow" else "ddpm", **kw)
 
 
 def build_tiny_model(tokenizer, seed=0, diffusion=None, **model_kw):
@@ -138,13 +150,12 @@ def build_tiny_model(tokenizer, seed=0, diffusion=None, **model_kw):
     predictions depend on their inputs (property tests would pass vacuously otherwise)."""
     import torch
 
-    from transfusion.config import DiffusionConfig, ModelConfig
     from transfusion.model import TransfusionModel
 
     torch.manual_seed(seed)
     # the paper's layout (patch 2: 16 patches, DDPM) unless a test asks otherwise
-    diffusion = diffusion or DiffusionConfig(objective="ddpm", sampler="ddpm")
-    model = TransfusionModel.from_params(ModelConfig(**{"patch_size": 2, **model_kw}), diffusion, tokenizer, LATENT)
+    diffusion = diffusion or diffusion_config("ddpm")
+    model = TransfusionModel.from_params(section("model", **{"patch_size": 2, **model_kw}), diffusion, tokenizer, LATENT)
     with torch.no_grad():
         for p in model.patch_out.parameters():
             if not p.any():
@@ -154,16 +165,11 @@ def build_tiny_model(tokenizer, seed=0, diffusion=None, **model_kw):
 
 @pytest.fixture(scope="session")
 def exported_model(tmp_path_factory, text_tokenizer):
-    """A folder laid out as the training stage exports it (random weights, tiny VAE)."""
-    import json
-
-    from transfusion.config import VAEConfig
+    """A folder as the training stage exports it (random weights, tiny VAE), saved by the pipeline."""
+    from transfusion.pipeline import TransfusionPipeline
     from transfusion.vae import build_vae
 
     folder = tmp_path_factory.mktemp("export") / "model"
-    model = build_tiny_model(text_tokenizer)
-    model.save_pretrained(folder, text_tokenizer)
-    vae = build_vae(VAEConfig(block_out_channels=[8, 16, 16], norm_num_groups=8), image_size=32)
-    vae.save_pretrained(str(folder / "vae"), safe_serialization=True)
-    (folder / "latents.json").write_text(json.dumps({"scaling_factor": 0.5, "latent_shape": list(LATENT), "vae": "vae"}))
+    vae = build_vae(section("vae", block_out_channels=[8, 16, 16], norm_num_groups=8), image_size=32)
+    TransfusionPipeline(build_tiny_model(text_tokenizer), text_tokenizer, vae, 0.5).save_pretrained(folder)
     return folder

@@ -11,7 +11,10 @@ import zipfile
 import numpy as np
 import pytest
 
-from transfusion.config import MNIST_ARCHIVE, ArchiveSpec
+from conftest import section
+from transfusion.config import ArchiveSpec
+
+MNIST_ARCHIVE = section("data").mnist.archive  # as pinned in params.yaml
 from transfusion.io import sha256_of
 from transfusion.data.archives import (
     DataError,

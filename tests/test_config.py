@@ -19,8 +19,18 @@ def write(tmp_path: Path, text: str) -> Path:
     return path
 
 
-def test_params_yaml_spells_out_the_defaults():
-    assert load_params(REPO / "params.yaml") == Params()
+def test_params_yaml_is_the_one_source_of_values(tmp_path):
+    """Every key is required: an empty or truncated file stops naming what is missing; a preset
+    overlays params.yaml with only what it changes."""
+    full = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert isinstance(load_params(REPO / "params.yaml"), Params)
+    with pytest.raises(ParamsError, match=r"missing keys paths, tracking, data, .*, eval \(start from params.yaml\)"):
+        load_params(write(tmp_path, ""))
+    del full["train"]["probe"]["cfg_scale"], full["eval"]["seed"]
+    with pytest.raises(ParamsError, match=r"missing keys train.probe.cfg_scale, eval.seed"):
+        load_params(write(tmp_path, yaml.safe_dump(full)))
+    preset = load_params([REPO / "params.yaml", REPO / "pipelines" / "cpu-tiny.yaml"])
+    assert preset.train.steps != load_params(REPO / "params.yaml").train.steps
 
 
 def test_presets_are_valid_overlays():
@@ -52,7 +62,7 @@ def test_overrides_parse_yaml_values():
 )
 def test_bad_files_name_the_key(tmp_path, text, expected):
     with pytest.raises(ParamsError) as err:
-        load_params(write(tmp_path, text))
+        load_params([REPO / "params.yaml", write(tmp_path, text)])
     message = str(err.value)
     assert expected in message
     assert "\n" not in message and str(tmp_path / "params.yaml") in message
@@ -70,8 +80,9 @@ def test_missing_file_and_bad_override(tmp_path):
 
 
 def test_digest_follows_values():
-    assert Params().digest() == Params().digest()
-    assert Params().digest() != load_params(REPO / "params.yaml", ["vae.lr=0.5"]).digest()
+    p = load_params(REPO / "params.yaml")
+    assert p.digest() == load_params(REPO / "params.yaml").digest()
+    assert p.digest() != load_params(REPO / "params.yaml", ["vae.lr=0.5"]).digest()
 
 
 @pytest.mark.parametrize("command", ["data", "tokenizer", "vae", "latents", "params"])
@@ -80,10 +91,23 @@ def test_cli_bad_params_exit_2_and_write_nothing(tmp_path, monkeypatch, command)
 
     monkeypatch.chdir(tmp_path)
     bad = write(tmp_path, yaml.safe_dump({"paths": {"vae": str(tmp_path / "out")}, "vae": {"steps": 0}}))
-    result = CliRunner().invoke(app, [command, "--params", str(bad)])
+    result = CliRunner().invoke(app, [command, "--params", str(REPO / "params.yaml"), "--params", str(bad)])
     assert result.exit_code == 2
     lines = [line for line in result.output.splitlines() if line.strip()]
-    assert lines == [f"error: {bad}: vae.steps: Input should be greater than 0 (got 0)"]
+    assert lines == [f"error: {REPO / 'params.yaml'} + {bad}: vae.steps: Input should be greater than 0 (got 0)"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+@pytest.mark.parametrize("text", ["", "paths:\n  cache: .cache\n"])
+def test_cli_empty_or_truncated_params_exit_2_naming_what_is_missing(tmp_path, monkeypatch, text):
+    from cli import app
+
+    monkeypatch.chdir(tmp_path)
+    params = write(tmp_path, text)
+    result = CliRunner().invoke(app, ["data", "--params", str(params)])
+    assert result.exit_code == 2
+    (line,) = [line for line in result.output.splitlines() if line.strip()]
+    assert line.startswith(f"error: {params}: missing keys ") and "tracking, data" in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
 
 

@@ -90,7 +90,7 @@ def test_denoising_never_grows_the_cache(text_tokenizer):
     from transfusion.sampling import Context
 
     model = build_tiny_model(text_tokenizer)
-    ctx = Context(model, [[1, 2, 3], [1, 4]])
+    ctx = Context.prefill(model, [[1, 2, 3], [1, 4]])
     before = ctx.cache.get_seq_length()
     for t in (900.0, 500.0, 10.0):
         ctx.image_prediction(torch.randn(2, 4, 8, 8), torch.full((2,), t))
@@ -101,7 +101,7 @@ def test_interleaved_draws_an_image_when_boi_is_forced_and_continues(text_tokeni
     model = build_tiny_model(text_tokenizer)
     s = model.special
     parts = generate_interleaved(model, ids(text_tokenizer, "to be"), max_new_tokens=8, max_images=1, steps=5,
-                                 force_image=True, min_new_tokens=4, cfg_scale=2.0)
+                                 force_image=True, min_new_tokens=4, cfg_scale=2.0, sampler="ddpm")
     assert torch.is_tensor(parts[0]) and parts[0].shape == (4, 8, 8)
     assert isinstance(parts[1], list) and len(parts[1]) >= 4
     assert not {s.boi, s.eoi, s.eos} & set(parts[1])
@@ -117,7 +117,7 @@ def test_the_image_changes_the_text_after_it(text_tokenizer):
     s = model.special
     logits = []
     for seed in (0, 1):
-        ctx = Context(model, [[s.bos, s.boi]])
+        ctx = Context.prefill(model, [[s.bos, s.boi]])
         latent = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(seed))
         ctx.image_prediction(latent, torch.zeros(1), keep=True)
         ctx.append_tokens(torch.tensor([s.eoi]))
@@ -139,6 +139,25 @@ def test_pipeline_round_trip(exported_model):
     assert isinstance(text, str)
     with pytest.raises(ValueError, match=r"uint8 \(N, 32, 32, 3\)"):
         pipe.caption(np.zeros((1, 16, 16, 3), np.uint8))
+
+
+def test_pipeline_saves_what_it_loads(exported_model, tmp_path):
+    """save_pretrained writes exactly what from_pretrained reads: the same samples, captions,
+    text, scaling and run id come back from the copy."""
+    from transfusion.pipeline import TransfusionPipeline
+
+    pipe = TransfusionPipeline.from_pretrained(exported_model)
+    pipe.run_id = "abc123"
+    pipe.save_pretrained(tmp_path / "copy")
+    copy = TransfusionPipeline.from_pretrained(tmp_path / "copy")
+    assert (copy.scaling_factor, copy.run_id, copy.model.config) == (pipe.scaling_factor, "abc123", pipe.model.config)
+    a = pipe.sample_images(["a red 4"], steps=3, seed=1)
+    np.testing.assert_array_equal(a, copy.sample_images(["a red 4"], steps=3, seed=1))
+    assert pipe.caption(a, max_new_tokens=4) == copy.caption(a, max_new_tokens=4)
+    assert pipe.generate_text(["to be"], max_new_tokens=4) == copy.generate_text(["to be"], max_new_tokens=4)
+    (tmp_path / "copy" / "pipeline.json").write_text("{}")
+    with pytest.raises(ValueError, match="pipeline.json: expected JSON with vae and scaling_factor"):
+        TransfusionPipeline.from_pretrained(tmp_path / "copy")
 
 
 def _cli(*args):

@@ -8,13 +8,15 @@ import itertools
 import pytest
 import torch
 
-from transfusion.config import DiffusionConfig, ModelConfig
-from transfusion.data.collate import PATCH, Collator, caption_to_image, image_to_caption, text_example
+from transfusion.data.collate import Collator, caption_to_image, image_to_caption, text_example
 from transfusion.data.tokenizer import build_tokenizer
 from transfusion.model import TransfusionModel
+from transfusion.layout import PATCH
 from transfusion.model.mask import hybrid_mask
 
-from conftest import LATENT, MODEL_CORPUS as CORPUS, build_tiny_model, diffusion_config
+from conftest import LATENT, MODEL_CORPUS as CORPUS, build_tiny_model, diffusion_config, section
+
+RECIPE = {"loss_weight": 5.0, "noise_limit": 0.5}  # the paper's lambda and image-first noise cap
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +144,7 @@ def test_tiny_model_overfits_one_batch(tokenizer, objective, patch_encoder):
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     losses = []
     for _ in range(120):
-        out = model.loss(batch, generator=torch.Generator().manual_seed(0))  # the same noise each step
+        out = model.loss(batch, generator=torch.Generator().manual_seed(0), **RECIPE)  # the same noise each step
         opt.zero_grad()
         out.total.backward()
         opt.step()
@@ -151,23 +153,25 @@ def test_tiny_model_overfits_one_batch(tokenizer, objective, patch_encoder):
 
 
 def test_loss_parts_and_weight(tokenizer):
-    model = make_model(tokenizer, diffusion=DiffusionConfig(loss_weight=5.0))
+    model = make_model(tokenizer)
     batch = collator(model)([caption_to_image(ids(tokenizer, "a red 4"), torch.randn(LATENT))])
-    out = model.loss(batch, generator=torch.Generator().manual_seed(3))
+    out = model.loss(batch, generator=torch.Generator().manual_seed(3), loss_weight=5.0, noise_limit=0.5)
     torch.testing.assert_close(out.total.detach(), out.lm + 5.0 * out.diffusion)
+    again = model.loss(batch, generator=torch.Generator().manual_seed(3), loss_weight=2.0, noise_limit=0.5)
+    torch.testing.assert_close(again.total.detach(), out.lm + 2.0 * out.diffusion)
     text_only = collator(model)([text_example(ids(tokenizer, "to be or not"))])
-    out = model.loss(text_only)
+    out = model.loss(text_only, **RECIPE)
     assert out.diffusion.item() == 0.0 and out.lm.item() > 0
 
 
 @pytest.mark.parametrize("objective", ["ddpm", "flow"])
 def test_noise_limit_for_images_before_their_caption(tokenizer, objective):
-    model = make_model(tokenizer, diffusion=diffusion_config(objective, noise_limit=0.5))
+    model = make_model(tokenizer, diffusion=diffusion_config(objective))
     latents = torch.randn(LATENT)
     examples = [image_to_caption(latents, ids(tokenizer, "a 3"))] * 20 + [caption_to_image(ids(tokenizer, "a 3"), latents)] * 20
     batch = collator(model)(examples)
     assert batch.image_first.tolist() == [True] * 20 + [False] * 20
-    drawn = torch.cat([model.loss(batch, torch.Generator().manual_seed(s)).timesteps for s in range(10)]).view(10, 40)
+    drawn = torch.cat([model.loss(batch, torch.Generator().manual_seed(s), loss_weight=5.0, noise_limit=0.5).timesteps for s in range(10)]).view(10, 40)
     times = model.diffusion.model_time(drawn.flatten()).view(10, 40)  # 0..1000 scale for both
     assert times[:, :20].max() <= 500
     assert times[:, 20:].max() > 700  # uncapped images reach high noise
@@ -177,13 +181,13 @@ def test_noise_limit_for_images_before_their_caption(tokenizer, objective):
 def test_dropped_captions_train_the_whole_noise_range(tokenizer, objective):
     """CFG's unconditional branch (<bos> <boi> ...) starts sampling at pure noise, so images whose
     caption was dropped must reach t > noise_limit; images before their caption never do."""
-    model = make_model(tokenizer, diffusion=diffusion_config(objective, noise_limit=0.5))
+    model = make_model(tokenizer, diffusion=diffusion_config(objective))
     latents, cap = torch.randn(LATENT), ids(tokenizer, "a 3")
     examples = [caption_to_image(cap, latents)] * 20 + [image_to_caption(latents, cap)] * 20
     batch = collator(model, caption_dropout=1.0)(examples)
     assert batch.caption_dropped.tolist() == [True] * 20 + [False] * 20
     assert batch.image_first.tolist() == [False] * 20 + [True] * 20
-    drawn = torch.cat([model.loss(batch, torch.Generator().manual_seed(s)).timesteps for s in range(10)]).view(10, 40)
+    drawn = torch.cat([model.loss(batch, torch.Generator().manual_seed(s), loss_weight=5.0, noise_limit=0.5).timesteps for s in range(10)]).view(10, 40)
     times = model.diffusion.model_time(drawn.flatten()).view(10, 40)
     assert times[:, :20].max() > 700  # unconditional images see high noise
     assert times[:, 20:].max() <= 500  # image-first images stay capped
@@ -253,16 +257,14 @@ def test_pretrained_backbone_through_params(tokenizer, tmp_path, kind):
     lm.save_pretrained(str(tmp_path / "lm"))
     base_tok.save_pretrained(str(tmp_path / "lm"))
 
-    from transfusion.config import TokenizerConfig
-
-    tok = build_tokenizer(TokenizerConfig(pretrained=tmp_path / "lm"), [])
+    tok = build_tokenizer(section("tokenizer", pretrained=tmp_path / "lm"), [])
     assert len(tok) == len(base_tok) + 3  # <boi>, <eoi>, <pad>
-    model = TransfusionModel.from_params(ModelConfig(pretrained=tmp_path / "lm"), DiffusionConfig(), tok, LATENT)
+    model = TransfusionModel.from_params(section("model", pretrained=tmp_path / "lm"), section("diffusion"), tok, LATENT)
     emb = model.backbone.get_input_embeddings().weight
     assert emb.shape[0] == len(tok) and model.backbone.config.model_type == kind
     torch.testing.assert_close(emb[: len(base_tok)], lm.get_input_embeddings().weight)
     batch = collator(model)([caption_to_image(ids(tok, "a red 4"), torch.randn(LATENT))])
-    assert torch.isfinite(model.loss(batch).total)
+    assert torch.isfinite(model.loss(batch, **RECIPE).total)
 
 
 def test_freeze_text_trains_only_image_parts(tokenizer):

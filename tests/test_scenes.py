@@ -5,9 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from transfusion.config import CATEGORIES, ScenesConfig
+from conftest import section
+from transfusion.config import CATEGORIES
 from transfusion.data.scenes import Prompt, _resize_digits, compose_scenes, parse_caption, satisfies
 from transfusion.data.sources import DigitSplit
+
+
+def scenes_cfg(**changes):
+    """params.yaml's data.scenes with ``changes``."""
+    base = section("data").scenes
+    return type(base).model_validate({**base.model_dump(), **changes})
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +27,7 @@ def digits() -> DigitSplit:
 
 @pytest.fixture(scope="module")
 def scenes(digits):
-    cfg = ScenesConfig(n_train=10)
+    cfg = scenes_cfg(n_train=10)
     return cfg, *compose_scenes(digits, 600, cfg, seed=3)
 
 
@@ -87,7 +94,7 @@ def test_position_relations_are_geometric(scenes):
 
 
 def test_same_seed_same_scenes(digits):
-    cfg = ScenesConfig()
+    cfg = section("data").scenes
     a_img, a_rec = compose_scenes(digits, 50, cfg, seed=7)
     b_img, b_rec = compose_scenes(digits, 50, cfg, seed=7)
     c_img, _ = compose_scenes(digits, 50, cfg, seed=8)
@@ -97,7 +104,7 @@ def test_same_seed_same_scenes(digits):
 
 
 def test_category_weights_and_palette_from_params(digits):
-    cfg = ScenesConfig(categories={"counting": 1.0}, palette={"red": (255, 0, 0), "blue": (0, 0, 255)}, canvas=48, grid=3)
+    cfg = scenes_cfg(categories={"counting": 1.0}, palette={"red": (255, 0, 0), "blue": (0, 0, 255)}, canvas=48, grid=3)
     images, records = compose_scenes(digits, 40, cfg, seed=0)
     assert images.shape == (40, 48, 48, 3)
     assert all(r["content"]["category"] == "counting" for r in records)

@@ -129,7 +129,8 @@ def test_relative_sqlite_uri_is_made_absolute(tmp_path, monkeypatch):
     from transfusion.tracking import tracking_uri
 
     monkeypatch.chdir(tmp_path)
-    assert tracking_uri(TrackingConfig(tracking_uri="sqlite:///mlflow.db")) == f"sqlite:///{tmp_path / 'mlflow.db'}"
-    assert tracking_uri(TrackingConfig(tracking_uri="sqlite:////abs/x.db")) == "sqlite:////abs/x.db"
+    cfg = lambda uri: TrackingConfig(experiment="x", tracking_uri=uri, artifact_location=None)  # noqa: E731
+    assert tracking_uri(cfg("sqlite:///mlflow.db")) == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert tracking_uri(cfg("sqlite:////abs/x.db")) == "sqlite:////abs/x.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
-    assert tracking_uri(TrackingConfig()) == "http://127.0.0.1:5000"
+    assert tracking_uri(cfg("sqlite:///mlflow.db")) == "http://127.0.0.1:5000"

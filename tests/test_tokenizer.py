@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from transfusion.config import SPECIAL_TOKENS, TokenizerConfig
+from conftest import section
+from transfusion.config import SPECIAL_TOKENS
 from transfusion.data.tokenizer import BOI, EOI, build_tokenizer, image_token_ids, load_tokenizer, train_bpe
 
 CORPUS = ["To be, or not to be, that is the question:", "a red 4", "a 3 and a 7", "three 5s"] * 50
@@ -51,7 +52,7 @@ def test_vocab_size_from_params():
     rnd = random.Random(0)
     corpus = [" ".join("".join(rnd.choices("abcdefghij", k=rnd.randint(2, 6))) for _ in range(12)) for _ in range(400)]
     for size in (300, 400):
-        assert len(build_tokenizer(TokenizerConfig(vocab_size=size, min_frequency=1), corpus)) == size
+        assert len(build_tokenizer(section("tokenizer", vocab_size=size, min_frequency=1), corpus)) == size
 
 
 def test_pretrained_folder_gains_image_tokens(tmp_path):
@@ -66,7 +67,7 @@ def test_pretrained_folder_gains_image_tokens(tmp_path):
                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>").save_pretrained(str(tmp_path))
 
-    tok = build_tokenizer(TokenizerConfig(pretrained=tmp_path), [])
+    tok = build_tokenizer(section("tokenizer", pretrained=tmp_path), [])
     assert tok.bos_token == "<s>" and tok.pad_token == "<pad>"
     boi, eoi = image_token_ids(tok)
     assert boi >= 280 and eoi >= 280 and boi != eoi

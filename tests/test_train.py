@@ -9,8 +9,11 @@ import shutil
 import pytest
 import torch
 
-from transfusion.config import FaultConfig, Params
+from conftest import section
+from transfusion.config import Params
 from transfusion.train.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint, verify_checkpoint
+
+FAULT = section("train").fault  # no faults (params.yaml)
 
 
 def train_params(base: Params, tmp_path, **train) -> Params:
@@ -27,31 +30,41 @@ def train_params(base: Params, tmp_path, **train) -> Params:
     return base.model_copy(update={"paths": paths, "tracking": tracking, "train": tc})
 
 
-def test_plain_loop_lowers_the_loss(tiny_pipeline, tmp_path):
-    from transfusion.train.loop import LoopConfig, train_loop
+def test_plain_loop_lowers_the_loss_and_writes_only_checkpoints(tiny_pipeline, tmp_path):
+    from torch.optim.swa_utils import AveragedModel
+
+    from transfusion.model import TransfusionModel
+    from transfusion.train.loop import LoopConfig, load_trained, train_loop
 
     p = train_params(tiny_pipeline, tmp_path, use_ray=False, steps=60, batch_size=8, lr=3e-3, log_every=5,
                      checkpoint_every=30, sample_every=60, warmup_steps=5, eval_every=25)
-    metrics = train_loop(LoopConfig(params=p))
-    rows = [line.split(",") for line in p.paths.train_loss_plot.read_text().splitlines()[1:]]
-    losses = [float(r[1]) for r in rows]
-    assert len(rows) == 12 and int(rows[-1][0]) == 60
-    assert losses[-1] < 0.7 * losses[0], losses
+    cfg = LoopConfig.from_params(p)
+    metrics = train_loop(cfg)
     assert metrics["steps"] == 60 and metrics["tokens_per_s"] > 0 and metrics["images_per_s"] > 0
     assert [c.name for c in list_checkpoints(p.paths.checkpoints)] == ["step-00000030", "step-00000060"]
-    assert (p.paths.model / "model.safetensors").is_file() and (p.paths.model / "vae" / "config.json").is_file()
-    assert json.loads((p.paths.model / "latents.json").read_text())["scaling_factor"] > 0
-    assert p.paths.train_samples.read_bytes()[:4] == b"\x89PNG"
+    for output in ("model", "train_metrics", "train_loss_plot", "train_samples", "train_probes"):
+        assert not getattr(p.paths, output).exists(), output  # the stage writes the outputs, not the loop
+
+    result = load_trained(cfg, metrics)
+    losses = [row["loss"] for row in result.history]
+    assert len(losses) == 12 and result.history[-1]["step"] == 60
+    assert losses[-1] < 0.7 * losses[0], losses
+    # the exported weights are the EMA of the final checkpoint, not its raw weights
+    raw = TransfusionModel(result.model.config)
+    ema = AveragedModel(raw, use_buffers=True)
+    load_checkpoint(latest_checkpoint(p.paths.checkpoints), raw, ema=ema)
+    for (name, a), b in zip(result.model.state_dict().items(), ema.module.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    assert any(not torch.equal(a, b) for a, b in zip(result.model.state_dict().values(), raw.state_dict().values()))
     # conditioning probes at every eval_every steps and at the end, raw and EMA, against images seen
-    header, *probe_rows = [line.split(",") for line in p.paths.train_probes.read_text().splitlines()]
-    probes = [dict(zip(header, map(float, r))) for r in probe_rows]
+    probes = result.probes
     assert [r["step"] for r in probes] == [25, 50, 60]
     assert 0 < probes[0]["images_seen"] < probes[1]["images_seen"] < probes[2]["images_seen"] == metrics["images_seen"]
     for prefix in ("", "ema_"):
         for key in ("diffusion_cond_b0", "diffusion_uncond_b3", "caption_loss", "caption_loss_shuffled"):
             assert all(r[prefix + key] > 0 for r in probes)
-    assert metrics["ema_caption_loss"] == pytest.approx(probes[-1]["ema_caption_loss"], rel=1e-5)
-    assert not any(k.startswith("quick_") for k in header)  # no judge here
+    assert metrics["ema_caption_loss"] == probes[-1]["ema_caption_loss"]
+    assert not any(k.startswith("quick_") for k in probes[0])  # no judge here
 
 
 def test_nan_stops_the_run_and_keeps_a_loadable_checkpoint(tiny_pipeline, tmp_path):
@@ -59,9 +72,9 @@ def test_nan_stops_the_run_and_keeps_a_loadable_checkpoint(tiny_pipeline, tmp_pa
     from transfusion.model import TransfusionModel
     from transfusion.train.loop import LoopConfig, TrainingDiverged, train_loop
 
-    p = train_params(tiny_pipeline, tmp_path, use_ray=False, steps=12, checkpoint_every=4, fault=FaultConfig(nan_at_step=7))
+    p = train_params(tiny_pipeline, tmp_path, use_ray=False, steps=12, checkpoint_every=4, fault=FAULT.model_copy(update={"nan_at_step": 7}))
     with pytest.raises(TrainingDiverged, match="at step 7") as err:
-        train_loop(LoopConfig(params=p))
+        train_loop(LoopConfig.from_params(p))
     last = latest_checkpoint(p.paths.checkpoints)
     assert last.name == "step-00000004" and str(last) in str(err.value)
     model = TransfusionModel.from_params(p.model, p.diffusion, load_tokenizer(p.paths.tokenizer), (4, 8, 8))
@@ -74,7 +87,7 @@ def test_bad_checkpoints_are_refused(tiny_pipeline, tmp_path):
     from transfusion.train.loop import LoopConfig, train_loop
 
     p = train_params(tiny_pipeline, tmp_path, use_ray=False, steps=4, checkpoint_every=4, sample_every=4)
-    train_loop(LoopConfig(params=p))
+    train_loop(LoopConfig.from_params(p))
     ck = latest_checkpoint(p.paths.checkpoints)
     verify_checkpoint(ck)
 
@@ -107,6 +120,25 @@ def test_bad_checkpoints_are_refused(tiny_pipeline, tmp_path):
     assert result.output.strip().splitlines()[-1].startswith(f"error: {ck}: trainer.json")
 
 
+def test_resume_from_the_final_checkpoint_finishes_and_exports(tiny_pipeline, tmp_path):
+    """Interrupted after the last checkpoint but before the outputs: --resume exports them."""
+    from stages import train
+    from transfusion.pipeline import TransfusionPipeline
+    from transfusion.train.loop import LoopConfig, train_loop
+
+    p = train_params(tiny_pipeline, tmp_path, use_ray=False, steps=4, checkpoint_every=2, sample_every=2, eval_every=4,
+                     log_every=2, warmup_steps=1)
+    train_loop(LoopConfig.from_params(p))  # the loop finished; no stage outputs yet
+    assert not p.paths.model.exists()
+    metrics = train.run(p, resume=True)
+    assert metrics["steps"] == 4 and metrics["steps_this_run"] == 0 and metrics["resumed_at_step"] == 4
+    pipe = TransfusionPipeline.from_pretrained(p.paths.model)
+    assert pipe.run_id == metrics["mlflow_run_id"]
+    assert [row.split(",")[0] for row in p.paths.train_loss_plot.read_text().splitlines()] == ["step", "2", "4"]
+    assert p.paths.train_samples.read_bytes()[:4] == b"\x89PNG"
+    assert json.loads(p.paths.train_metrics.read_text())["steps"] == 4
+
+
 @pytest.fixture(scope="module")
 def ray_local(tmp_path_factory):
     import ray
@@ -125,7 +157,7 @@ def test_ray_two_workers_survive_a_crash_and_resume(tiny_pipeline, tmp_path, ray
     from transfusion.tracking import find_runs, tracking_uri
 
     p = train_params(tiny_pipeline, tmp_path, use_ray=True, num_workers=2, cpus_per_worker=1, steps=12,
-                     checkpoint_every=4, log_every=2, sample_every=12, max_failures=1, fault=FaultConfig(crash_at_step=6))
+                     checkpoint_every=4, log_every=2, sample_every=12, max_failures=1, fault=FAULT.model_copy(update={"crash_at_step": 6}))
     metrics = train.run(p)  # crashes at step 6, Ray restarts the workers, they resume from step 4
     assert metrics["steps"] == 12 and metrics["steps_this_run"] == 8
     runs = find_runs(p.tracking, "train")
@@ -140,9 +172,16 @@ def test_ray_two_workers_survive_a_crash_and_resume(tiny_pipeline, tmp_path, ray
     assert [a.path for a in client.list_artifacts(run_id, "samples")] == ["samples/step-00000012.png"]
     state = json.loads((latest_checkpoint(p.paths.checkpoints) / "trainer.json").read_text())
     assert set(state["data"]) == {"0", "1"}  # each worker's data position
+    # the stage's outputs, from the final checkpoint: the pipeline folder, curves, the last grid
+    assert json.loads((p.paths.model / "pipeline.json").read_text())["run_id"] == run_id
+    assert (p.paths.model / "model.safetensors").is_file() and (p.paths.model / "vae" / "config.json").is_file()
+    assert [line.split(",")[0] for line in p.paths.train_loss_plot.read_text().splitlines()] == ["step", *map(str, range(2, 13, 2))]
+    assert p.paths.train_probes.read_text().splitlines()[0].startswith("step,images_seen,")
+    assert p.paths.train_samples.read_bytes()[:4] == b"\x89PNG"
+    assert json.loads(p.paths.train_metrics.read_text())["steps"] == 12 and metrics["ray_overhead_s"] > 0
 
     # explicit resume with more steps: same run, same step count continued
-    longer = p.model_copy(update={"train": p.train.model_copy(update={"steps": 16, "fault": FaultConfig()})})
+    longer = p.model_copy(update={"train": p.train.model_copy(update={"steps": 16, "fault": FAULT})})
     more = train.run(longer, resume=True)
     assert more["steps"] == 16 and more["steps_this_run"] == 4 and more["resumed"] == 1.0
     runs = find_runs(p.tracking, "train")

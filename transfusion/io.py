@@ -71,3 +71,13 @@ def sha256_of(path: Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def write_csv(target: Path, rows: list[dict[str, float]], columns: list[str] | None = None) -> None:
+    """Numeric ``rows`` as CSV (``columns``, default the first row's keys; missing values nan);
+    a header only when there are no rows."""
+    columns = columns or (list(rows[0]) if rows else ["step"])
+    with atomic_file(target) as fh:
+        fh.write(",".join(columns) + "\n")
+        for row in rows:
+            fh.write(",".join(f"{row.get(k, float('nan')):.6g}" for k in columns) + "\n")

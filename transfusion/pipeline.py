@@ -1,9 +1,16 @@
 """The exported model as one object: text in, text and pixels out (as diffusers' pipelines).
 
-``TransfusionPipeline.from_pretrained(folder)`` loads what the training stage exports (model,
-tokenizer, VAE, latent scaling); ``from_uri`` also takes an MLflow model URI
-(``runs:/<run id>/model``). Its methods wrap the model's: prompts and captions as strings,
-images as uint8 arrays (N, H, W, 3); sampled latents are unscaled and decoded by the VAE.
+``save_pretrained(folder)`` writes exactly what ``from_pretrained(folder)`` reads::
+
+    config.json, model.safetensors   the TransfusionModel (its saved config and weights)
+    tokenizer files                  the tokenizer, special tokens included
+    vae/                             the AutoencoderKL (diffusers' save_pretrained)
+    pipeline.json                    latent scaling factor and shape, the VAE folder, the MLflow
+                                     run that trained the model
+
+``from_uri`` also takes an MLflow model URI (``runs:/<run id>/model``). The methods wrap the
+model's: prompts and captions as strings, images as uint8 arrays (N, H, W, 3); sampled latents
+are unscaled and decoded by the VAE.
 """
 
 from __future__ import annotations
@@ -13,11 +20,28 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transfusion.errors import BadInput, MissingInput
+
+
+PIPELINE_FILE, VAE_FOLDER = "pipeline.json", "vae"
 
 
 class TransfusionPipeline:
-    def __init__(self, model, tokenizer, vae, scaling_factor: float) -> None:
+    def __init__(self, model, tokenizer, vae, scaling_factor: float, run_id: str | None = None) -> None:
         self.model, self.tokenizer, self.vae, self.scaling_factor = model.eval(), tokenizer, vae.eval(), scaling_factor
+        self.run_id = run_id  # the MLflow run that trained the model, when known
+
+    def save_pretrained(self, folder: Path) -> None:
+        """The pipeline's folder, written atomically (it appears whole or not at all)."""
+        from transfusion.io import atomic_dir
+
+        cfg = self.model.config
+        with atomic_dir(Path(folder)) as tmp:
+            self.model.write_files(tmp, self.tokenizer)
+            self.vae.save_pretrained(str(tmp / VAE_FOLDER), safe_serialization=True)
+            meta = {"scaling_factor": self.scaling_factor, "latent_shape": [cfg.latent_channels, cfg.latent_size, cfg.latent_size],
+                    "vae": VAE_FOLDER, "run_id": self.run_id}
+            (tmp / PIPELINE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
     @classmethod
     def from_pretrained(cls, folder: Path, attention: str | None = None) -> "TransfusionPipeline":
@@ -27,20 +51,38 @@ class TransfusionPipeline:
 
         folder = Path(folder)
         if not folder.is_dir():
-            raise FileNotFoundError(f"{folder}: no model folder here")
-        meta_file = folder / "latents.json"
+            raise MissingInput(f"{folder}: no model folder here")
+        meta_file = folder / PIPELINE_FILE
         if not meta_file.is_file():
-            raise FileNotFoundError(f"{folder}: not an exported model (no latents.json; export it with `transfusion train`)")
-        meta = json.loads(meta_file.read_text())
+            raise MissingInput(f"{folder}: not an exported model (no {PIPELINE_FILE}; export it with `transfusion train`)")
+        try:
+            meta = json.loads(meta_file.read_text())
+            vae_folder, scaling_factor, run_id = meta["vae"], float(meta["scaling_factor"]), meta.get("run_id")
+        except (ValueError, KeyError, TypeError) as err:
+            raise BadInput(f"{meta_file}: expected JSON with vae and scaling_factor ({err})") from None
         model = TransfusionModel.from_pretrained(folder, attention=attention)
-        return cls(model, load_tokenizer(folder), load_vae(folder / meta.get("vae", "vae")), float(meta["scaling_factor"]))
+        return cls(model, load_tokenizer(folder), load_vae(folder / vae_folder), scaling_factor, run_id)
+
+    @classmethod
+    def from_parts(cls, model, tokenizer_dir: Path, vae_dir: Path, latents_dir: Path,
+                   run_id: str | None = None) -> "TransfusionPipeline":
+        """A trained model with the pipeline's tokenizer, VAE and latent scaling (training outputs)."""
+        from transfusion.data.latents import load_meta
+        from transfusion.data.tokenizer import load_tokenizer
+        from transfusion.vae import load_vae
+
+        scaling_factor = float(load_meta(latents_dir)["scaling_factor"])
+        return cls(model, load_tokenizer(tokenizer_dir), load_vae(vae_dir), scaling_factor, run_id)
 
     @classmethod
     def from_uri(cls, uri: str, tracking_uri: str | None = None) -> "TransfusionPipeline":
-        """A local folder, or an MLflow URI (``runs:/<id>/model``, ``models:/<name>/<v>``)."""
+        """A local folder, or an MLflow URI (``runs:/<id>/model``, ``models:/<name>/<v>``) read
+        through ``tracking_uri``."""
         if "://" in uri or uri.startswith(("runs:/", "models:/")):
             from transfusion.tracking import download_artifacts
 
+            if tracking_uri is None:
+                raise BadInput(f"{uri}: an MLflow model URI needs the tracking URI to read it from")
             return cls.from_pretrained(download_artifacts(uri, tracking_uri))
         return cls.from_pretrained(Path(uri))
 
@@ -66,7 +108,7 @@ class TransfusionPipeline:
         images = np.asarray(images)
         want = (self.image_size, self.image_size, 3)
         if images.ndim != 4 or images.shape[1:] != want or images.dtype != np.uint8:
-            raise ValueError(f"images must be uint8 (N, {want[0]}, {want[1]}, 3), got {images.dtype} {images.shape}")
+            raise BadInput(f"images must be uint8 (N, {want[0]}, {want[1]}, 3), got {images.dtype} {images.shape}")
         device = next(self.model.parameters()).device
         return (encode(self.vae, images) * self.scaling_factor).to(device)
 
@@ -79,6 +121,15 @@ class TransfusionPipeline:
 
     def caption(self, images: np.ndarray, **kwargs) -> list[str]:
         return [self._text(ids) for ids in self.model.caption(self.encode_images(images), **kwargs)]
+
+    def sample_grid(self, captions: list[str], path: Path, steps: int | None = None, cfg_scale: float | None = None,
+                    seed: int = 0) -> np.ndarray:
+        """One image per caption, drawn as a captioned PNG grid at ``path``; returns the images."""
+        from transfusion.data.scenes import render_grid
+
+        images = self.sample_images(list(captions), steps=steps, cfg_scale=cfg_scale, seed=seed)
+        render_grid(images, list(captions), Path(path), cols=min(6, len(images)))
+        return images
 
     def generate(self, prompt: str, **kwargs) -> list[str | np.ndarray]:
         out: list[str | np.ndarray] = []
@@ -98,11 +149,11 @@ def read_images(files: list[Path], size: int) -> np.ndarray:
                 im.load()
                 rgb = im.convert("RGB")
         except FileNotFoundError:
-            raise FileNotFoundError(f"{f}: no such image file") from None
+            raise MissingInput(f"{f}: no such image file") from None
         except (UnidentifiedImageError, OSError) as err:
-            raise ValueError(f"{f}: cannot read image ({err})") from None
+            raise BadInput(f"{f}: cannot read image ({err})") from None
         if rgb.size != (size, size):
-            raise ValueError(f"{f}: expected a {size}x{size} image, got {rgb.size[0]}x{rgb.size[1]}")
+            raise BadInput(f"{f}: expected a {size}x{size} image, got {rgb.size[0]}x{rgb.size[1]}")
         out.append(np.asarray(rgb, dtype=np.uint8))
     return np.stack(out)
 

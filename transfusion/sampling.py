@@ -14,6 +14,7 @@ import torch
 
 from transfusion.config import DiffusionConfig
 from transfusion.data.collate import Collator, Example
+from transfusion.errors import BadInput
 
 SAMPLERS = ("ddpm", "ddim", "dpmpp", "flow_euler")
 
@@ -23,10 +24,10 @@ def build_scheduler(cfg: DiffusionConfig, sampler: str, steps: int):
     from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 
     if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}: expected one of {', '.join(SAMPLERS)}")
+        raise BadInput(f"unknown sampler {sampler!r}: expected one of {', '.join(SAMPLERS)}")
     flow = cfg.objective == "flow"
     if flow != (sampler == "flow_euler"):
-        raise ValueError(
+        raise BadInput(
             f"sampler {sampler!r} does not fit a model trained with {cfg.objective!r} "
             f"(use {'flow_euler' if flow else 'ddpm, ddim or dpmpp'})"
         )
@@ -112,10 +113,13 @@ class Context:
     denoising step never leaves anything behind.
     """
 
-    def __init__(self, model, rows: list[list[int]]) -> None:
-        from transformers import DynamicCache
+    def __init__(self, model, cache, keys_valid: torch.Tensor, next_pos: torch.Tensor, last_hidden: torch.Tensor | None) -> None:
+        self.model, self.cache = model, cache
+        self.keys_valid, self.next_pos, self.last_hidden = keys_valid, next_pos, last_hidden
 
-        self.model = model
+    @classmethod
+    def prefill(cls, model, rows: list[list[int]]) -> "Context":
+        """The token rows (left-padded) run once into a fresh cache."""
         device = next(model.parameters()).device
         L = max(len(r) for r in rows)
         ids = torch.full((len(rows), L), model.special.pad, dtype=torch.long, device=device)
@@ -123,10 +127,10 @@ class Context:
         for i, r in enumerate(rows):
             ids[i, L - len(r):] = torch.tensor(r, dtype=torch.long)
             valid[i, L - len(r):] = True
-        self.cache = DynamicCache(config=model.backbone.config)
-        self.keys_valid = torch.zeros((len(rows), 0), dtype=torch.bool, device=device)
-        self.next_pos = torch.zeros(len(rows), dtype=torch.long, device=device)
-        self.last_hidden = self._run(self.model.backbone.get_input_embeddings()(ids), valid, keep=True)[:, -1]
+        ctx = cls(model, model.new_cache(), torch.zeros((len(rows), 0), dtype=torch.bool, device=device),
+                  torch.zeros(len(rows), dtype=torch.long, device=device), None)
+        ctx.last_hidden = ctx._run(model.embed_tokens(ids), valid, keep=True)[:, -1]
+        return ctx
 
     @property
     def length(self) -> int:
@@ -143,10 +147,7 @@ class Context:
         new = (new[None] & valid[:, None, :]) | torch.eye(q, dtype=torch.bool, device=device)[None]
         old = self.keys_valid[:, None, :].expand(B, q, self.length)
         mask = torch.cat([old, new], dim=2)[:, None]  # (B, 1, q, K + q)
-        hidden = self.model.backbone.model(
-            inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-            cache=self.cache, use_cache=True,
-        ).last_hidden_state
+        hidden = self.model.transformer(embeds, mask, positions, cache=self.cache)
         if keep:
             self.keys_valid = torch.cat([self.keys_valid, valid], dim=1)
             self.next_pos = self.next_pos + valid.long().sum(1)
@@ -156,7 +157,7 @@ class Context:
 
     def append_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         """Append one token per row (B,) and return its hidden state (B, D)."""
-        embeds = self.model.backbone.get_input_embeddings()(ids[:, None])
+        embeds = self.model.embed_tokens(ids[:, None])
         self.last_hidden = self._run(embeds, torch.ones_like(ids[:, None], dtype=torch.bool), keep=True)[:, -1]
         return self.last_hidden
 
@@ -223,12 +224,12 @@ def generate_text(
     out: list[list[int]] = [[] for _ in rows]
     done = torch.zeros(len(rows), dtype=torch.bool)
     all_logits = []
-    ctx = Context(model, rows) if use_cache else None
+    ctx = Context.prefill(model, rows) if use_cache else None
     for step in range(max_new_tokens):
         if use_cache:
             hidden = ctx.last_hidden
         else:  # recompute every position from scratch
-            hidden = Context(model, [r + o for r, o in zip(rows, out)]).last_hidden
+            hidden = Context.prefill(model, [r + o for r, o in zip(rows, out)]).last_hidden
         logits = model.text_logits(hidden)
         all_logits.append(logits.float().cpu())
         banned = [s.boi, s.eoi] + ([s.eos] if step < min_new_tokens else [])
@@ -276,7 +277,7 @@ def sample_latents(
         rows = [[s.bos, *c, s.boi] for c in captions]
         if cfg_scale != 1.0:
             rows += [[s.bos, s.boi]] * n
-        context = Context(model, rows)
+        context = Context.prefill(model, rows)
     return denoise(sched, context.image_prediction, generators(seed, n), shape, device, cfg_scale, progress)
 
 
@@ -285,7 +286,7 @@ def caption_latents(model, latents: torch.Tensor, max_new_tokens: int = 24) -> l
     """Greedy captions for clean scaled latents (N, C, H, W): ``<bos> <boi> image(t=0) <eoi>``
     in the cache, then text until ``<eos>``."""
     s = model.special
-    ctx = Context(model, [[s.bos, s.boi]] * len(latents))
+    ctx = Context.prefill(model, [[s.bos, s.boi]] * len(latents))
     ctx.image_prediction(latents, torch.zeros(len(latents), device=latents.device), keep=True)
     ctx.append_tokens(torch.full((len(latents),), s.eoi, dtype=torch.long, device=latents.device))
     out: list[list[int]] = [[] for _ in range(len(latents))]
@@ -307,11 +308,12 @@ def caption_latents(model, latents: torch.Tensor, max_new_tokens: int = 24) -> l
 def generate_interleaved(
     model,
     prompt: list[int],
+    *,
+    steps: int,
+    cfg_scale: float,
+    sampler: str,
     max_new_tokens: int = 64,
     max_images: int = 2,
-    steps: int = 50,
-    cfg_scale: float = 1.0,
-    sampler: str = "ddpm",
     temperature: float = 0.0,
     seed: int = 0,
     force_image: bool = False,
@@ -325,8 +327,8 @@ def generate_interleaved(
     ``<eoi>`` always (the model closes its images itself)."""
     s = model.special
     device = next(model.parameters()).device
-    ctx = Context(model, [[s.bos, *prompt]])
-    uncond = Context(model, [[s.bos, s.boi]]) if cfg_scale != 1.0 else None
+    ctx = Context.prefill(model, [[s.bos, *prompt]])
+    uncond = Context.prefill(model, [[s.bos, s.boi]]) if cfg_scale != 1.0 else None
     parts: list[list[int] | torch.Tensor] = []
     text: list[int] = []
     gens = generators(seed, 1)
@@ -366,23 +368,15 @@ def _image_in_context(model, ctx: Context, uncond: Context | None, steps, cfg_sc
 
 
 def _stack_contexts(a: Context, b: Context) -> Context:
-    """A throw-away context holding a's and b's rows (b left-padded to a's length)."""
-    from transformers import DynamicCache
-
-    merged = Context.__new__(Context)
-    merged.model = a.model
+    """A throw-away context holding a's and b's rows (the shorter left-padded to the longer)."""
     K = max(a.length, b.length)
 
     def padded(layer_tensor: torch.Tensor) -> torch.Tensor:  # (B, heads, T, d) -> left-padded to K
         return torch.nn.functional.pad(layer_tensor, (0, 0, K - layer_tensor.shape[2], 0))
 
-    merged.cache = DynamicCache(config=a.model.backbone.config)
+    cache = a.model.new_cache()
     for idx, (la, lb) in enumerate(zip(a.cache.layers, b.cache.layers)):
-        keys = torch.cat([padded(la.keys), padded(lb.keys)])
-        values = torch.cat([padded(la.values), padded(lb.values)])
-        merged.cache.update(keys, values, idx)
+        cache.update(torch.cat([padded(la.keys), padded(lb.keys)]), torch.cat([padded(la.values), padded(lb.values)]), idx)
     pad_mask = lambda c: torch.nn.functional.pad(c.keys_valid, (K - c.length, 0), value=False)  # noqa: E731
-    merged.keys_valid = torch.cat([pad_mask(a), pad_mask(b)])
-    merged.next_pos = torch.cat([a.next_pos, b.next_pos])
-    merged.last_hidden = torch.cat([a.last_hidden, b.last_hidden])
-    return merged
+    return Context(a.model, cache, torch.cat([pad_mask(a), pad_mask(b)]), torch.cat([a.next_pos, b.next_pos]),
+                   torch.cat([a.last_hidden, b.last_hidden]))

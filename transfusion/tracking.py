@@ -14,9 +14,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from transfusion import env
 from transfusion.config import Params, TrackingConfig
+from transfusion.errors import MissingInput
 
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+env.apply()
 
 
 def tracking_uri(cfg: TrackingConfig) -> str:
@@ -165,12 +167,13 @@ class RunLogger:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
 
 
-def download_artifacts(uri: str, tracking_uri_: str | None = None) -> Path:
-    """A local copy of an MLflow artifact URI (``runs:/<id>/model`` ...)."""
+def download_artifacts(uri: str, tracking_uri_: str) -> Path:
+    """A local copy of an MLflow artifact URI (``runs:/<id>/model`` ...) from the tracking
+    server or database at ``tracking_uri_`` (see :func:`tracking_uri`)."""
     import mlflow
 
-    _use(mlflow, tracking_uri_ or os.environ.get("MLFLOW_TRACKING_URI") or tracking_uri(TrackingConfig()))
+    _use(mlflow, tracking_uri_)
     try:
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
     except Exception as err:  # MlflowException and friends
-        raise FileNotFoundError(f"{uri}: cannot fetch this MLflow artifact ({str(err).splitlines()[0]})") from None
+        raise MissingInput(f"{uri}: cannot fetch this MLflow artifact ({str(err).splitlines()[0]})") from None

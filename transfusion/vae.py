@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from transfusion.config import VAEConfig
+from transfusion.errors import BadInput, MissingInput
+from transfusion.optim import warmup_cosine
 
 
 def build_vae(cfg: VAEConfig, image_size: int, channels: int = 3):
@@ -43,11 +45,11 @@ def load_vae(path: Path):
 
     path = Path(path)
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path}: not a saved VAE (no config.json); run the vae stage first")
+        raise MissingInput(f"{path}: not a saved VAE (no config.json); run the vae stage first")
     try:
         vae = AutoencoderKL.from_pretrained(str(path), use_safetensors=True, local_files_only=True, low_cpu_mem_usage=False)
     except (OSError, ValueError, RuntimeError) as err:
-        raise ValueError(f"{path}: cannot load the VAE ({str(err).splitlines()[0]})") from None
+        raise BadInput(f"{path}: cannot load the VAE ({str(err).splitlines()[0]})") from None
     return vae.eval()
 
 
@@ -109,7 +111,7 @@ def train_vae(
     data = to_tensor(images)
     vae.train()
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg.warmup_steps, cfg.steps))
+    sched = warmup_cosine(opt, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
     history: list[VAELog] = []
     running = np.zeros(3)
     for step in range(1, cfg.steps + 1):
@@ -119,7 +121,7 @@ def train_vae(
             loss, mse, kl = vae_loss(vae, x, cfg.kl_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.grad_clip)
         opt.step()
         sched.step()
         running += [loss.item(), mse.item(), kl.item()]
@@ -132,13 +134,6 @@ def train_vae(
                 on_log(entry)
     vae.eval()
     return history
-
-
-def _lr_factor(step: int, warmup: int, total: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from transfusion.config import SPECIAL_TOKENS, TokenizerConfig
+from transfusion.errors import MissingInput
 
 BOI, EOI = "<boi>", "<eoi>"
 
@@ -63,7 +64,7 @@ def load_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
     if not Path(path).is_dir():
-        raise FileNotFoundError(f"{path}: no tokenizer folder here")
+        raise MissingInput(f"{path}: no tokenizer folder here")
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transfusion.errors import BadInput
 
 JUDGE_EXTRACTOR = "transfusion-judge"
 
@@ -86,7 +87,7 @@ def fid_kid(a: np.ndarray, b: np.ndarray, extractor: str, judge_dir: Path | None
         )
     except Exception as err:
         if extractor == "inception" and inception_weights is None:
-            raise ValueError(
+            raise BadInput(
                 "FID with inception-v3-compat needs its weights: set eval.inception_weights to the "
                 f"pt_inception-2015-12-05 file, or use eval.feature_extractor: judge ({str(err).splitlines()[0]})"
             ) from None

@@ -30,6 +30,7 @@ import numpy as np
 
 from transfusion.config import CATEGORIES
 from transfusion.data.scenes import RELATIONS, Prompt, parse_caption, satisfies
+from transfusion.errors import BadInput
 
 # our category names -> GenEval's tags
 TAGS = {"single_object": "single_object", "two_objects": "two_object", "counting": "counting",
@@ -123,15 +124,15 @@ def read_prompt_file(path: Path, palette: dict | None = None) -> list[Prompt]:
             row = json.loads(line)
             text, tag = row["prompt"], row["tag"]
         except (json.JSONDecodeError, KeyError, TypeError):
-            raise ValueError(f"{path}:{lineno}: expected GenEval metadata with 'tag' and 'prompt'") from None
+            raise BadInput(f"{path}:{lineno}: expected GenEval metadata with 'tag' and 'prompt'") from None
         prompt = parse_caption(text, palette)
         if prompt is None:
-            raise ValueError(f"{path}:{lineno}: prompt {text!r} fits no MNIST-scene template")
+            raise BadInput(f"{path}:{lineno}: prompt {text!r} fits no MNIST-scene template")
         if CATEGORY_OF_TAG.get(tag) != prompt.category:
-            raise ValueError(f"{path}:{lineno}: tag {tag!r} does not match prompt {text!r} ({TAGS[prompt.category]})")
+            raise BadInput(f"{path}:{lineno}: tag {tag!r} does not match prompt {text!r} ({TAGS[prompt.category]})")
         prompts.append(prompt)
     if not prompts:
-        raise ValueError(f"{path}: no prompts")
+        raise BadInput(f"{path}: no prompts")
     return prompts
 
 

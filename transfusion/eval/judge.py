@@ -19,6 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from transfusion.config import JudgeConfig, ScenesConfig
+from transfusion.errors import MissingInput
+
 EMPTY = 10
 
 
@@ -27,7 +30,7 @@ class CellNet(nn.Module):
     Two conv stages of ``channels`` (two 3x3 convs each), max-pooled to 4x4, a feature layer.
     Runs channels-last (oneDNN's fast layout for small convolutions on CPUs: ~1.5x here)."""
 
-    def __init__(self, channels: tuple[int, int] = (32, 64), feature_dim: int = 128, dropout: float = 0.0) -> None:
+    def __init__(self, channels: tuple[int, int], feature_dim: int = 128, dropout: float = 0.0) -> None:
         super().__init__()
         a, b = channels
 
@@ -73,7 +76,7 @@ def cell_labels(records: list[dict], grid: int) -> torch.Tensor:
 
 class Judge:
     def __init__(self, net: CellNet, palette: dict[str, tuple[int, int, int]], grid: int, canvas: int,
-                 channels: tuple[int, int] = (32, 64)) -> None:
+                 channels: tuple[int, int]) -> None:
         self.net, self.palette, self.grid, self.canvas = net.eval(), palette, grid, canvas
         self.channels = tuple(channels)
         ref = torch.tensor([palette[k] for k in palette], dtype=torch.float32)
@@ -147,9 +150,9 @@ class Judge:
 
         folder = Path(folder)
         if not (folder / "config.json").is_file():
-            raise FileNotFoundError(f"{folder}: no judge here; run the judge stage first")
+            raise MissingInput(f"{folder}: no judge here; run the judge stage first")
         meta = json.loads((folder / "config.json").read_text())
-        channels = tuple(meta.get("channels", (32, 64)))
+        channels = tuple(meta["channels"])
         net = CellNet(channels)
         load_model(net, str(folder / "model.safetensors"))
         return cls(net, {k: tuple(v) for k, v in meta["palette"].items()}, meta["grid"], meta["canvas"], channels)
@@ -175,31 +178,31 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return F.grid_sample(x, grid, align_corners=False, padding_mode="zeros")
 
 
-def train_judge(x: torch.Tensor, y: torch.Tensor, palette: dict, grid: int, canvas: int, epochs: int = 4,
-                batch_size: int = 256, lr: float = 3e-3, seed: int = 0, on_epoch=None,
-                channels: tuple[int, int] = (32, 64)) -> Judge:
-    """Fit the cell classifier on intensity cells ``x`` (M, 1, c, c) with labels ``y`` (M,),
-    small random affine warps as augmentation."""
-    torch.manual_seed(seed)
+def train_judge(x: torch.Tensor, y: torch.Tensor, cfg: JudgeConfig, scenes: ScenesConfig, on_log=None) -> Judge:
+    """Fit the cell classifier per ``cfg`` (the ``judge`` section) on intensity cells ``x``
+    (M, 1, c, c) with labels ``y`` (M,), small random affine warps as augmentation;
+    ``on_log(epoch, loss)`` after each epoch. The judge reads scenes laid out as ``scenes`` says."""
+    torch.manual_seed(cfg.seed)
+    channels = tuple(cfg.channels)
     net = CellNet(channels)
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    steps = epochs * (len(x) // batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, steps))
-    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-4)
+    steps = cfg.epochs * (len(x) // cfg.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(1, steps))
+    gen = torch.Generator().manual_seed(cfg.seed)
     net.train()
-    for epoch in range(epochs):
+    for epoch in range(cfg.epochs):
         order = torch.randperm(len(x), generator=gen)
-        for start in range(0, len(x) - batch_size + 1, batch_size):
-            idx = order[start : start + batch_size]
+        for start in range(0, len(x) - cfg.batch_size + 1, cfg.batch_size):
+            idx = order[start : start + cfg.batch_size]
             xb = augment(x[idx], gen)
             loss = F.cross_entropy(net(xb), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-        if on_epoch is not None:
-            on_epoch(epoch, float(loss.detach()))
-    return Judge(net.eval(), palette, grid, canvas, channels)
+        if on_log is not None:
+            on_log(epoch, float(loss.detach()))
+    return Judge(net.eval(), dict(scenes.palette), scenes.grid, scenes.canvas, channels)
 
 
 def scene_exact_match(judge: Judge, images: np.ndarray, records: list[dict]) -> dict[str, float]:

@@ -120,10 +120,9 @@ def quick_eval(model, tokenizer, data: ProbeData, prompts_per_category: int, n_c
 
     if data.judge is None:
         return {}
-    sampler = "flow_euler" if model.config.diffusion.objective == "flow" else "ddim"
     prompts = geneval.prompts_from_records(data.records, prompts_per_category, seed)
     ids = [tokenizer(p.caption(), add_special_tokens=False)["input_ids"] for p in prompts]
-    latents = model.sample_images(ids, steps=steps, cfg_scale=cfg_scale, sampler=sampler, seed=seed)
+    latents = model.sample_images(ids, steps=steps, cfg_scale=cfg_scale, seed=seed)  # the model's sampler
     images = decode(data.vae, latents.float().cpu() / data.scaling_factor)
     scores = geneval.score([[c] for c in data.judge.read(images)], prompts)
     out = {f"quick_{k}": v for k, v in scores.items() if k.startswith("geneval_") or k == "scene_match_overall"}

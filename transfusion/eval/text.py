@@ -13,12 +13,11 @@ def bits_per_byte(model, ids: list[int], text_bytes: int, chunk: int) -> dict[st
     """Score ``ids`` (the tokenized text, ``text_bytes`` UTF-8 bytes long) in chunks of ``chunk``
     tokens, each after ``<bos>``; every token is predicted exactly once."""
     device = next(model.parameters()).device
-    emb = model.backbone.get_input_embeddings()
     nll, n = 0.0, 0
     for start in range(0, len(ids), chunk):
         part = ids[start : start + chunk]
         x = torch.tensor([[model.special.bos, *part]], device=device)
-        hidden = model.backbone.model(inputs_embeds=emb(x)).last_hidden_state[:, :-1]  # causal
+        hidden = model.transformer(model.embed_tokens(x), None, None)[:, :-1]  # plain causal mask
         logits = model.text_logits(hidden).float()[0]
         nll += F.cross_entropy(logits, x[0, 1:], reduction="sum").item()
         n += len(part)

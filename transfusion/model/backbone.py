@@ -8,6 +8,7 @@ as LLaVA does (new rows start at the mean of the old ones). Never runs a checkpo
 from __future__ import annotations
 
 from pathlib import Path
+from transfusion.errors import BadInput, MissingInput
 
 # name -> (hidden, intermediate, layers, heads, kv heads)
 SIZES: dict[str, tuple[int, int, int, int, int]] = {
@@ -74,10 +75,10 @@ def load_pretrained_backbone(path: Path, vocab_size: int, attention: str):
 
     path = Path(path)
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path}: not a pretrained model folder (no config.json)")
+        raise MissingInput(f"{path}: not a pretrained model folder (no config.json)")
     kind = AutoConfig.from_pretrained(str(path), local_files_only=True).model_type
     if kind not in KINDS:
-        raise ValueError(f"{path}: backbone model_type {kind!r} is not one of {KINDS}")
+        raise BadInput(f"{path}: backbone model_type {kind!r} is not one of {KINDS}")
     model = AutoModelForCausalLM.from_pretrained(
         str(path), local_files_only=True, attn_implementation=attn_implementation(attention), use_safetensors=True
     )

@@ -20,9 +20,10 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-from transfusion.config import DiffusionConfig
-from transfusion.data.collate import PATCH, TIME, Batch, SpecialIds
+from transfusion.config import DiffusionConfig, ScheduleConfig
 from transfusion.diffusion import build_objective
+from transfusion.errors import BadInput, MissingInput
+from transfusion.layout import PATCH, TIME, Batch, SpecialIds
 from transfusion.model import backbone as bb
 from transfusion.model.mask import hybrid_block_mask, hybrid_mask
 from transfusion.model.patching import build_patching
@@ -45,7 +46,7 @@ class TransfusionConfig(BaseModel):
     attention: str = "sdpa"
     freeze_text: bool = False
     special: dict[str, int]  # bos, eos, pad, boi, eoi
-    diffusion: DiffusionConfig = DiffusionConfig()
+    diffusion: ScheduleConfig  # the diffusion process and the default sampler
 
     @property
     def patches_per_image(self) -> int:
@@ -110,7 +111,7 @@ class TransfusionModel(nn.Module):
         """Hidden states (B, L, D) and the image prediction (N, C, H, W) for noisy latents
         ``x_t`` at (model) times ``time`` (N,)."""
         has_images = x_t.numel() > 0
-        h = self.backbone.get_input_embeddings()(batch.input_ids)  # (B, L, D)
+        h = self.embed_tokens(batch.input_ids)  # (B, L, D)
         is_patch, is_time = batch.modality == PATCH, batch.modality == TIME
         if has_images:
             # 1. time embedding and patch vectors per image  (N, D), (N, P, D)
@@ -122,7 +123,7 @@ class TransfusionModel(nn.Module):
                 h[is_time] = temb[batch.image_block[is_time]].to(h.dtype)
         # 3. the transformer over the hybrid mask  (B, L, D)
         mask = self.attention_mask(batch) if mask is None else mask
-        hidden = self.backbone.model(inputs_embeds=h, attention_mask=mask, position_ids=batch.position_ids).last_hidden_state
+        hidden = self.transformer(h, mask, batch.position_ids)
         if not has_images:
             return hidden, x_t
         # 4. image outputs back in latent shape  (N, C, H, W)
@@ -133,13 +134,33 @@ class TransfusionModel(nn.Module):
     def text_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.backbone.lm_head(hidden)
 
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, L) -> embeddings (B, L, D)."""
+        return self.backbone.get_input_embeddings()(ids)
+
+    def transformer(self, embeds: torch.Tensor, mask, positions: torch.Tensor | None, cache=None) -> torch.Tensor:
+        """The backbone's layers over (B, q, D) ``embeds`` -> hidden states (B, q, D). ``mask``:
+        bool (B, 1, q, K + q) for sdpa, a BlockMask, or None (plain causal); ``positions``: (B, q)
+        or None (0, 1, ...); ``cache``: a KV cache to extend."""
+        out = self.backbone.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                                  cache=cache, use_cache=cache is not None)
+        return out.last_hidden_state
+
+    def new_cache(self):
+        """An empty KV cache for :meth:`transformer` (a transformers ``DynamicCache``)."""
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.backbone.config)
+
     # ------------------------------------------------------------------------------------------
     # training
     # ------------------------------------------------------------------------------------------
-    def loss(self, batch: Batch, generator: torch.Generator | None = None) -> LossOutput:
-        """LM cross-entropy on text targets + lambda * diffusion MSE on every image."""
+    def loss(self, batch: Batch, generator: torch.Generator | None = None, *, loss_weight: float,
+             noise_limit: float) -> LossOutput:
+        """LM cross-entropy on text targets + ``loss_weight`` (lambda) * diffusion MSE on every
+        image; an image before its caption draws noise levels <= ``noise_limit`` only."""
         # 1. one timestep and noise per image; images before their caption get capped noise
-        t = self.diffusion.sample_timesteps(batch.image_first.cpu(), generator)
+        t = self.diffusion.sample_timesteps(batch.image_first.cpu(), noise_limit, generator)
         x0 = batch.images
         noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
         x_t = self.diffusion.add_noise(x0, noise, t) if len(t) else x0
@@ -156,7 +177,7 @@ class TransfusionModel(nn.Module):
             diff = F.mse_loss(pred.float(), self.diffusion.target(x0, noise, t).float())
         else:
             diff = hidden.sum() * 0.0
-        total = lm + self.config.diffusion.loss_weight * diff
+        total = lm + loss_weight * diff
         return LossOutput(total, lm.detach(), diff.detach(), t)
 
     # ------------------------------------------------------------------------------------------
@@ -174,21 +195,23 @@ class TransfusionModel(nn.Module):
         from transfusion.sampling import sample_latents
 
         d = self.config.diffusion
-        sampler = sampler or ("flow_euler" if d.objective == "flow" else d.sampler)
         return sample_latents(self, captions, steps or d.sample_steps, d.cfg_scale if cfg_scale is None else cfg_scale,
-                              sampler, **kwargs)
+                              sampler or d.sampler, **kwargs)
 
     def caption(self, latents: torch.Tensor, **kwargs) -> list[list[int]]:
         from transfusion.sampling import caption_latents
 
         return caption_latents(self, latents, **kwargs)
 
-    def generate(self, prompt: list[int], **kwargs):
+    def generate(self, prompt: list[int], steps: int | None = None, cfg_scale: float | None = None,
+                 sampler: str | None = None, **kwargs):
+        """Interleaved text and images; see :func:`transfusion.sampling.generate_interleaved`.
+        Diffusion defaults from the diffusion config, as :meth:`sample_images`."""
         from transfusion.sampling import generate_interleaved
 
         d = self.config.diffusion
-        kwargs.setdefault("sampler", "flow_euler" if d.objective == "flow" else d.sampler)
-        return generate_interleaved(self, prompt, **kwargs)
+        return generate_interleaved(self, prompt, steps=steps or d.sample_steps, sampler=sampler or d.sampler,
+                                    cfg_scale=d.cfg_scale if cfg_scale is None else cfg_scale, **kwargs)
 
     # ------------------------------------------------------------------------------------------
     # building, saving, loading
@@ -217,7 +240,7 @@ class TransfusionModel(nn.Module):
             attention=model_cfg.attention,
             freeze_text=model_cfg.freeze_text,
             special=dict(special.__dict__),
-            diffusion=diffusion_cfg,
+            diffusion=diffusion_cfg.schedule,
         )
         return cls(config, backbone)
 
@@ -245,17 +268,17 @@ class TransfusionModel(nn.Module):
         directory = Path(directory)
         for name in (CONFIG_NAME, WEIGHTS_NAME):
             if not (directory / name).is_file():
-                raise FileNotFoundError(f"{directory}: not a saved Transfusion model (no {name})")
+                raise MissingInput(f"{directory}: not a saved Transfusion model (no {name})")
         try:
             data = json.loads((directory / CONFIG_NAME).read_text())
             if attention is not None:
                 data["attention"] = attention
             config = TransfusionConfig.model_validate(data)
         except ValueError as err:
-            raise ValueError(f"{directory / CONFIG_NAME}: invalid model config ({str(err).splitlines()[0]})") from None
+            raise BadInput(f"{directory / CONFIG_NAME}: invalid model config ({str(err).splitlines()[0]})") from None
         model = cls(config)
         try:
             load_model(model, str(directory / WEIGHTS_NAME), strict=True)
         except Exception as err:
-            raise ValueError(f"{directory / WEIGHTS_NAME}: cannot load weights ({str(err).splitlines()[0]})") from None
+            raise BadInput(f"{directory / WEIGHTS_NAME}: cannot load weights ({str(err).splitlines()[0]})") from None
         return model.eval()

@@ -21,13 +21,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from transfusion.errors import UserError
 from transfusion.io import atomic_dir, sha256_of
 
 MANIFEST = "manifest.json"
 PREFIX = "step-"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError):
     """A checkpoint folder is incomplete or corrupt."""
 
 
@@ -106,6 +107,24 @@ def verify_checkpoint(path: Path) -> dict:
     return manifest
 
 
+def load_weights(path: Path, model, ema: bool) -> dict:
+    """The trained weights of checkpoint ``path`` into ``model``: its EMA when ``ema`` (the
+    checkpoint must have one), else the raw weights. Returns trainer.json."""
+    from torch.optim.swa_utils import AveragedModel
+
+    path = Path(path)
+    verify_checkpoint(path)
+    if ema:
+        if not (path / "ema.safetensors").is_file():
+            raise CheckpointError(f"{path}: no ema.safetensors (was the run trained with train.ema_decay 0?)")
+        averaged = AveragedModel(model, use_buffers=True)  # the layout the EMA was saved in (a copy)
+        load_model(averaged, str(path / "ema.safetensors"), strict=True)
+        model.load_state_dict(averaged.module.state_dict())
+    else:
+        load_model(model, str(path / "model.safetensors"), strict=True)
+    return json.loads((path / "trainer.json").read_text())
+
+
 def load_checkpoint(path: Path, model, optimizer=None, scheduler=None, ema=None) -> dict:
     """Restore into the given objects (after :func:`verify_checkpoint`); returns trainer.json."""
     path = Path(path)
@@ -121,3 +140,36 @@ def load_checkpoint(path: Path, model, optimizer=None, scheduler=None, ema=None)
         scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(tensors["rng.torch"])
     return state
+
+
+RUN_FILE = "mlflow_run.json"  # beside the checkpoints: the MLflow run they belong to
+
+
+def prepare_run(root: Path, resume: bool | Path) -> str | None:
+    """Set up ``root`` for a run. Fresh (``resume`` false): empty it; returns None. Resume: the
+    newest checkpoint (or the checkpoint ``resume`` names, which becomes the newest) must verify;
+    returns the MLflow run id recorded beside it (None if there is none)."""
+    root = Path(root)
+    if not resume:
+        shutil.rmtree(root, ignore_errors=True)
+        return None
+    if isinstance(resume, Path):  # an explicit checkpoint: make it the newest one
+        verify_checkpoint(resume)
+        if resume.resolve().parent != root.resolve():
+            raise CheckpointError(f"{resume}: --resume PATH must be a checkpoint under {root}")
+        for newer in (p for p in list_checkpoints(root) if p.name > resume.name):
+            shutil.rmtree(newer)
+    found = latest_checkpoint(root)
+    if found is None:
+        raise CheckpointError(f"{root}: no checkpoint to resume from")
+    verify_checkpoint(found)
+    run_file = root / RUN_FILE
+    return json.loads(run_file.read_text())["run_id"] if run_file.is_file() else None
+
+
+def record_run(root: Path, run_id: str) -> None:
+    """Write the MLflow run id beside the checkpoints (``--resume`` continues that run)."""
+    from transfusion.io import write_json
+
+    Path(root).mkdir(parents=True, exist_ok=True)
+    write_json(Path(root) / RUN_FILE, {"run_id": run_id})

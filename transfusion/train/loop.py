@@ -1,56 +1,70 @@
 """The plain training loop: ``train_loop(config)`` runs in one process, or on every Ray worker.
 
 What varies between the two is a :class:`Runtime` (rank, world size, device, how the model is
-wrapped for data parallelism); the Ray wrapper passes its own, tests and ``train.use_ray: false``
-use the default. The loop:
+wrapped for data parallelism); the Ray wrapper passes its own,
+tests and ``train.use_ray: false`` use the default. The loop trains; it writes nothing but
+checkpoints and the MLflow run (the training stage writes the outputs):
 
-1. builds its data (tokenizer, tokenized corpus, this rank's share of the latents, the mixture
-   stream, the collator) and the model, AdamW, warmup + cosine schedule and the EMA;
+1. builds a :class:`TrainState`: tokenizer, tokenized corpus, this rank's share of the latents,
+   the mixture stream, the collator, the model, AdamW, warm-up + cosine schedule, the EMA;
 2. resumes from the newest checkpoint under ``paths.checkpoints`` if there is one (the training
    stage empties that folder for a fresh run and keeps it for ``--resume`` and Ray restarts);
 3. trains ``train.steps`` optimizer steps (gradient accumulation, clipping, bf16 autocast where
    it pays) and stops with :class:`TrainingDiverged` on a non-finite loss or gradient, before
-   the bad update, so the last checkpoint stays good;
-4. on rank 0: logs metrics to the MLflow run, runs the conditioning probes
-   (``transfusion.eval.probe``) on raw and EMA weights every ``eval_every`` steps, writes
-   checkpoints every N steps, a sample grid every M steps, and at the end exports the model (EMA
-   weights) with its tokenizer and VAE.
+   the bad update, so the last checkpoint stays good; checkpoints every ``checkpoint_every``
+   steps and at the end;
+4. on rank 0 (:class:`_Watch`): logs metrics to the MLflow run, runs the conditioning probes
+   (``transfusion.eval.probe``) on raw and EMA weights every ``eval_every`` steps and draws a
+   sample grid every ``sample_every`` steps;
+5. returns its final metrics (Ray hands rank 0's to the driver). :func:`load_trained` reads the final checkpoint back as a
+   :class:`TrainResult` (EMA weights, loss and probe rows) for the stage to export.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-from transfusion.config import Params
-
+from transfusion.config import RGB, DiffusionConfig, MixtureConfig, ModelConfig, Params, PathsConfig, TrainConfig
+from transfusion.errors import UserError
+from transfusion.optim import warmup_cosine
 
 WINDOW = ("loss", "lm", "diffusion", "tokens", "images", "n", "grad_norm")  # sums between log lines
 
 
 class LoopConfig(BaseModel):
-    """What a worker needs: the params and the MLflow run to log into."""
+    """What a worker needs: its params sections, absolute paths, and the MLflow run to log into."""
 
     model_config = ConfigDict(extra="forbid")
 
-    params: Params
+    paths: PathsConfig
+    model: ModelConfig
+    diffusion: DiffusionConfig
+    mixture: MixtureConfig
+    train: TrainConfig
+    palette: dict[str, RGB]  # the scene colours (the probes score captions)
     tracking_uri: str | None = None
     run_id: str | None = None
 
+    @classmethod
+    def from_params(cls, params: Params, tracking_uri: str | None = None, run_id: str | None = None) -> "LoopConfig":
+        p = params.with_absolute_paths()
+        return cls(paths=p.paths, model=p.model, diffusion=p.diffusion, mixture=p.mixture, train=p.train,
+                   palette=dict(p.data.scenes.palette), tracking_uri=tracking_uri, run_id=run_id)
 
-class TrainingDiverged(RuntimeError):
+
+class TrainingDiverged(UserError):
     """The loss or the gradient became NaN / infinite."""
 
 
-class TrainingFailed(RuntimeError):
+class TrainingFailed(UserError):
     """A (Ray) worker failed and no retry was left; the message names the cause."""
 
 
@@ -69,12 +83,13 @@ class Runtime:
 class _LossStep(nn.Module):
     """``forward`` = ``model.loss`` so that DDP sees (and synchronises) the training pass."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, diffusion: DiffusionConfig) -> None:
         super().__init__()
         self.model = model
+        self.loss_weight, self.noise_limit = diffusion.loss_weight, diffusion.noise_limit
 
     def forward(self, batch, generator):
-        out = self.model.loss(batch, generator)
+        out = self.model.loss(batch, generator, loss_weight=self.loss_weight, noise_limit=self.noise_limit)
         return out.total, out.lm, out.diffusion
 
 
@@ -105,158 +120,196 @@ def ema_update(decay: float, warmup: bool):
     return update
 
 
-def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+class TrainState:
+    """What one rank trains with: data, model, optimizer, schedule, EMA (built by :func:`setup`)."""
+
+    def __init__(self, cfg: LoopConfig, rt: Runtime) -> None:
+        from transfusion.data.collate import Collator
+        from transfusion.data.latents import load_meta
+        from transfusion.data.mixture import ExampleStream, tokenize_corpus
+        from transfusion.data.prepare import read_text_split
+        from transfusion.data.tokenizer import load_tokenizer
+        from transfusion.model import TransfusionModel
+
+        paths, tc = cfg.paths, cfg.train
+        self.tokenizer = load_tokenizer(paths.tokenizer)
+        meta = load_meta(paths.latents)
+        text_ids = tokenize_corpus(self.tokenizer, read_text_split(paths.text, "train"))
+        self.model = TransfusionModel.from_params(cfg.model, cfg.diffusion, self.tokenizer, tuple(meta["latent_shape"]))
+        self.stream = ExampleStream(paths.latents, text_ids, self.tokenizer, cfg.mixture, cfg.mixture.text_length, tc.seed,
+                                    rt.rank, rt.world_size)
+        self.collate = Collator(self.model.special, self.model.config.patches_per_image, cfg.model.max_length,
+                                time_token=cfg.model.time_conditioning == "token",
+                                caption_dropout=cfg.diffusion.caption_dropout, seed=tc.seed * 1000 + rt.rank)
+        self.model.to(rt.device)
+        self.step_module = rt.prepare(_LossStep(self.model, cfg.diffusion))
+        self.params = [q for q in self.model.parameters() if q.requires_grad]
+        decay = [q for q in self.params if q.dim() >= 2]
+        no_decay = [q for q in self.params if q.dim() < 2]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=tc.lr, betas=tc.betas, eps=tc.eps,
+        )
+        self.scheduler = warmup_cosine(self.optimizer, tc.warmup_steps, tc.steps, tc.min_lr_ratio)
+        self.ema = None
+        if tc.ema_decay > 0:
+            from torch.optim.swa_utils import AveragedModel
+
+            self.ema = AveragedModel(self.model, multi_avg_fn=ema_update(tc.ema_decay, tc.ema_warmup), use_buffers=True)
+        self.bf16 = resolve_precision(tc.precision, rt.device)
+        self.step, self.history, self.probes, self.seen = 0, [], [], 0
+
+    @property
+    def trained(self) -> nn.Module:
+        """The weights that are exported and sampled: the EMA when there is one."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def resume(self, path: Path, rank: int) -> None:
+        from transfusion.train.checkpoint import load_checkpoint
+
+        state = load_checkpoint(path, self.model, self.optimizer, self.scheduler, self.ema)
+        self.step, self.history = state["step"], state.get("history", [])
+        self.probes, self.seen = state.get("probes", []), int(state.get("images_seen", 0))
+        self.stream.load_state(state["data"].get(str(rank), {"drawn": 0}))
 
 
 def train_loop(config: dict | LoopConfig, runtime: Runtime | None = None) -> dict:
-    """Train per ``config`` (a :class:`LoopConfig` or its dict); returns the final metrics."""
-    from transfusion.data.collate import Collator
-    from transfusion.data.latents import load_meta
-    from transfusion.data.mixture import ExampleStream, tokenize_corpus
-    from transfusion.data.prepare import read_text_split
-    from transfusion.data.tokenizer import load_tokenizer
-    from transfusion.model import TransfusionModel
-    from transfusion.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    """Train per ``config`` (a :class:`LoopConfig` or its dict) and return rank 0's final
+    metrics; the trained weights are the final checkpoint (:func:`load_trained` reads them)."""
+    from transfusion.train.checkpoint import latest_checkpoint
 
     cfg = config if isinstance(config, LoopConfig) else LoopConfig.model_validate(config)
-    p, tc = cfg.params, cfg.params.train
+    paths, tc = cfg.paths, cfg.train
     rt = runtime or Runtime(tc.use_gpu)
     is_main = rt.rank == 0
     torch.manual_seed(tc.seed + rt.rank)
     t_setup = time.perf_counter()
 
-    # 1. data and model
-    tokenizer = load_tokenizer(p.paths.tokenizer)
-    meta = load_meta(p.paths.latents)
-    text_ids = tokenize_corpus(tokenizer, read_text_split(p.paths.text, "train"))
-    model = TransfusionModel.from_params(p.model, p.diffusion, tokenizer, tuple(meta["latent_shape"]))
-    stream = ExampleStream(p.paths.latents, text_ids, tokenizer, p.mixture, p.mixture.text_length, tc.seed, rt.rank, rt.world_size)
-    collate = Collator(model.special, model.config.patches_per_image, p.model.max_length,
-                       time_token=p.model.time_conditioning == "token", caption_dropout=p.diffusion.caption_dropout,
-                       seed=tc.seed * 1000 + rt.rank)
-    model.to(rt.device)
-    step_module = rt.prepare(_LossStep(model))
-    params = [q for q in model.parameters() if q.requires_grad]
-    decay = [q for q in params if q.dim() >= 2]
-    no_decay = [q for q in params if q.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=tc.lr, betas=tc.betas, eps=tc.eps,
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, tc.warmup_steps, tc.steps, tc.min_lr_ratio)
-    )
-    ema = None
-    if tc.ema_decay > 0:
-        from torch.optim.swa_utils import AveragedModel
+    # 1. data, model, optimizer; what rank 0 watches with
+    st = TrainState(cfg, rt)
+    watch = _Watch(cfg, st.tokenizer) if is_main else None
 
-        ema = AveragedModel(model, multi_avg_fn=ema_update(tc.ema_decay, tc.ema_warmup), use_buffers=True)
-    bf16 = resolve_precision(tc.precision, rt.device)
-    probe_data = _probe_data(p, tokenizer) if is_main else None
-
-    # 2. resume
-    start, history, probes, seen = 0, [], [], 0
-    found = latest_checkpoint(p.paths.checkpoints)
+    # 2. resume from the newest checkpoint, if any (a fresh run starts with none)
+    found = latest_checkpoint(paths.checkpoints)
     if found is not None:
-        state = load_checkpoint(found, model, optimizer, scheduler, ema)
-        start, history = state["step"], state.get("history", [])
-        probes, seen = state.get("probes", []), int(state.get("images_seen", 0))
-        stream.load_state(state["data"][str(rt.rank)] if str(rt.rank) in state["data"] else {"drawn": 0})
-        _say(is_main, f"resumed from {found} at step {start}")
-    logger = _logger(cfg) if is_main else None
+        st.resume(found, rt.rank)
+        _say(is_main, f"resumed from {found} at step {st.step}")
+    start = st.step
 
     # 3. steps
     window = dict.fromkeys(WINDOW, 0.0)
-    t_window = time.perf_counter()
-    t_start = time.perf_counter()
+    t_window = t_start = time.perf_counter()
     setup = t_start - t_setup
     for step in range(start + 1, tc.steps + 1):
         if tc.fault.crash_at_step == step and start == 0:
             raise RuntimeError(f"injected crash at step {step} (train.fault.crash_at_step)")
-        step_module.train()
-        for micro in range(tc.grad_accum):
-            batch = collate(stream.take(tc.batch_size)).to(rt.device)
-            gen = torch.Generator().manual_seed(hash((tc.seed, rt.rank, step, micro)) & 0x7FFFFFFF)
-            with torch.autocast(device_type=rt.device.type, dtype=torch.bfloat16, enabled=bf16):
-                total, lm, diff = step_module(batch, gen)
-            if tc.fault.nan_at_step == step:
-                total = total * float("nan")
-            (total / tc.grad_accum).backward()
-            window["loss"] += total.item() / tc.grad_accum
-            window["lm"] += lm.item() / tc.grad_accum
-            window["diffusion"] += diff.item() / tc.grad_accum
-            window["tokens"] += int(batch.valid.sum()) * rt.world_size
-            window["images"] += len(batch.images) * rt.world_size
-            seen += len(batch.images) * rt.world_size
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
-        if not math.isfinite(total.item()) or not torch.isfinite(grad_norm):
-            kept = latest_checkpoint(p.paths.checkpoints)
-            raise TrainingDiverged(
-                f"non-finite loss or gradient at step {step} (loss {total.item()}, grad norm {float(grad_norm)}); "
-                f"last good checkpoint: {kept or 'none'}"
-            )
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema.update_parameters(model)
+        grad_norm = _optimizer_step(st, cfg, rt, step, window)
+        st.step = step
         window["grad_norm"] += float(grad_norm)
         window["n"] += 1
-
         if step % tc.log_every == 0 or step == tc.steps:
-            dt = time.perf_counter() - t_window
-            n = window["n"]
-            row = {
-                "step": step,
-                "loss": window["loss"] / n,
-                "lm_loss": window["lm"] / n,
-                "diffusion_loss": window["diffusion"] / n,
-                "lr": scheduler.get_last_lr()[0],
-                "grad_norm": window["grad_norm"] / n,
-                "tokens_per_s": window["tokens"] / dt,
-                "images_per_s": window["images"] / dt,
-            }
-            history.append(row)
-            window = dict.fromkeys(WINDOW, 0.0)
-            t_window = time.perf_counter()
+            st.history.append(_log_row(window, step, st.scheduler.get_last_lr()[0], time.perf_counter() - t_window))
+            window, t_window = dict.fromkeys(WINDOW, 0.0), time.perf_counter()
             if is_main:
-                logger.log_metrics({k: v for k, v in row.items() if k != "step"}, step)
-                _say(True, f"step {step}/{tc.steps} loss {row['loss']:.4f} (lm {row['lm_loss']:.3f}, "
-                           f"diff {row['diffusion_loss']:.4f}) {row['tokens_per_s']:.0f} tok/s {row['images_per_s']:.1f} img/s")
+                watch.log(st.history[-1])
         if is_main and (step % tc.eval_every == 0 or step == tc.steps):
-            probes.append(_probe(model, ema, tokenizer, probe_data, tc, step, seen))
-            logger.log_metrics({k: v for k, v in probes[-1].items() if k != "step"}, step)
-            _say(True, "probe " + ", ".join(f"{k} {probes[-1][k]:.3f}" for k in PROBE_HEADLINE if k in probes[-1]))
+            st.probes.append(watch.probe(st))
         if step % tc.checkpoint_every == 0 or step == tc.steps:
-            data_states = _gather_data_states(stream.state(), rt)
-            if is_main:
-                save_checkpoint(p.paths.checkpoints, step, model, optimizer, scheduler, ema,
-                                {"history": history, "data": data_states, "run_id": cfg.run_id, "probes": probes,
-                                 "images_seen": seen}, tc.keep_checkpoints)
-        if is_main and (step % tc.sample_every == 0 or step == tc.steps):
-            grid = p.paths.runs / "samples" / f"step-{step:08d}.png"
-            _sample_grid(ema.module if ema is not None else model, tokenizer, p, grid)
-            logger.log_artifact(grid, "samples")
+            _checkpoint(st, cfg, rt)
+        if is_main and step % tc.sample_every == 0 and step < tc.steps:  # the final grid: the training stage
+            watch.sample_grid(st.trained, step)
 
-    # 4. export
-    wall = time.perf_counter() - t_start
-    metrics = _final_metrics(history, wall, tc.steps - start) | {"images_seen": seen, "setup_s": setup}
-    metrics |= {k: v for k, v in (probes[-1] if probes else {}).items() if k not in ("step", "images_seen")}
-    if is_main:
-        t_export = time.perf_counter()
-        _export(ema.module if ema is not None else model, tokenizer, p, cfg.run_id)
-        from transfusion.io import write_json
-
-        metrics["export_s"] = time.perf_counter() - t_export
-        write_json(p.paths.train_metrics, metrics)
-        shutil.copyfile(p.paths.runs / "samples" / f"step-{tc.steps:08d}.png", _mk(p.paths.train_samples))
-        _write_history(history, p.paths.train_loss_plot)
-        _write_rows(probes, p.paths.train_probes)
+    # 4. the run's metrics (Ray hands rank 0's to the driver)
+    metrics = _final_metrics(st.history, time.perf_counter() - t_start, tc.steps - start)
+    metrics |= {"images_seen": st.seen, "setup_s": setup, "resumed_at_step": start}
+    metrics |= {k: v for k, v in (st.probes[-1] if st.probes else {}).items() if k not in ("step", "images_seen")}
     return metrics
+
+
+def _optimizer_step(st: TrainState, cfg: LoopConfig, rt: Runtime, step: int, window: dict) -> torch.Tensor:
+    """One optimizer step over ``grad_accum`` micro-batches; stops before a non-finite update."""
+    from transfusion.train.checkpoint import latest_checkpoint
+
+    tc = cfg.train
+    st.step_module.train()
+    for micro in range(tc.grad_accum):
+        batch = st.collate(st.stream.take(tc.batch_size)).to(rt.device)
+        gen = torch.Generator().manual_seed(hash((tc.seed, rt.rank, step, micro)) & 0x7FFFFFFF)
+        with torch.autocast(device_type=rt.device.type, dtype=torch.bfloat16, enabled=st.bf16):
+            total, lm, diff = st.step_module(batch, gen)
+        if tc.fault.nan_at_step == step:
+            total = total * float("nan")
+        (total / tc.grad_accum).backward()
+        window["loss"] += total.item() / tc.grad_accum
+        window["lm"] += lm.item() / tc.grad_accum
+        window["diffusion"] += diff.item() / tc.grad_accum
+        window["tokens"] += int(batch.valid.sum()) * rt.world_size
+        window["images"] += len(batch.images) * rt.world_size
+        st.seen += len(batch.images) * rt.world_size
+    grad_norm = torch.nn.utils.clip_grad_norm_(st.params, tc.grad_clip)
+    if not math.isfinite(total.item()) or not torch.isfinite(grad_norm):
+        kept = latest_checkpoint(cfg.paths.checkpoints)
+        raise TrainingDiverged(
+            f"non-finite loss or gradient at step {step} (loss {total.item()}, grad norm {float(grad_norm)}); "
+            f"last good checkpoint: {kept or 'none'}"
+        )
+    st.optimizer.step()
+    st.scheduler.step()
+    st.optimizer.zero_grad(set_to_none=True)
+    if st.ema is not None:
+        st.ema.update_parameters(st.model)
+    return grad_norm
+
+
+def _log_row(window: dict, step: int, lr: float, dt: float) -> dict:
+    n = window["n"]
+    return {
+        "step": step,
+        "loss": window["loss"] / n,
+        "lm_loss": window["lm"] / n,
+        "diffusion_loss": window["diffusion"] / n,
+        "lr": lr,
+        "grad_norm": window["grad_norm"] / n,
+        "tokens_per_s": window["tokens"] / dt,
+        "images_per_s": window["images"] / dt,
+    }
+
+
+def _checkpoint(st: TrainState, cfg: LoopConfig, rt: Runtime) -> None:
+    from transfusion.train.checkpoint import save_checkpoint
+
+    data_states = _gather_data_states(st.stream.state(), rt)
+    if rt.rank == 0:
+        save_checkpoint(cfg.paths.checkpoints, st.step, st.model, st.optimizer, st.scheduler, st.ema,
+                        {"history": st.history, "data": data_states, "run_id": cfg.run_id, "probes": st.probes,
+                         "images_seen": st.seen}, cfg.train.keep_checkpoints)
+
+
+@dataclass
+class TrainResult:
+    """A finished run: the trained weights (EMA when enabled), rank 0's metrics, the loss rows
+    (every ``log_every`` steps) and the probe rows (every ``eval_every`` steps)."""
+
+    model: nn.Module
+    metrics: dict
+    history: list[dict]
+    probes: list[dict]
+
+
+def load_trained(cfg: LoopConfig, metrics: dict) -> TrainResult:
+    """The final checkpoint of the run ``cfg`` describes, as a :class:`TrainResult`."""
+    from transfusion.data.latents import load_meta
+    from transfusion.data.tokenizer import load_tokenizer
+    from transfusion.model import TransfusionModel
+    from transfusion.train.checkpoint import CheckpointError, latest_checkpoint, load_weights
+
+    final = latest_checkpoint(cfg.paths.checkpoints)
+    model = TransfusionModel.from_params(cfg.model, cfg.diffusion, load_tokenizer(cfg.paths.tokenizer),
+                                         tuple(load_meta(cfg.paths.latents)["latent_shape"]))
+    state = load_weights(final, model, ema=cfg.train.ema_decay > 0) if final is not None else {"step": None}
+    if state["step"] != cfg.train.steps:
+        raise CheckpointError(f"{cfg.paths.checkpoints}: no checkpoint of step {cfg.train.steps} (the run did not finish)")
+    return TrainResult(model.eval(), metrics, state.get("history", []), state.get("probes", []))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,12 +320,8 @@ def _say(enabled: bool, message: str) -> None:
         print(f"[train] {message}", file=sys.stderr, flush=True)
 
 
-def _mk(path: Path) -> Path:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    return Path(path)
-
-
 def _logger(cfg: LoopConfig):
+    """The MLflow run to log into (``transfusion.tracking``), or a logger that drops everything."""
     from transfusion.tracking import RunLogger
 
     class _Null:
@@ -314,72 +363,56 @@ def _final_metrics(history: list[dict], wall: float, steps_run: int) -> dict:
     }
 
 
-def _write_history(history: list[dict], path: Path) -> None:
-    keys = ["step", "loss", "lm_loss", "diffusion_loss", "lr", "grad_norm", "tokens_per_s", "images_per_s"]
-    _write_rows([{k: row[k] for k in keys} for row in history], path)
-
-
-def _write_rows(rows: list[dict], path: Path) -> None:
-    """A CSV of ``rows`` (the first row's keys as columns); a header only when empty."""
-    from transfusion.io import atomic_file
-
-    keys = list(rows[0]) if rows else ["step"]
-    with atomic_file(path) as fh:
-        fh.write(",".join(keys) + "\n")
-        for row in rows:
-            fh.write(",".join(f"{row.get(k, float('nan')):.6g}" for k in keys) + "\n")
-
-
 PROBE_HEADLINE = ("ema_quick_geneval_overall", "ema_quick_caption_exact", "ema_diffusion_cond", "ema_diffusion_uncond",
                   "ema_caption_loss", "ema_caption_loss_shuffled")
 
 
-def _probe_data(p: Params, tokenizer):
-    from transfusion.eval.probe import load_probe_data
+class _Watch:
+    """Rank 0's view of the run: metrics and sample grids into the MLflow run, the probes."""
 
-    n = max(p.train.probe.val_examples, p.train.probe.captions)
-    return load_probe_data(p.paths.latents, tokenizer, n, p.paths.judge, p.paths.vae, dict(p.data.scenes.palette))
+    def __init__(self, cfg: LoopConfig, tokenizer) -> None:
+        from transfusion.data.latents import load_meta
+        from transfusion.eval.probe import load_probe_data
+        from transfusion.vae import load_vae
 
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.logger = _logger(cfg)
+        pc = cfg.train.probe
+        self.probe_data = load_probe_data(cfg.paths.latents, tokenizer, max(pc.val_examples, pc.captions), cfg.paths.judge,
+                                          cfg.paths.vae, cfg.palette)
+        self.vae = load_vae(cfg.paths.vae)
+        self.scaling_factor = float(load_meta(cfg.paths.latents)["scaling_factor"])
 
-def _probe(model, ema, tokenizer, data, tc, step: int, seen: int) -> dict:
-    """Conditioning probes of the raw and the EMA weights (``ema_`` prefix)."""
-    from transfusion.eval.probe import run_probes
+    def log(self, row: dict) -> None:
+        self.logger.log_metrics({k: v for k, v in row.items() if k != "step"}, row["step"])
+        _say(True, f"step {row['step']}/{self.cfg.train.steps} loss {row['loss']:.4f} (lm {row['lm_loss']:.3f}, "
+                   f"diff {row['diffusion_loss']:.4f}) {row['tokens_per_s']:.0f} tok/s {row['images_per_s']:.1f} img/s")
 
-    row: dict = {"step": step, "images_seen": seen}
-    for prefix, net in (("", model), ("ema_", ema.module if ema is not None else None)):
-        if net is not None:
-            out = run_probes(net, tokenizer, data, tc.probe.val_examples, tc.probe.prompts_per_category, tc.probe.captions,
-                             tc.probe.sample_steps, tc.probe.cfg_scale, seed=tc.seed)
-            row |= {prefix + k: v for k, v in out.items()}
-    return row
+    def probe(self, st: TrainState) -> dict:
+        """Conditioning probes of the raw and the EMA weights (``ema_`` prefix), logged."""
+        from transfusion.eval.probe import run_probes
 
+        pc, seed = self.cfg.train.probe, self.cfg.train.seed
+        row: dict = {"step": st.step, "images_seen": st.seen}
+        for prefix, net in (("", st.model), ("ema_", st.ema.module if st.ema is not None else None)):
+            if net is not None:
+                out = run_probes(net, self.tokenizer, self.probe_data, pc.val_examples, pc.prompts_per_category,
+                                 pc.captions, pc.sample_steps, pc.cfg_scale, seed=seed)
+                row |= {prefix + k: v for k, v in out.items()}
+        self.logger.log_metrics({k: v for k, v in row.items() if k != "step"}, st.step)
+        _say(True, "probe " + ", ".join(f"{k} {row[k]:.3f}" for k in PROBE_HEADLINE if k in row))
+        return row
 
-@torch.no_grad()
-def _sample_grid(model, tokenizer, p: Params, path: Path) -> None:
-    from transfusion.data.latents import load_meta
-    from transfusion.data.scenes import render_grid
-    from transfusion.vae import decode, load_vae
+    def sample_grid(self, model: nn.Module, step: int) -> None:
+        """The sample captions drawn by ``model``, into the MLflow run (``samples/step-N.png``)."""
+        from transfusion.pipeline import TransfusionPipeline
 
-    tc = p.train
-    was_training = model.training
-    model.eval()
-    captions = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in tc.sample_captions]
-    latents = model.sample_images(captions, tc.sample_steps, tc.sample_cfg_scale, seed=tc.seed)  # the model's sampler
-    images = decode(load_vae(p.paths.vae), latents.float().cpu() / load_meta(p.paths.latents)["scaling_factor"])
-    render_grid(images, list(tc.sample_captions), _mk(path), cols=min(6, len(images)))
-    model.train(was_training)
-
-
-def _export(model, tokenizer, p: Params, run_id: str | None = None) -> None:
-    """The final model folder: save_pretrained + tokenizer + the VAE and latent scaling."""
-    from transfusion.data.latents import load_meta
-    from transfusion.io import atomic_dir
-
-    meta = load_meta(p.paths.latents)
-    with atomic_dir(p.paths.model) as tmp:
-        model.write_files(tmp, tokenizer)
-        shutil.copytree(p.paths.vae, tmp / "vae")
-        (tmp / "train_run.json").write_text(json.dumps({"run_id": run_id}) + "\n")
-        (tmp / "latents.json").write_text(
-            json.dumps({"scaling_factor": meta["scaling_factor"], "latent_shape": meta["latent_shape"], "vae": "vae"}, indent=2) + "\n"
-        )
+        was_training = model.training
+        try:
+            pipe = TransfusionPipeline(model, self.tokenizer, self.vae, self.scaling_factor)
+            path = self.cfg.paths.runs / "samples" / f"step-{step:08d}.png"
+            pipe.sample_grid(self.cfg.train.sample_captions, path, self.cfg.train.sample_steps,
+                             self.cfg.train.sample_cfg_scale, self.cfg.train.seed)
+            self.logger.log_artifact(path, "samples")
+        finally:
+            model.train(was_training)

@@ -11,10 +11,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from transfusion import env
 from transfusion.train.loop import LoopConfig, Runtime, TrainingFailed, train_loop
 
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+env.apply()  # before ray is imported: no usage stats, Train V2
 
 
 class RayRuntime(Runtime):
@@ -34,9 +34,10 @@ class RayRuntime(Runtime):
         return ray.train.torch.prepare_model(module, parallel_strategy_kwargs={"find_unused_parameters": True})
 
 
-def _worker(config: dict) -> None:
-    """What each Ray worker runs."""
-    train_loop(config, RayRuntime())  # rank 0 writes paths.train_metrics
+def _worker(config: dict) -> dict:
+    """What each Ray worker runs; rank 0's return value reaches the driver as
+    ``Result.return_value`` (Train V2 fills ``Result.metrics`` only for reported checkpoints)."""
+    return train_loop(config, RayRuntime())
 
 
 def ensure_ray(address: str | None, temp_dir: Path, num_cpus: int | None = None) -> None:
@@ -76,20 +77,18 @@ def short_temp_dir(wanted: Path, limit: int = 48) -> Path:
     return Path(tempfile.gettempdir()) / f"ray-{tag}"
 
 
-def fit(config: LoopConfig, address: str | None = None) -> dict:
-    """Run the loop on ``train.num_workers`` Ray workers; returns rank 0's final metrics
-    (read back from ``paths.train_metrics``, which rank 0 writes)."""
-    import json
+def fit_on_ray(config: LoopConfig, address: str | None = None) -> dict:
+    """Run the loop on ``train.num_workers`` Ray workers; returns rank 0's final metrics (its
+    return value) with Ray's own overhead added."""
+    import time
 
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    import time
-
-    p, tc = config.params, config.params.train
+    paths, tc = config.paths, config.train
     cpus = tc.num_workers * tc.cpus_per_worker
     started = time.perf_counter()
-    ensure_ray(address or tc.address, p.paths.runs / "ray", num_cpus=max(cpus, os.cpu_count() or 1))
+    ensure_ray(address or tc.address, paths.runs / "ray", num_cpus=max(cpus, os.cpu_count() or 1))
     trainer = TorchTrainer(
         train_loop_per_worker=_worker,
         train_loop_config=config.model_dump(mode="json"),
@@ -98,18 +97,18 @@ def fit(config: LoopConfig, address: str | None = None) -> dict:
         ),
         run_config=RunConfig(
             name="transfusion-train",
-            storage_path=str((p.paths.runs / "ray_results").resolve()),
+            storage_path=str((paths.runs / "ray_results").resolve()),
             failure_config=FailureConfig(max_failures=tc.max_failures),
         ),
     )
     try:
-        trainer.fit()
+        result = trainer.fit()
     except Exception as err:  # TrainingFailedError wraps the worker's exception
         cause = _root_cause(err)
         raise TrainingFailed(f"training failed on a Ray worker: {cause}") from None
-    metrics = json.loads(p.paths.train_metrics.read_text())
+    metrics = dict(result.return_value)
     # what Ray adds around the loop: starting (or joining) Ray, the workers, their process group
-    metrics["ray_overhead_s"] = time.perf_counter() - started - metrics["wall_s"] - metrics["setup_s"] - metrics["export_s"]
+    metrics["ray_overhead_s"] = time.perf_counter() - started - metrics["wall_s"] - metrics["setup_s"]
     return metrics
 
 

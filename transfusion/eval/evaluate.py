@@ -1,0 +1,165 @@
+"""The evaluation stage's function: ``evaluate(cfg, inputs)`` scores an exported pipeline.
+
+1. **GenEval-style**: ``images_per_prompt`` images for each prompt (from test captions or a
+   GenEval prompt file), read by the judge, scored by GenEval's rule (``geneval_*``) and the
+   exact-scene rule (``scene_match_*``); the same on ``real_scenes`` real test scenes (what a
+   perfect generator would score with this judge); a guidance sweep (``cfg_sweep``, one image per
+   prompt at each scale).
+2. **FID / KID** (torch-fidelity) of ``fid_samples`` images drawn from test captions against the
+   real test scenes, with real train vs real test at the same N as the floor.
+3. **Captioning** of ``caption_samples`` real test scenes (exact, digit, count, colour, position).
+4. **Text**: bits per byte and perplexity on the held-out works, in chunks of the training length.
+
+Judge-based scores need a judge that met ``judge.min_accuracy`` (``judge_ok``); without one they
+are left out. :func:`write_outputs` writes what the stage keeps: metrics, GenEval's folder
+layout, the per-category and sweep CSVs, image grids, caption examples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from transfusion.config import EvalConfig, PathsConfig
+
+# Independent random streams of one evaluation: each draw starts from cfg.seed + its offset.
+SEED_GENEVAL, SEED_FID, SEED_SWEEP = 0, 100_000, 200_000
+
+
+@dataclass
+class EvalInputs:
+    """What the evaluation reads besides the pipeline (all from the training pipeline's outputs)."""
+
+    judge_path: Path
+    judge_accuracy: float  # the judge's whole-scene exact match on real test scenes
+    judge_min_accuracy: float
+    scenes: Path
+    text: Path
+    palette: dict
+    text_length: int  # tokens per scored chunk: the training text length
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, float]
+    prompts: list = field(default_factory=list)  # GenEval prompts
+    images: list[np.ndarray] = field(default_factory=list)  # per prompt: (images_per_prompt, H, W, 3)
+    passed: list[bool] = field(default_factory=list)  # per image: GenEval's verdict (judge_ok only)
+    sweep: list[dict] = field(default_factory=list)  # per guidance scale: overall scores
+    captions: list[tuple[str, str]] = field(default_factory=list)  # (truth, generated) per captioned scene
+
+
+def evaluate(pipe, cfg: EvalConfig, inputs: EvalInputs, progress=None) -> EvalResult:
+    """Score ``pipe`` (a TransfusionPipeline) as the module docstring says."""
+    from transfusion.data.mixture import tokenize_corpus
+    from transfusion.data.prepare import load_image_split, read_text_split
+    from transfusion.eval import geneval
+    from transfusion.eval.captioning import caption_scores
+    from transfusion.eval.judge import Judge
+    from transfusion.eval.text import bits_per_byte
+
+    bar = progress or (lambda it, desc: it)
+    judge_ok = inputs.judge_accuracy >= inputs.judge_min_accuracy
+    judge = Judge.load(inputs.judge_path) if judge_ok else None
+    test = load_image_split(inputs.scenes, "test")
+    metrics: dict[str, float] = {"judge_scene_exact_match": inputs.judge_accuracy, "judge_ok": float(judge_ok)}
+
+    def sample(captions: list[str], seed: int, cfg_scale: float = cfg.cfg_scale) -> np.ndarray:
+        out = []
+        for start in bar(range(0, len(captions), cfg.batch_size), "sampling"):
+            out.append(pipe.sample_images(captions[start : start + cfg.batch_size], steps=cfg.sample_steps,
+                                          cfg_scale=cfg_scale, sampler=cfg.sampler, seed=seed + start))
+        return np.concatenate(out)
+
+    def judged(read: list[dict], prompts: list, k: int) -> dict[str, float]:
+        return geneval.score([read[i * k : (i + 1) * k] for i in range(len(prompts))], prompts)
+
+    # 1. GenEval-style: N images per prompt, judged; real scenes; the guidance sweep
+    k = cfg.images_per_prompt
+    prompts = (geneval.read_prompt_file(cfg.prompt_file, inputs.palette) if cfg.prompt_file
+               else geneval.prompts_from_records(test.records, cfg.prompts_per_category, cfg.seed))
+    images = sample([p.caption() for p in prompts for _ in range(k)], cfg.seed + SEED_GENEVAL)
+    result = EvalResult(metrics, prompts, [images[i * k : (i + 1) * k] for i in range(len(prompts))])
+    if judge_ok:
+        read = judge.read(images)
+        metrics |= judged(read, prompts, k)
+        result.passed = [geneval.geneval_correct(c, geneval.metadata(prompts[i // k])) for i, c in enumerate(read)]
+        n_real = min(cfg.real_scenes, len(test.images))
+        real = judged(judge.read(test.images[:n_real]), [_prompt(r) for r in test.records[:n_real]], 1)
+        metrics["geneval_real_test_scenes"] = real["geneval_overall"]
+        metrics["scene_match_real_test_scenes"] = real["scene_match_overall"]
+        for scale in cfg.cfg_sweep:
+            got = judged(judge.read(sample([p.caption() for p in prompts], cfg.seed + SEED_SWEEP, scale)), prompts, 1)
+            result.sweep.append({"cfg_scale": scale, "geneval_overall": got["geneval_overall"],
+                                 "scene_match_overall": got["scene_match_overall"]})
+
+    # 2. FID / KID against real test scenes; real train vs real test as the floor
+    metrics |= _fid(cfg, inputs, test, judge_ok, lambda captions: sample(captions, cfg.seed + SEED_FID))
+
+    # 3. captioning real test scenes
+    n = min(cfg.caption_samples, len(test.images))
+    texts: list[str] = []
+    for start in bar(range(0, n, cfg.batch_size), "captioning"):
+        texts += pipe.caption(test.images[start : min(n, start + cfg.batch_size)])
+    metrics |= caption_scores(test.records[:n], texts, inputs.palette)
+    result.captions = [(r["caption"], t) for r, t in zip(test.records[:n], texts)]
+
+    # 4. text: bits per byte and perplexity on the held-out works
+    ids = tokenize_corpus(pipe.tokenizer, read_text_split(inputs.text, "test"))[: cfg.text_max_tokens].tolist()
+    n_bytes = len(pipe.tokenizer.decode(ids).encode("utf-8"))
+    metrics |= bits_per_byte(pipe.model, ids, n_bytes, inputs.text_length)
+    return result
+
+
+def _fid(cfg: EvalConfig, inputs: EvalInputs, test, judge_ok: bool, sample) -> dict[str, float]:
+    from transfusion.data.prepare import load_image_split
+    from transfusion.eval.fid import fid_kid
+
+    name = "judge" if cfg.feature_extractor == "judge" else "inception"
+    if name == "judge" and not judge_ok:
+        return {}
+    generated = sample([r["caption"] for r in test.records[: cfg.fid_samples]])
+    train_images = load_image_split(inputs.scenes, "train").images[: len(generated)]  # the floor at the same N
+    got = fid_kid(generated, test.images, name, inputs.judge_path, cfg.inception_weights)
+    floor = fid_kid(train_images, test.images, name, inputs.judge_path, cfg.inception_weights)
+    return {f"fid_{name}": got["fid"], f"kid_{name}": got["kid"],
+            f"fid_{name}_real_train_vs_test": floor["fid"], f"kid_{name}_real_train_vs_test": floor["kid"]}
+
+
+def write_outputs(result: EvalResult, cfg: EvalConfig, paths: PathsConfig) -> None:
+    """Metrics, GenEval's folder layout, the per-category and sweep CSVs (DVC plots), a grid per
+    category, the README's picture (first image of ``grid_prompts`` prompts per category with
+    GenEval's verdict), and ``caption_examples`` captions beside their truth."""
+    from transfusion.data.scenes import render_grid
+    from transfusion.eval import geneval
+    from transfusion.io import atomic_file, write_csv, write_json
+
+    k, metrics, prompts = cfg.images_per_prompt, result.metrics, result.prompts
+    write_json(paths.eval_metrics, metrics)
+    geneval.write_layout(paths.geneval, prompts, result.images)
+    write_csv(paths.cfg_sweep_plot, result.sweep, ["cfg_scale", "geneval_overall", "scene_match_overall"])
+    categories = [key for key in metrics if key.startswith("geneval_") and key not in ("geneval_overall", "geneval_real_test_scenes")]
+    with atomic_file(paths.geneval_plot) as fh:  # GenEval's rule per category (a bar plot)
+        fh.write("category,accuracy\n")
+        fh.writelines(f"{key.removeprefix('geneval_')},{metrics[key]:.4f}\n" for key in categories)
+    paths.eval_plots.mkdir(parents=True, exist_ok=True)
+    for category in {p.category for p in prompts}:
+        idx = [i for i, p in enumerate(prompts) if p.category == category][: cfg.grid_prompts]
+        render_grid(np.concatenate([result.images[i] for i in idx]), [prompts[i].caption() for i in idx for _ in range(k)],
+                    paths.eval_plots / f"geneval_{category}.png", cols=k)
+    if result.passed:
+        pick = [i for c in geneval.TAGS for i in [j for j, p in enumerate(prompts) if p.category == c][: cfg.grid_prompts]]
+        render_grid(np.stack([result.images[i][0] for i in pick]),
+                    [f"{prompts[i].caption()} ({'pass' if result.passed[i * k] else 'fail'})" for i in pick],
+                    paths.eval_plots / "samples_by_category.png", cols=cfg.grid_prompts)
+    with atomic_file(paths.eval_plots / "captions.csv") as fh:
+        fh.write("truth,generated\n")
+        fh.writelines(f"{truth},{text.replace(',', ' ')}\n" for truth, text in result.captions[: cfg.caption_examples])
+
+
+def _prompt(record: dict):
+    from transfusion.data.scenes import parse_caption
+
+    return parse_caption(record["caption"])

@@ -1,0 +1,17 @@
+"""One entry to training: the plain loop in this process or on Ray workers (``train.use_ray``),
+then the finished run read back from its final checkpoint."""
+
+from __future__ import annotations
+
+from transfusion.train.loop import LoopConfig, TrainResult, load_trained, train_loop
+
+
+def fit(config: LoopConfig, address: str | None = None) -> TrainResult:
+    """Train per ``config``; ``address``: a Ray cluster (default ``train.address`` / RAY_ADDRESS)."""
+    if config.train.use_ray:
+        from transfusion.train.ray_train import fit_on_ray
+
+        metrics = fit_on_ray(config, address)
+    else:
+        metrics = train_loop(config)
+    return load_trained(config, metrics)
