@@ -3,7 +3,7 @@ SHELL := /bin/bash
 include transfusion/defaults.env  # the environment of every entry point, written once
 .EXPORT_ALL_VARIABLES:
 
-.PHONY: setup repro test test-all lock
+.PHONY: setup repro test test-all lint lock
 
 setup:
 	@scripts/setup.sh
@@ -14,8 +14,12 @@ repro: setup  ## set up, then run the default pipeline
 test: setup  ## set up, then run the test suite (slow tests excluded)
 	.venv/bin/python -m pytest -m "not slow and not gpu"
 
-test-all: setup
+test-all: setup  ## everything but the GPU tests (slow ones included)
 	.venv/bin/python -m pytest -m "not gpu"
+
+lint: setup  ## ruff: lint and format check (settings in pyproject.toml)
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
 
 lock:  ## refresh requirements.lock from the current .venv
 	.venv/bin/python -m pip freeze --exclude-editable | grep -v "^-e" > requirements.lock

@@ -98,7 +98,9 @@ def train(
     ] = None,
     params: ParamsOpt = None,
     set_: SetOpt = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint (or CHECKPOINT).")] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from the newest checkpoint (or CHECKPOINT).")
+    ] = False,
     address: Annotated[str | None, typer.Option(help="Ray cluster address (default: RAY_ADDRESS, else local).")] = None,
 ) -> None:
     """Stage train: the Transfusion model on Ray Train (resumable, tracked in MLflow).
@@ -123,7 +125,6 @@ SeedOpt = Annotated[int, typer.Option(help="Random seed (every mode is determini
 
 def _pipeline(model: str | None, params: list[Path] | None, overrides: list[str] | None):
     from transfusion.pipeline import TransfusionPipeline
-
     from transfusion.tracking import tracking_uri
 
     cfg = _load(params, overrides)
@@ -143,8 +144,12 @@ def generate(
     n: Annotated[int, typer.Option("-n", min=1, max=256, help="Images to sample.")] = 4,
     out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write (a grid when n > 1).")] = Path("generated.png"),
     steps: Annotated[int | None, typer.Option(min=1, help="Denoising steps (default: diffusion.sample_steps).")] = None,
-    cfg_scale: Annotated[float | None, typer.Option(help="Classifier-free guidance scale (default: diffusion.cfg_scale).")] = None,
-    sampler: Annotated[str | None, typer.Option(help="ddpm | ddim | dpmpp | flow_euler (default: the model's).")] = None,
+    cfg_scale: Annotated[
+        float | None, typer.Option(help="Classifier-free guidance scale (default: diffusion.cfg_scale).")
+    ] = None,
+    sampler: Annotated[
+        str | None, typer.Option(help="ddpm | ddim | dpmpp | flow_euler (default: the model's).")
+    ] = None,
     seed: SeedOpt = 0,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute the caption every step (slow).")] = False,
     model: ModelOpt = None,
@@ -156,8 +161,18 @@ def generate(
     from transfusion.pipeline import save_png
 
     pipe = _pipeline(model, params, set_)
-    images = _guard(lambda: pipe.sample_images([caption] * n, steps=steps, cfg_scale=cfg_scale, sampler=sampler, seed=seed,
-                                               use_cache=not no_cache, progress=_progress("denoising")), code=2)
+    images = _guard(
+        lambda: pipe.sample_images(
+            [caption] * n,
+            steps=steps,
+            cfg_scale=cfg_scale,
+            sampler=sampler,
+            seed=seed,
+            use_cache=not no_cache,
+            progress=_progress("denoising"),
+        ),
+        code=2,
+    )
     if n == 1:
         save_png(images[0], out, scale=4)
     else:
@@ -195,7 +210,9 @@ def complete(
 ) -> None:
     """Continue a text prompt (KV-cached decoding)."""
     pipe = _pipeline(model, params, set_)
-    (text,) = pipe.generate_text([prompt], max_new_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    (text,) = pipe.generate_text(
+        [prompt], max_new_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed
+    )
     typer.echo(prompt + text)
 
 
@@ -220,9 +237,17 @@ def interleave(
     from transfusion.pipeline import save_png
 
     pipe = _pipeline(model, params, set_)
-    parts = pipe.generate(prompt, max_new_tokens=max_tokens, max_images=max_images, force_image=force_image,
-                          steps=steps, cfg_scale=cfg_scale, temperature=temperature, seed=seed,
-                          progress=_progress("denoising"))
+    parts = pipe.generate(
+        prompt,
+        max_new_tokens=max_tokens,
+        max_images=max_images,
+        force_image=force_image,
+        steps=steps,
+        cfg_scale=cfg_scale,
+        temperature=temperature,
+        seed=seed,
+        progress=_progress("denoising"),
+    )
     k = 0
     typer.echo(prompt, nl=False)
     for part in parts:

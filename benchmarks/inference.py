@@ -27,7 +27,9 @@ def load(model_dir: str | None):
     from transfusion.data.tokenizer import train_bpe
     from transfusion.model import TransfusionModel
 
-    tok = train_bpe(["a red 4 and a blue 3 to the left of a 7", "To be, or not to be, that is the question"] * 200, 4096)
+    tok = train_bpe(
+        ["a red 4 and a blue 3 to the left of a 7", "To be, or not to be, that is the question"] * 200, 4096
+    )
     torch.manual_seed(0)
     p = load_params(Path(__file__).resolve().parents[1] / "params.yaml")  # the default model
     return TransfusionModel.from_params(p.model, p.diffusion, tok, (4, 8, 8)).eval(), tok
@@ -49,26 +51,32 @@ def main() -> None:
     args = ap.parse_args()
     model, tok = load(args.model)
     caption = tok("a blue 3 to the left of a yellow 8", add_special_tokens=False)["input_ids"]
-    prompt = tok("To be, or not to be, that is the question: whether 'tis nobler", add_special_tokens=False)["input_ids"]
+    prompt = tok("To be, or not to be, that is the question: whether 'tis nobler", add_special_tokens=False)[
+        "input_ids"
+    ]
 
-    print(f"threads={torch.get_num_threads()} denoising steps={args.steps} (DDPM, CFG scale 3) text tokens={args.tokens}")
+    sampler = model.config.diffusion.sampler  # the default model's
+    print(
+        f"threads={torch.get_num_threads()} denoising steps={args.steps} ({sampler}, CFG scale 3) "
+        f"text tokens={args.tokens}"
+    )
     print("| task | batch | no cache | KV cache | speed-up |")
     print("|---|---|---|---|---|")
-    sample_latents(model, [caption], 2, 3.0, "ddpm")  # warm-up
+    sample_latents(model, [caption], 2, 3.0, sampler)  # warm-up
     for batch in (1, 16):
         caps = [caption] * batch
-        slow = timed(lambda: sample_latents(model, caps, args.steps, 3.0, "ddpm", use_cache=False)) / batch
-        fast = timed(lambda: sample_latents(model, caps, args.steps, 3.0, "ddpm", use_cache=True)) / batch
+        slow = timed(lambda caps=caps: sample_latents(model, caps, args.steps, 3.0, sampler, use_cache=False)) / batch
+        fast = timed(lambda caps=caps: sample_latents(model, caps, args.steps, 3.0, sampler, use_cache=True)) / batch
         print(f"| image sampling (s/image) | {batch} | {slow:.3f} | {fast:.3f} | {slow / fast:.2f}x |")
     long_context = (prompt * 20)[:200] + caption  # e.g. an interleaved document before the image
-    slow = timed(lambda: sample_latents(model, [long_context] * 4, args.steps, 3.0, "ddpm", use_cache=False)) / 4
-    fast = timed(lambda: sample_latents(model, [long_context] * 4, args.steps, 3.0, "ddpm", use_cache=True)) / 4
+    slow = timed(lambda: sample_latents(model, [long_context] * 4, args.steps, 3.0, sampler, use_cache=False)) / 4
+    fast = timed(lambda: sample_latents(model, [long_context] * 4, args.steps, 3.0, sampler, use_cache=True)) / 4
     print(f"| image sampling after a 200-token context (s/image) | 4 | {slow:.3f} | {fast:.3f} | {slow / fast:.2f}x |")
     for batch in (1, 8):
         prompts = [prompt] * batch
         kw = dict(max_new_tokens=args.tokens, min_new_tokens=args.tokens)
-        slow = timed(lambda: generate_text(model, prompts, use_cache=False, **kw))
-        fast = timed(lambda: generate_text(model, prompts, use_cache=True, **kw))
+        slow = timed(lambda prompts=prompts, kw=kw: generate_text(model, prompts, use_cache=False, **kw))
+        fast = timed(lambda prompts=prompts, kw=kw: generate_text(model, prompts, use_cache=True, **kw))
         n = args.tokens * batch
         print(f"| text decoding (tokens/s) | {batch} | {n / slow:.0f} | {n / fast:.0f} | {slow / fast:.2f}x |")
 

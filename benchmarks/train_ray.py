@@ -30,14 +30,26 @@ def main() -> None:
         for workers in (1, 2):
             root = Path(tmp) / f"w{workers}"
             cpus = max(1, 2 // workers)
-            p = load_params(args.params, [
-                f"train.num_workers={workers}", f"train.cpus_per_worker={cpus}", f"train.steps={args.steps}",
-                "train.warmup_steps=5", "train.log_every=10", f"train.checkpoint_every={args.steps}",
-                f"train.sample_every={args.steps}", "train.sample_steps=2",
-                f"paths.checkpoints={root}/ck", f"paths.model={root}/model", f"paths.runs={root}/runs",
-                f"paths.train_metrics={root}/m.json", f"paths.train_loss_plot={root}/loss.csv",
-                f"paths.train_samples={root}/s.png", f"tracking.tracking_uri=sqlite:///{root}/mlflow.db",
-            ])
+            p = load_params(
+                args.params,
+                [
+                    f"train.num_workers={workers}",
+                    f"train.cpus_per_worker={cpus}",
+                    f"train.steps={args.steps}",
+                    "train.warmup_steps=5",
+                    "train.log_every=10",
+                    f"train.checkpoint_every={args.steps}",
+                    f"train.sample_every={args.steps}",
+                    "train.sample_steps=2",
+                    f"paths.checkpoints={root}/ck",
+                    f"paths.model={root}/model",
+                    f"paths.runs={root}/runs",
+                    f"paths.train_metrics={root}/m.json",
+                    f"paths.train_loss_plot={root}/loss.csv",
+                    f"paths.train_samples={root}/s.png",
+                    f"tracking.tracking_uri=sqlite:///{root}/mlflow.db",
+                ],
+            )
             start = time.perf_counter()
             m = train.run(p)
             wall = time.perf_counter() - start

@@ -25,12 +25,23 @@ DEFAULTS = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
 def make_batch(model, tok, n: int, max_length: int):
     g = torch.Generator().manual_seed(0)
     caption = tok("a blue 3 to the left of a 7", add_special_tokens=False)["input_ids"]
-    text = (tok("To be, or not to be, that is the question: whether 'tis nobler in the mind", add_special_tokens=False)["input_ids"] * 8)[:120]
+    text = (
+        tok("To be, or not to be, that is the question: whether 'tis nobler in the mind", add_special_tokens=False)[
+            "input_ids"
+        ]
+        * 8
+    )[:120]
     examples = []
     for i in range(n):
         z = torch.randn(4, 8, 8, generator=g)
         kind = i % 6
-        examples.append(text_example(text) if kind == 5 else image_to_caption(z, caption) if kind == 4 else caption_to_image(caption, z))
+        examples.append(
+            text_example(text)
+            if kind == 5
+            else image_to_caption(z, caption)
+            if kind == 4
+            else caption_to_image(caption, z)
+        )
     return Collator(model.special, model.config.patches_per_image, max_length)(examples)
 
 
@@ -59,7 +70,9 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
 
-    tok = train_bpe(["a red 4 and a blue 3 to the left of a 7", "To be, or not to be, that is the question"] * 200, 4096)
+    tok = train_bpe(
+        ["a red 4 and a blue 3 to the left of a 7", "To be, or not to be, that is the question"] * 200, 4096
+    )
     rows = []
     for patch_encoder in ("linear", "unet"):
         torch.manual_seed(0)
@@ -73,10 +86,12 @@ def main() -> None:
         for bf16 in (False, True):
             dt = bench(model, batch, args.steps, bf16, args.device)
             rows.append((patch_encoder, "bf16 autocast" if bf16 else "fp32", dt, tokens / dt, images / dt))
-    print(f"device={args.device} threads={torch.get_num_threads()} batch={args.batch} examples, "
-          f"{tokens} tokens, {images} images per step, {args.steps} timed steps")
-    print(f"| patch encoder | precision | step (ms) | tokens/s | images/s | vs fp32 |")
-    print(f"|---|---|---|---|---|---|")
+    print(
+        f"device={args.device} threads={torch.get_num_threads()} batch={args.batch} examples, "
+        f"{tokens} tokens, {images} images per step, {args.steps} timed steps"
+    )
+    print("| patch encoder | precision | step (ms) | tokens/s | images/s | vs fp32 |")
+    print("|---|---|---|---|---|---|")
     for i, (pe, prec, dt, tps, ips) in enumerate(rows):
         base = rows[i - (i % 2)][2]
         print(f"| {pe} | {prec} | {dt * 1e3:.1f} | {tps:,.0f} | {ips:,.1f} | {base / dt:.2f}x |")

@@ -20,9 +20,13 @@ def run(params: Params) -> dict[str, float]:
     paths, cfg = params.paths, params.eval
     pipe = TransfusionPipeline.from_pretrained(paths.model)
     inputs = EvalInputs(
-        judge_path=paths.judge, judge_accuracy=json.loads(paths.judge_metrics.read_text())["scene_exact_match"],
-        judge_min_accuracy=params.judge.min_accuracy, scenes=paths.scenes, text=paths.text,
-        palette=dict(params.data.scenes.palette), text_length=params.mixture.text_length,
+        judge_path=paths.judge,
+        judge_accuracy=json.loads(paths.judge_metrics.read_text())["scene_exact_match"],
+        judge_min_accuracy=params.judge.min_accuracy,
+        scenes=paths.scenes,
+        text=paths.text,
+        palette=dict(params.data.scenes.palette),
+        text_length=params.mixture.text_length,
     )
     with tracking.stage_run(params, "eval") as run:
         run.set_tags({"train_run_id": pipe.run_id or "unknown"})

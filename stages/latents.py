@@ -31,7 +31,9 @@ def run(params: Params) -> dict[str, float]:
             "scaled_train_std": float(scaled_train.std()),
             "scaled_train_mean": float(scaled_train.mean()),
             # decode what was written, read back from disk
-            "decode_test_psnr": psnr(splits["test"].images, decode(vae, torch.from_numpy(stored) / scale, cfg.batch_size)),
+            "decode_test_psnr": psnr(
+                splits["test"].images, decode(vae, torch.from_numpy(stored) / scale, cfg.batch_size)
+            ),
         }
         write_json(paths.latents_metrics, metrics)
         run.log_metrics(metrics)

@@ -27,7 +27,9 @@ def run(params: Params) -> dict[str, float]:
         metrics = {
             "vocab_size": len(tokenizer),
             "val_bytes_per_token": len(val.encode()) / max(1, n_tokens),
-            "caption_tokens_mean": sum(len(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in captions[:2000])
+            "caption_tokens_mean": sum(
+                len(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in captions[:2000]
+            )
             / max(1, min(len(captions), 2000)),
         }
         write_json(paths.tokenizer_metrics, metrics)

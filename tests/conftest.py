@@ -62,7 +62,10 @@ def tiny_overrides(root: Path, mnist: Path, texts: Path) -> dict:
     base = yaml.safe_load((REPO / "params.yaml").read_text())
     paths = {k: str(root / v) for k, v in base["paths"].items()}
     preset["paths"] = paths
-    preset["tracking"] = {"tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "artifact_location": str(root / "mlartifacts")}
+    preset["tracking"] = {
+        "tracking_uri": f"sqlite:///{root / 'mlflow.db'}",
+        "artifact_location": str(root / "mlartifacts"),
+    }
     preset["data"]["mnist"] = {"local_path": str(mnist)}
     preset["data"]["text"] = {"local_dir": str(texts), "n_val_works": 1, "n_test_works": 1}
     return preset
@@ -155,7 +158,9 @@ def build_tiny_model(tokenizer, seed=0, diffusion=None, **model_kw):
     torch.manual_seed(seed)
     # the paper's layout (patch 2: 16 patches, DDPM) unless a test asks otherwise
     diffusion = diffusion or diffusion_config("ddpm")
-    model = TransfusionModel.from_params(section("model", **{"patch_size": 2, **model_kw}), diffusion, tokenizer, LATENT)
+    model = TransfusionModel.from_params(
+        section("model", **{"patch_size": 2, **model_kw}), diffusion, tokenizer, LATENT
+    )
     with torch.no_grad():
         for p in model.patch_out.parameters():
             if not p.any():

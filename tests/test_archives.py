@@ -13,17 +13,16 @@ import pytest
 
 from conftest import section
 from transfusion.config import ArchiveSpec
-
-MNIST_ARCHIVE = section("data").mnist.archive  # as pinned in params.yaml
-from transfusion.io import sha256_of
 from transfusion.data.archives import (
     DataError,
     UnsafePickleError,
     fetch_archive,
     load_numpy_pickle,
     read_members,
-
 )
+from transfusion.io import sha256_of
+
+MNIST_ARCHIVE = section("data").mnist.archive  # as pinned in params.yaml
 
 
 class _Exploit:

@@ -6,7 +6,18 @@ import numpy as np
 import torch
 
 from conftest import section
-from transfusion.data.collate import PAD, PATCH, TEXT, TIME, Collator, Example, SpecialIds, caption_to_image, image_to_caption, text_example
+from transfusion.data.collate import (
+    PAD,
+    PATCH,
+    TEXT,
+    TIME,
+    Collator,
+    Example,
+    SpecialIds,
+    caption_to_image,
+    image_to_caption,
+    text_example,
+)
 
 S = SpecialIds(bos=1, eos=2, pad=0, boi=3, eoi=4)
 Z = torch.zeros(4, 8, 8)
@@ -56,7 +67,9 @@ def test_mixture_stream_follows_weights_and_resumes(tiny_pipeline):
     p = tiny_pipeline
     tok = load_tokenizer(p.paths.tokenizer)
     text = tokenize_corpus(tok, read_text_split(p.paths.text, "train"))
-    stream = ExampleStream(p.paths.latents, text, tok, section("mixture", text=1, caption_to_image=4, image_to_caption=1), 32, seed=0)
+    stream = ExampleStream(
+        p.paths.latents, text, tok, section("mixture", text=1, caption_to_image=4, image_to_caption=1), 32, seed=0
+    )
     kinds = []
     for ex in stream.take(600):
         if len(ex.parts) == 1:
@@ -64,7 +77,9 @@ def test_mixture_stream_follows_weights_and_resumes(tiny_pipeline):
         else:
             kinds.append("c2i" if isinstance(ex.parts[0], list) else "i2c")
     counts = {k: kinds.count(k) / 600 for k in ("text", "c2i", "i2c")}
-    assert abs(counts["text"] - 1 / 6) < 0.05 and abs(counts["c2i"] - 4 / 6) < 0.06 and abs(counts["i2c"] - 1 / 6) < 0.05
+    assert (
+        abs(counts["text"] - 1 / 6) < 0.05 and abs(counts["c2i"] - 4 / 6) < 0.06 and abs(counts["i2c"] - 1 / 6) < 0.05
+    )
 
     a = ExampleStream(p.paths.latents, text, tok, section("mixture"), 32, seed=1)
     first = a.take(30)

@@ -39,7 +39,9 @@ def test_presets_are_valid_overlays():
 
 
 def test_overrides_parse_yaml_values():
-    p = load_params(REPO / "params.yaml", ["vae.lr=0.5", "vae.block_out_channels=[16, 32, 32]", "vae.norm_num_groups=8"])
+    p = load_params(
+        REPO / "params.yaml", ["vae.lr=0.5", "vae.block_out_channels=[16, 32, 32]", "vae.norm_num_groups=8"]
+    )
     assert p.vae.lr == 0.5 and p.vae.block_out_channels == [16, 32, 32]
 
 

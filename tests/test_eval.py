@@ -29,7 +29,9 @@ def judged(tiny_pipeline):
 def test_judge_reads_real_test_scenes(judged, tiny_pipeline):
     judge, metrics, test = judged
     assert metrics["scene_exact_match"] >= 0.99 and metrics["meets_minimum"] == 1.0
-    assert json.loads(tiny_pipeline.paths.judge_metrics.read_text())["scene_exact_match"] == metrics["scene_exact_match"]
+    assert (
+        json.loads(tiny_pipeline.paths.judge_metrics.read_text())["scene_exact_match"] == metrics["scene_exact_match"]
+    )
     read = judge.read(test.images)
     for content, record in zip(read[:20], test.records[:20]):
         want = sorted((o["digit"], o["color"], o["row"], o["col"]) for o in record["content"]["objects"])
@@ -125,12 +127,23 @@ def test_overall_is_the_mean_of_categories():
 GENEVAL_LINES = [
     {"tag": "single_object", "include": [{"class": "7", "count": 1}], "prompt": "a 7"},
     {"tag": "two_object", "include": [{"class": "3", "count": 1}, {"class": "7", "count": 1}], "prompt": "a 3 and a 7"},
-    {"tag": "counting", "include": [{"class": "5", "count": 3}], "exclude": [{"class": "5", "count": 4}], "prompt": "three 5s"},
+    {
+        "tag": "counting",
+        "include": [{"class": "5", "count": 3}],
+        "exclude": [{"class": "5", "count": 4}],
+        "prompt": "three 5s",
+    },
     {"tag": "colors", "include": [{"class": "4", "count": 1, "color": "red"}], "prompt": "a red 4"},
-    {"tag": "position", "include": [{"class": "9", "count": 1}, {"class": "2", "count": 1, "position": ["left of", 0]}],
-     "prompt": "a 2 to the left of a 9"},
-    {"tag": "color_attr", "include": [{"class": "3", "count": 1, "color": "blue"}, {"class": "8", "count": 1, "color": "yellow"}],
-     "prompt": "a blue 3 and a yellow 8"},
+    {
+        "tag": "position",
+        "include": [{"class": "9", "count": 1}, {"class": "2", "count": 1, "position": ["left of", 0]}],
+        "prompt": "a 2 to the left of a 9",
+    },
+    {
+        "tag": "color_attr",
+        "include": [{"class": "3", "count": 1, "color": "blue"}, {"class": "8", "count": 1, "color": "yellow"}],
+        "prompt": "a blue 3 and a yellow 8",
+    },
 ]
 
 
@@ -148,10 +161,16 @@ def test_geneval_prompt_file_and_folder_layout(tmp_path):
     assert folders == [f"{i:05d}" for i in range(6)]
     meta = json.loads((tmp_path / "out" / "00003" / "metadata.jsonl").read_text())
     assert meta == {**GENEVAL_LINES[3]}
-    assert sorted(p.name for p in (tmp_path / "out" / "00000" / "samples").iterdir()) == ["0000.png", "0001.png", "0002.png"]
+    assert sorted(p.name for p in (tmp_path / "out" / "00000" / "samples").iterdir()) == [
+        "0000.png",
+        "0001.png",
+        "0002.png",
+    ]
 
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps(GENEVAL_LINES[0]) + "\n" + json.dumps({"tag": "colors", "prompt": "a photo of a cat"}) + "\n")
+    bad.write_text(
+        json.dumps(GENEVAL_LINES[0]) + "\n" + json.dumps({"tag": "colors", "prompt": "a photo of a cat"}) + "\n"
+    )
     with pytest.raises(ValueError, match=r"bad.jsonl:2: prompt 'a photo of a cat' fits no MNIST-scene template"):
         geneval.read_prompt_file(bad)
 
@@ -161,7 +180,9 @@ def test_fid_of_a_set_against_itself_is_zero_and_shifted_is_not(judged, tiny_pip
 
     _, _, test = judged
     same = fid_kid(test.images, test.images, "judge", tiny_pipeline.paths.judge)
-    assert abs(same["fid"]) < 1e-2  # numerically 0 (sqrtm of a rank-deficient covariance); KID's unbiased estimator is not 0 for one set against itself)
+    # numerically 0 (sqrtm of a rank-deficient covariance); KID's unbiased estimator is not 0
+    # for one set against itself
+    assert abs(same["fid"]) < 1e-2
     shifted_images = np.roll(test.images, 8, axis=2)  # digits move across cell borders
     shifted = fid_kid(test.images, shifted_images, "judge", tiny_pipeline.paths.judge)
     assert shifted["fid"] > 1.0 and shifted["kid"] > 0
@@ -182,9 +203,21 @@ def test_caption_scores():
     from transfusion.eval.captioning import caption_scores
 
     records = [
-        {"caption": "a red 4", "content": {"category": "colors", "objects": [{"digit": 4, "color": "red", "row": 0, "col": 0}]}},
-        {"caption": "a 2 to the left of a 9", "content": {"category": "position", "relation": "left_of", "objects": [
-            {"digit": 2, "color": "blue", "row": 1, "col": 0}, {"digit": 9, "color": "red", "row": 1, "col": 1}]}},
+        {
+            "caption": "a red 4",
+            "content": {"category": "colors", "objects": [{"digit": 4, "color": "red", "row": 0, "col": 0}]},
+        },
+        {
+            "caption": "a 2 to the left of a 9",
+            "content": {
+                "category": "position",
+                "relation": "left_of",
+                "objects": [
+                    {"digit": 2, "color": "blue", "row": 1, "col": 0},
+                    {"digit": 9, "color": "red", "row": 1, "col": 1},
+                ],
+            },
+        },
     ]
     perfect = caption_scores(records, [r["caption"] for r in records])
     assert perfect["caption_exact"] == 1.0 and perfect["caption_colour"] == 1.0 and perfect["caption_position"] == 1.0

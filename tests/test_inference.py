@@ -27,11 +27,17 @@ def test_cached_and_uncached_text_decoding_agree(text_tokenizer, backbone):
     assert sampled == generate_text(model, prompts, max_new_tokens=12, temperature=1.0, top_k=20, top_p=0.9, seed=3)
 
 
-@pytest.mark.parametrize(("patch_encoder", "time_conditioning", "objective"),
-                         [("linear", "add", "ddpm"), ("unet", "token", "ddpm"), ("linear", "add", "flow")])
+@pytest.mark.parametrize(
+    ("patch_encoder", "time_conditioning", "objective"),
+    [("linear", "add", "ddpm"), ("unet", "token", "ddpm"), ("linear", "add", "flow")],
+)
 def test_cached_and_uncached_image_samples_agree(text_tokenizer, patch_encoder, time_conditioning, objective):
-    model = build_tiny_model(text_tokenizer, patch_encoder=patch_encoder, time_conditioning=time_conditioning,
-                             diffusion=diffusion_config(objective))
+    model = build_tiny_model(
+        text_tokenizer,
+        patch_encoder=patch_encoder,
+        time_conditioning=time_conditioning,
+        diffusion=diffusion_config(objective),
+    )
     sampler = "flow_euler" if objective == "flow" else "ddpm"
     caps = [ids(text_tokenizer, "a red 4"), ids(text_tokenizer, "a 3 and a 7 to the left of")]
     cached = sample_latents(model, caps, 12, 3.0, sampler, seed=5, use_cache=True)
@@ -40,8 +46,10 @@ def test_cached_and_uncached_image_samples_agree(text_tokenizer, patch_encoder, 
     torch.testing.assert_close(cached, uncached, rtol=0, atol=2e-3)
 
 
-@pytest.mark.parametrize(("objective", "sampler", "steps"),
-                         [("ddpm", "ddpm", 50), ("ddpm", "ddim", 20), ("ddpm", "dpmpp", 20), ("flow", "flow_euler", 20)])
+@pytest.mark.parametrize(
+    ("objective", "sampler", "steps"),
+    [("ddpm", "ddpm", 50), ("ddpm", "ddim", 20), ("ddpm", "dpmpp", 20), ("flow", "flow_euler", 20)],
+)
 def test_samplers_recover_the_image_from_an_exact_predictor(objective, sampler, steps):
     """With the exact epsilon (or velocity) of one clean latent x0 at every step, each sampler
     must end at x0: the sampling loop, the schedulers' time grids and the guidance all agree."""
@@ -100,8 +108,17 @@ def test_denoising_never_grows_the_cache(text_tokenizer):
 def test_interleaved_draws_an_image_when_boi_is_forced_and_continues(text_tokenizer):
     model = build_tiny_model(text_tokenizer)
     s = model.special
-    parts = generate_interleaved(model, ids(text_tokenizer, "to be"), max_new_tokens=8, max_images=1, steps=5,
-                                 force_image=True, min_new_tokens=4, cfg_scale=2.0, sampler="ddpm")
+    parts = generate_interleaved(
+        model,
+        ids(text_tokenizer, "to be"),
+        max_new_tokens=8,
+        max_images=1,
+        steps=5,
+        force_image=True,
+        min_new_tokens=4,
+        cfg_scale=2.0,
+        sampler="ddpm",
+    )
     assert torch.is_tensor(parts[0]) and parts[0].shape == (4, 8, 8)
     assert isinstance(parts[1], list) and len(parts[1]) >= 4
     assert not {s.boi, s.eoi, s.eos} & set(parts[1])
@@ -168,11 +185,24 @@ def _cli(*args):
 
 def test_cli_modes_write_their_outputs(exported_model, tmp_path):
     grid = tmp_path / "grid.png"
-    r = _cli("generate", "a red 3 to the left of a blue 7", "-n", "2", "--steps", "3", "--out", str(grid), "-m", str(exported_model))
+    r = _cli(
+        "generate",
+        "a red 3 to the left of a blue 7",
+        "-n",
+        "2",
+        "--steps",
+        "3",
+        "--out",
+        str(grid),
+        "-m",
+        str(exported_model),
+    )
     assert r.exit_code == 0, r.output
     assert grid.read_bytes()[:4] == b"\x89PNG"
     one = tmp_path / "one.png"
-    assert _cli("generate", "a 7", "-n", "1", "--steps", "2", "--out", str(one), "-m", str(exported_model)).exit_code == 0
+    assert (
+        _cli("generate", "a 7", "-n", "1", "--steps", "2", "--out", str(one), "-m", str(exported_model)).exit_code == 0
+    )
 
     from PIL import Image
 
@@ -184,8 +214,19 @@ def test_cli_modes_write_their_outputs(exported_model, tmp_path):
     r = _cli("complete", "To be, or not", "--max-tokens", "4", "-m", str(exported_model))
     assert r.exit_code == 0 and r.output.startswith("To be, or not")
 
-    r = _cli("interleave", "to be", "--force-image", "--steps", "2", "--max-tokens", "4", "--out", str(tmp_path / "il"),
-             "-m", str(exported_model))
+    r = _cli(
+        "interleave",
+        "to be",
+        "--force-image",
+        "--steps",
+        "2",
+        "--max-tokens",
+        "4",
+        "--out",
+        str(tmp_path / "il"),
+        "-m",
+        str(exported_model),
+    )
     assert r.exit_code == 0, r.output
     assert (tmp_path / "il" / "image-0.png").is_file() and "[image:" in r.output
 

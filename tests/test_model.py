@@ -8,13 +8,13 @@ import itertools
 import pytest
 import torch
 
+from conftest import LATENT, build_tiny_model, diffusion_config, section
+from conftest import MODEL_CORPUS as CORPUS
 from transfusion.data.collate import Collator, caption_to_image, image_to_caption, text_example
 from transfusion.data.tokenizer import build_tokenizer
-from transfusion.model import TransfusionModel
 from transfusion.layout import PATCH
+from transfusion.model import TransfusionModel
 from transfusion.model.mask import hybrid_mask
-
-from conftest import LATENT, MODEL_CORPUS as CORPUS, build_tiny_model, diffusion_config, section
 
 RECIPE = {"loss_weight": 5.0, "noise_limit": 0.5}  # the paper's lambda and image-first noise cap
 
@@ -29,8 +29,9 @@ def make_model(tokenizer, seed=0, diffusion=None, **model_kw) -> TransfusionMode
 
 
 def collator(model: TransfusionModel, **kw) -> Collator:
-    return Collator(model.special, model.config.patches_per_image, 256,
-                    time_token=model.config.time_conditioning == "token", **kw)
+    return Collator(
+        model.special, model.config.patches_per_image, 256, time_token=model.config.time_conditioning == "token", **kw
+    )
 
 
 def ids(tokenizer, text):
@@ -115,7 +116,9 @@ def test_first_image_ignores_the_second(tokenizer, backbone, patch_encoder):
 
 def test_mask_matches_the_documented_layout(tokenizer):
     model = make_model(tokenizer)
-    batch = collator(model)([caption_to_image([11, 12], torch.zeros(LATENT)), image_to_caption(torch.zeros(LATENT), [13])])
+    batch = collator(model)(
+        [caption_to_image([11, 12], torch.zeros(LATENT)), image_to_caption(torch.zeros(LATENT), [13])]
+    )
     m = hybrid_mask(batch.document, batch.image_block, batch.valid)[0, 0]
     P = model.config.patches_per_image
     first = slice(4, 4 + P)
@@ -124,7 +127,7 @@ def test_mask_matches_the_documented_layout(tokenizer):
     assert m[4 + P, first].all()  # <eoi> sees them all
     second_doc = 4 + P + 2
     assert not m[second_doc:, :second_doc].any()  # packed examples are isolated
-    assert m.tril()[: second_doc, : second_doc].diagonal().all()
+    assert m.tril()[:second_doc, :second_doc].diagonal().all()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,12 +138,14 @@ def test_tiny_model_overfits_one_batch(tokenizer, objective, patch_encoder):
     model = make_model(tokenizer, patch_encoder=patch_encoder, diffusion=diffusion_config(objective)).train()
     g = torch.Generator().manual_seed(0)
     latents = torch.randn(3, *LATENT, generator=g)
-    batch = collator(model)([
-        caption_to_image(ids(tokenizer, "a red 4"), latents[0]),
-        image_to_caption(latents[1], ids(tokenizer, "a blue 3")),
-        caption_to_image(ids(tokenizer, "a 7"), latents[2]),
-        text_example(ids(tokenizer, "to be or not to be that is the question")),
-    ])
+    batch = collator(model)(
+        [
+            caption_to_image(ids(tokenizer, "a red 4"), latents[0]),
+            image_to_caption(latents[1], ids(tokenizer, "a blue 3")),
+            caption_to_image(ids(tokenizer, "a 7"), latents[2]),
+            text_example(ids(tokenizer, "to be or not to be that is the question")),
+        ]
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     losses = []
     for _ in range(120):
@@ -168,10 +173,17 @@ def test_loss_parts_and_weight(tokenizer):
 def test_noise_limit_for_images_before_their_caption(tokenizer, objective):
     model = make_model(tokenizer, diffusion=diffusion_config(objective))
     latents = torch.randn(LATENT)
-    examples = [image_to_caption(latents, ids(tokenizer, "a 3"))] * 20 + [caption_to_image(ids(tokenizer, "a 3"), latents)] * 20
+    examples = [image_to_caption(latents, ids(tokenizer, "a 3"))] * 20 + [
+        caption_to_image(ids(tokenizer, "a 3"), latents)
+    ] * 20
     batch = collator(model)(examples)
     assert batch.image_first.tolist() == [True] * 20 + [False] * 20
-    drawn = torch.cat([model.loss(batch, torch.Generator().manual_seed(s), loss_weight=5.0, noise_limit=0.5).timesteps for s in range(10)]).view(10, 40)
+    drawn = torch.cat(
+        [
+            model.loss(batch, torch.Generator().manual_seed(s), loss_weight=5.0, noise_limit=0.5).timesteps
+            for s in range(10)
+        ]
+    ).view(10, 40)
     times = model.diffusion.model_time(drawn.flatten()).view(10, 40)  # 0..1000 scale for both
     assert times[:, :20].max() <= 500
     assert times[:, 20:].max() > 700  # uncapped images reach high noise
@@ -187,7 +199,12 @@ def test_dropped_captions_train_the_whole_noise_range(tokenizer, objective):
     batch = collator(model, caption_dropout=1.0)(examples)
     assert batch.caption_dropped.tolist() == [True] * 20 + [False] * 20
     assert batch.image_first.tolist() == [False] * 20 + [True] * 20
-    drawn = torch.cat([model.loss(batch, torch.Generator().manual_seed(s), loss_weight=5.0, noise_limit=0.5).timesteps for s in range(10)]).view(10, 40)
+    drawn = torch.cat(
+        [
+            model.loss(batch, torch.Generator().manual_seed(s), loss_weight=5.0, noise_limit=0.5).timesteps
+            for s in range(10)
+        ]
+    ).view(10, 40)
     times = model.diffusion.model_time(drawn.flatten()).view(10, 40)
     assert times[:, :20].max() > 700  # unconditional images see high noise
     assert times[:, 20:].max() <= 500  # image-first images stay capped
@@ -221,7 +238,10 @@ def test_save_load_identical_outputs(tokenizer, tmp_path, patch_encoder, time_co
     h1, p1 = run(model, batch, x, t)
     h2, p2 = run(loaded, batch, x, t)
     assert torch.equal(h1, h2) and torch.equal(p1, p2)
-    assert sorted(p.name for p in (tmp_path / "m").iterdir() if p.suffix in (".json", ".safetensors"))[:2] == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "m").iterdir() if p.suffix in (".json", ".safetensors"))[:2] == [
+        "config.json",
+        "model.safetensors",
+    ]
     from transfusion.data.tokenizer import load_tokenizer
 
     assert load_tokenizer(tmp_path / "m")("a red 4")["input_ids"] == tokenizer("a red 4")["input_ids"]
@@ -246,12 +266,23 @@ def test_pretrained_backbone_through_params(tokenizer, tmp_path, kind):
     raw = Tokenizer(models.BPE())
     raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     raw.decoder = decoders.ByteLevel()
-    raw.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=290, special_tokens=["<s>", "</s>"],
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    raw.train_from_iterator(
+        CORPUS,
+        trainers.BpeTrainer(
+            vocab_size=290, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
     base_tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>")
     cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[kind]
-    cfg = cls(vocab_size=len(base_tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    cfg = cls(
+        vocab_size=len(base_tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     lm = AutoModelForCausalLM.from_config(cfg)
     lm.save_pretrained(str(tmp_path / "lm"))
@@ -259,7 +290,9 @@ def test_pretrained_backbone_through_params(tokenizer, tmp_path, kind):
 
     tok = build_tokenizer(section("tokenizer", pretrained=tmp_path / "lm"), [])
     assert len(tok) == len(base_tok) + 3  # <boi>, <eoi>, <pad>
-    model = TransfusionModel.from_params(section("model", pretrained=tmp_path / "lm"), section("diffusion"), tok, LATENT)
+    model = TransfusionModel.from_params(
+        section("model", pretrained=tmp_path / "lm"), section("diffusion"), tok, LATENT
+    )
     emb = model.backbone.get_input_embeddings().weight
     assert emb.shape[0] == len(tok) and model.backbone.config.model_type == kind
     torch.testing.assert_close(emb[: len(base_tok)], lm.get_input_embeddings().weight)

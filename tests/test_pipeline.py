@@ -56,7 +56,15 @@ def test_dvc_repro_end_to_end(tmp_path):
     _run(["dvc", "init", "-q"], repo)
     first = _run(["dvc", "repro"], repo)
     assert sorted(_ran(first)) == sorted(["data", "tokenizer", "vae", "latents", "train", "judge", "eval"])
-    for key in ("data_metrics", "tokenizer_metrics", "vae_metrics", "latents_metrics", "train_metrics", "judge_metrics", "eval_metrics"):
+    for key in (
+        "data_metrics",
+        "tokenizer_metrics",
+        "vae_metrics",
+        "latents_metrics",
+        "train_metrics",
+        "judge_metrics",
+        "eval_metrics",
+    ):
         assert json.loads((repo / resolved["paths"][key]).read_text())
     assert json.loads((repo / "metrics/latents.json").read_text())["scaled_train_std"] > 0.99
     assert (repo / "dvc.lock").is_file()
@@ -81,8 +89,10 @@ def test_dvc_repro_end_to_end(tmp_path):
     assert (repo / resolved["paths"]["geneval"] / "00000" / "metadata.jsonl").is_file()
     # the judge runs before training: the in-training probes include the quick judged evaluation
     probes = (repo / resolved["paths"]["train_probes"]).read_text().splitlines()
-    assert {"images_seen", "ema_quick_geneval_overall", "ema_quick_caption_exact", "diffusion_uncond_b3"} <= set(probes[0].split(","))
+    assert {"images_seen", "ema_quick_geneval_overall", "ema_quick_caption_exact", "diffusion_uncond_b3"} <= set(
+        probes[0].split(",")
+    )
     assert len(probes) == 1 + 2  # eval_every 6 of 12 steps
-    sweep = (repo / resolved["paths"]["cfg_sweep_plot"])
+    sweep = repo / resolved["paths"]["cfg_sweep_plot"]
     assert sweep.read_text().splitlines()[0] == "cfg_scale,geneval_overall,scene_match_overall"
     assert len(sweep.read_text().splitlines()) == (1 + 2 if evaluation["judge_ok"] else 1)  # cfg_sweep [1, 3]

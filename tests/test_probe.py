@@ -15,8 +15,15 @@ def ids(tok, text):
 
 
 def probe_data(tok, latents, captions) -> ProbeData:
-    return ProbeData(latents=latents, records=[{"caption": c} for c in captions], captions=[ids(tok, c) for c in captions],
-                     judge=None, vae=None, scaling_factor=1.0, palette={})
+    return ProbeData(
+        latents=latents,
+        records=[{"caption": c} for c in captions],
+        captions=[ids(tok, c) for c in captions],
+        judge=None,
+        vae=None,
+        scaling_factor=1.0,
+        palette={},
+    )
 
 
 @pytest.mark.parametrize("objective", ["ddpm", "flow"])

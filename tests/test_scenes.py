@@ -113,8 +113,19 @@ def test_category_weights_and_palette_from_params(digits):
 
 @pytest.mark.parametrize(
     "caption",
-    ["a 7", "a 3 and a 7", "three 5s", "two 0s", "four 9s", "a red 4", "a 2 to the left of a 9",
-     "a 2 to the right of a 9", "a 6 above a 1", "a 6 below a 1", "a blue 3 and a yellow 8"],
+    [
+        "a 7",
+        "a 3 and a 7",
+        "three 5s",
+        "two 0s",
+        "four 9s",
+        "a red 4",
+        "a 2 to the left of a 9",
+        "a 2 to the right of a 9",
+        "a 6 above a 1",
+        "a 6 below a 1",
+        "a blue 3 and a yellow 8",
+    ],
 )
 def test_every_template_parses_back(caption):
     prompt = parse_caption(caption)

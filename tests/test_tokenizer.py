@@ -38,8 +38,11 @@ def test_save_and_load_with_transformers(tokenizer, tmp_path):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     tokenizer.save_pretrained(str(tmp_path))
-    for loaded in (PreTrainedTokenizerFast.from_pretrained(str(tmp_path)), load_tokenizer(tmp_path),
-                   AutoTokenizer.from_pretrained(str(tmp_path))):
+    for loaded in (
+        PreTrainedTokenizerFast.from_pretrained(str(tmp_path)),
+        load_tokenizer(tmp_path),
+        AutoTokenizer.from_pretrained(str(tmp_path)),
+    ):
         text = f"{BOI}{EOI} Whether 'tis nobler"
         assert loaded(text)["input_ids"] == tokenizer(text)["input_ids"]
         assert image_token_ids(loaded) == image_token_ids(tokenizer)
@@ -63,8 +66,12 @@ def test_pretrained_folder_gains_image_tokens(tmp_path):
     raw = Tokenizer(models.BPE())
     raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     raw.decoder = decoders.ByteLevel()
-    raw.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=280, special_tokens=["<s>", "</s>"],
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    raw.train_from_iterator(
+        CORPUS,
+        trainers.BpeTrainer(
+            vocab_size=280, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
     PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>").save_pretrained(str(tmp_path))
 
     tok = build_tokenizer(section("tokenizer", pretrained=tmp_path), [])

@@ -11,21 +11,37 @@ import torch
 
 from conftest import section
 from transfusion.config import Params
-from transfusion.train.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint, verify_checkpoint
+from transfusion.train.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    verify_checkpoint,
+)
 
 FAULT = section("train").fault  # no faults (params.yaml)
 
 
 def train_params(base: Params, tmp_path, **train) -> Params:
     """The tiny pipeline's params with training outputs and tracking under ``tmp_path``."""
-    paths = base.paths.model_copy(update={
-        "checkpoints": tmp_path / "ck", "model": tmp_path / "model", "runs": tmp_path / "runs",
-        "train_metrics": tmp_path / "train.json", "train_loss_plot": tmp_path / "loss.csv",
-        "train_samples": tmp_path / "samples.png", "train_probes": tmp_path / "probes.csv",
-        "judge": tmp_path / "no-judge",  # probes without the quick judged evaluation (tests/test_eval.py has it)
-    })
-    tracking = base.tracking.model_copy(update={"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
-                                                "artifact_location": str(tmp_path / "mlartifacts")})
+    paths = base.paths.model_copy(
+        update={
+            "checkpoints": tmp_path / "ck",
+            "model": tmp_path / "model",
+            "runs": tmp_path / "runs",
+            "train_metrics": tmp_path / "train.json",
+            "train_loss_plot": tmp_path / "loss.csv",
+            "train_samples": tmp_path / "samples.png",
+            "train_probes": tmp_path / "probes.csv",
+            "judge": tmp_path / "no-judge",  # probes without the quick judged evaluation (tests/test_eval.py has it)
+        }
+    )
+    tracking = base.tracking.model_copy(
+        update={
+            "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+            "artifact_location": str(tmp_path / "mlartifacts"),
+        }
+    )
     tc = base.train.model_copy(update=train)
     return base.model_copy(update={"paths": paths, "tracking": tracking, "train": tc})
 
@@ -36,8 +52,19 @@ def test_plain_loop_lowers_the_loss_and_writes_only_checkpoints(tiny_pipeline, t
     from transfusion.model import TransfusionModel
     from transfusion.train.loop import LoopConfig, load_trained, train_loop
 
-    p = train_params(tiny_pipeline, tmp_path, use_ray=False, steps=60, batch_size=8, lr=3e-3, log_every=5,
-                     checkpoint_every=30, sample_every=60, warmup_steps=5, eval_every=25)
+    p = train_params(
+        tiny_pipeline,
+        tmp_path,
+        use_ray=False,
+        steps=60,
+        batch_size=8,
+        lr=3e-3,
+        log_every=5,
+        checkpoint_every=30,
+        sample_every=60,
+        warmup_steps=5,
+        eval_every=25,
+    )
     cfg = LoopConfig.from_params(p)
     metrics = train_loop(cfg)
     assert metrics["steps"] == 60 and metrics["tokens_per_s"] > 0 and metrics["images_per_s"] > 0
@@ -72,7 +99,14 @@ def test_nan_stops_the_run_and_keeps_a_loadable_checkpoint(tiny_pipeline, tmp_pa
     from transfusion.model import TransfusionModel
     from transfusion.train.loop import LoopConfig, TrainingDiverged, train_loop
 
-    p = train_params(tiny_pipeline, tmp_path, use_ray=False, steps=12, checkpoint_every=4, fault=FAULT.model_copy(update={"nan_at_step": 7}))
+    p = train_params(
+        tiny_pipeline,
+        tmp_path,
+        use_ray=False,
+        steps=12,
+        checkpoint_every=4,
+        fault=FAULT.model_copy(update={"nan_at_step": 7}),
+    )
     with pytest.raises(TrainingDiverged, match="at step 7") as err:
         train_loop(LoopConfig.from_params(p))
     last = latest_checkpoint(p.paths.checkpoints)
@@ -107,9 +141,9 @@ def test_bad_checkpoints_are_refused(tiny_pipeline, tmp_path):
         verify_checkpoint(broken)
 
     # the same through the CLI: one line, exit 1
+    import yaml
     from typer.testing import CliRunner
 
-    import yaml
     from cli import app
 
     (ck / "trainer.json").write_text("{}")
@@ -126,8 +160,17 @@ def test_resume_from_the_final_checkpoint_finishes_and_exports(tiny_pipeline, tm
     from transfusion.pipeline import TransfusionPipeline
     from transfusion.train.loop import LoopConfig, train_loop
 
-    p = train_params(tiny_pipeline, tmp_path, use_ray=False, steps=4, checkpoint_every=2, sample_every=2, eval_every=4,
-                     log_every=2, warmup_steps=1)
+    p = train_params(
+        tiny_pipeline,
+        tmp_path,
+        use_ray=False,
+        steps=4,
+        checkpoint_every=2,
+        sample_every=2,
+        eval_every=4,
+        log_every=2,
+        warmup_steps=1,
+    )
     train_loop(LoopConfig.from_params(p))  # the loop finished; no stage outputs yet
     assert not p.paths.model.exists()
     metrics = train.run(p, resume=True)
@@ -150,14 +193,26 @@ def ray_local(tmp_path_factory):
     ray.shutdown()
 
 
+@pytest.mark.slow  # two Ray workers, a crash, a restart and a resume: ~2 min (make test-all)
 def test_ray_two_workers_survive_a_crash_and_resume(tiny_pipeline, tmp_path, ray_local):
     from mlflow import MlflowClient
 
     from stages import train
     from transfusion.tracking import find_runs, tracking_uri
 
-    p = train_params(tiny_pipeline, tmp_path, use_ray=True, num_workers=2, cpus_per_worker=1, steps=12,
-                     checkpoint_every=4, log_every=2, sample_every=12, max_failures=1, fault=FAULT.model_copy(update={"crash_at_step": 6}))
+    p = train_params(
+        tiny_pipeline,
+        tmp_path,
+        use_ray=True,
+        num_workers=2,
+        cpus_per_worker=1,
+        steps=12,
+        checkpoint_every=4,
+        log_every=2,
+        sample_every=12,
+        max_failures=1,
+        fault=FAULT.model_copy(update={"crash_at_step": 6}),
+    )
     metrics = train.run(p)  # crashes at step 6, Ray restarts the workers, they resume from step 4
     assert metrics["steps"] == 12 and metrics["steps_this_run"] == 8
     runs = find_runs(p.tracking, "train")
@@ -175,7 +230,10 @@ def test_ray_two_workers_survive_a_crash_and_resume(tiny_pipeline, tmp_path, ray
     # the stage's outputs, from the final checkpoint: the pipeline folder, curves, the last grid
     assert json.loads((p.paths.model / "pipeline.json").read_text())["run_id"] == run_id
     assert (p.paths.model / "model.safetensors").is_file() and (p.paths.model / "vae" / "config.json").is_file()
-    assert [line.split(",")[0] for line in p.paths.train_loss_plot.read_text().splitlines()] == ["step", *map(str, range(2, 13, 2))]
+    assert [line.split(",")[0] for line in p.paths.train_loss_plot.read_text().splitlines()] == [
+        "step",
+        *map(str, range(2, 13, 2)),
+    ]
     assert p.paths.train_probes.read_text().splitlines()[0].startswith("step,images_seen,")
     assert p.paths.train_samples.read_bytes()[:4] == b"\x89PNG"
     assert json.loads(p.paths.train_metrics.read_text())["steps"] == 12 and metrics["ray_overhead_s"] > 0

@@ -130,7 +130,7 @@ class ScenesConfig(Section):
     n_examples: Annotated[int, Field(ge=1, le=64)]  # scenes drawn in the examples grid
 
     @model_validator(mode="after")
-    def _check(self) -> "ScenesConfig":
+    def _check(self) -> ScenesConfig:
         if self.canvas % self.grid:
             raise ValueError(f"canvas ({self.canvas}) must be divisible by grid ({self.grid})")
         if len(self.palette) < 2:
@@ -155,7 +155,7 @@ class DataConfig(Section):
     scenes: ScenesConfig
 
     @model_validator(mode="after")
-    def _check(self) -> "DataConfig":
+    def _check(self) -> DataConfig:
         if self.source == "caption_folder" and self.caption_folder is None:
             raise ValueError("source is caption_folder but caption_folder is not set")
         return self
@@ -195,12 +195,10 @@ class VAEConfig(Section):
     seed: int
 
     @model_validator(mode="after")
-    def _check(self) -> "VAEConfig":
+    def _check(self) -> VAEConfig:
         bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
         if bad:
-            raise ValueError(
-                f"block_out_channels {bad} must be multiples of norm_num_groups ({self.norm_num_groups})"
-            )
+            raise ValueError(f"block_out_channels {bad} must be multiples of norm_num_groups ({self.norm_num_groups})")
         return self
 
     @property
@@ -247,7 +245,7 @@ class ScheduleConfig(Section):
     cfg_scale: Annotated[float, Field(ge=0)]
 
     @model_validator(mode="after")
-    def _check(self) -> "ScheduleConfig":
+    def _check(self) -> ScheduleConfig:
         if (self.objective == "flow") != (self.sampler == "flow_euler"):
             want = "flow_euler" if self.objective == "flow" else "ddpm, ddim or dpmpp"
             raise ValueError(f"sampler: {self.sampler!r} does not fit objective {self.objective!r} (use {want})")
@@ -279,7 +277,7 @@ class MixtureConfig(Section):
     text_length: Annotated[int, Field(ge=8)]
 
     @model_validator(mode="after")
-    def _check(self) -> "MixtureConfig":
+    def _check(self) -> MixtureConfig:
         if self.text + self.caption_to_image + self.image_to_caption <= 0:
             raise ValueError("at least one mixture weight must be > 0")
         return self
@@ -339,7 +337,7 @@ class TrainConfig(Section):
     fault: FaultConfig
 
     @model_validator(mode="after")
-    def _check(self) -> "TrainConfig":
+    def _check(self) -> TrainConfig:
         if self.warmup_steps >= self.steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be < steps ({self.steps})")
         return self
@@ -396,7 +394,7 @@ class Params(Section):
     eval: EvalConfig
 
     @model_validator(mode="after")
-    def _check(self) -> "Params":
+    def _check(self) -> Params:
         canvas, down = self.data.scenes.canvas, self.vae.downsample
         if canvas % down:
             raise ValueError(
@@ -405,7 +403,8 @@ class Params(Section):
             )
         if self.mixture.text_length > self.model.max_length - 2:
             raise ValueError(
-                f"mixture.text_length ({self.mixture.text_length}) must be <= model.max_length - 2 ({self.model.max_length - 2})"
+                f"mixture.text_length ({self.mixture.text_length}) must be <= model.max_length - 2 "
+                f"({self.model.max_length - 2})"
             )
         latent, p = canvas // down, self.model.patch_size
         if latent % p:
@@ -417,7 +416,7 @@ class Params(Section):
             )
         return self
 
-    def with_absolute_paths(self) -> "Params":
+    def with_absolute_paths(self) -> Params:
         """The same params with every path absolute (for workers that run in another folder)."""
         paths = {k: Path(v).resolve() for k, v in self.paths.model_dump().items()}
         update: dict[str, Any] = {"paths": PathsConfig(**paths)}

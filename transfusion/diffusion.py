@@ -35,11 +35,15 @@ class DDPMObjective:
             clip_sample=False,
         )
 
-    def sample_timesteps(self, capped: torch.Tensor, noise_limit: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample_timesteps(
+        self, capped: torch.Tensor, noise_limit: float, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """(N,) bool -> (N,) long timesteps in [0, T) ([0, noise_limit * T] where capped)."""
         limit = int(round(noise_limit * self.cfg.train_steps))
         u = torch.rand(capped.shape, generator=generator)
-        high = torch.where(capped, torch.tensor(min(limit + 1, self.cfg.train_steps)), torch.tensor(self.cfg.train_steps))
+        high = torch.where(
+            capped, torch.tensor(min(limit + 1, self.cfg.train_steps)), torch.tensor(self.cfg.train_steps)
+        )
         return (u * high).long().clamp_max(self.cfg.train_steps - 1)
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -65,7 +69,9 @@ class FlowMatchingObjective:
         self.scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=cfg.train_steps, shift=cfg.flow_shift)
         self.sigmas = self.scheduler.sigmas[: cfg.train_steps].float()  # descending, 1 -> ~1/T
 
-    def sample_timesteps(self, capped: torch.Tensor, noise_limit: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample_timesteps(
+        self, capped: torch.Tensor, noise_limit: float, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """(N,) bool -> (N,) indices into the sigma table (capped: sigma <= noise_limit)."""
         n, n_capped = len(self.sigmas), int((self.sigmas <= noise_limit).sum())  # the low-noise tail
         u = torch.rand(capped.shape, generator=generator)

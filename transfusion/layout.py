@@ -20,7 +20,7 @@ class SpecialIds:
     eoi: int
 
     @classmethod
-    def from_tokenizer(cls, tok) -> "SpecialIds":
+    def from_tokenizer(cls, tok) -> SpecialIds:
         boi, eoi = tok.convert_tokens_to_ids(["<boi>", "<eoi>"])
         bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
         return cls(bos=bos, eos=tok.eos_token_id, pad=tok.pad_token_id, boi=boi, eoi=eoi)
@@ -40,7 +40,7 @@ class Batch:
     image_first: torch.Tensor  # (N,) bool; image precedes any text of its example
     caption_dropped: torch.Tensor  # (N,) bool; its caption was dropped (CFG training)
 
-    def to(self, device: torch.device | str) -> "Batch":
+    def to(self, device: torch.device | str) -> Batch:
         return Batch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
     @property

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transfusion.errors import BadInput, MissingInput
 
+from transfusion.errors import BadInput, MissingInput
 
 PIPELINE_FILE, VAE_FOLDER = "pipeline.json", "vae"
 
@@ -39,12 +39,16 @@ class TransfusionPipeline:
         with atomic_dir(Path(folder)) as tmp:
             self.model.write_files(tmp, self.tokenizer)
             self.vae.save_pretrained(str(tmp / VAE_FOLDER), safe_serialization=True)
-            meta = {"scaling_factor": self.scaling_factor, "latent_shape": [cfg.latent_channels, cfg.latent_size, cfg.latent_size],
-                    "vae": VAE_FOLDER, "run_id": self.run_id}
+            meta = {
+                "scaling_factor": self.scaling_factor,
+                "latent_shape": [cfg.latent_channels, cfg.latent_size, cfg.latent_size],
+                "vae": VAE_FOLDER,
+                "run_id": self.run_id,
+            }
             (tmp / PIPELINE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
     @classmethod
-    def from_pretrained(cls, folder: Path, attention: str | None = None) -> "TransfusionPipeline":
+    def from_pretrained(cls, folder: Path, attention: str | None = None) -> TransfusionPipeline:
         from transfusion.data.tokenizer import load_tokenizer
         from transfusion.model import TransfusionModel
         from transfusion.vae import load_vae
@@ -54,7 +58,9 @@ class TransfusionPipeline:
             raise MissingInput(f"{folder}: no model folder here")
         meta_file = folder / PIPELINE_FILE
         if not meta_file.is_file():
-            raise MissingInput(f"{folder}: not an exported model (no {PIPELINE_FILE}; export it with `transfusion train`)")
+            raise MissingInput(
+                f"{folder}: not an exported model (no {PIPELINE_FILE}; export it with `transfusion train`)"
+            )
         try:
             meta = json.loads(meta_file.read_text())
             vae_folder, scaling_factor, run_id = meta["vae"], float(meta["scaling_factor"]), meta.get("run_id")
@@ -64,8 +70,9 @@ class TransfusionPipeline:
         return cls(model, load_tokenizer(folder), load_vae(folder / vae_folder), scaling_factor, run_id)
 
     @classmethod
-    def from_parts(cls, model, tokenizer_dir: Path, vae_dir: Path, latents_dir: Path,
-                   run_id: str | None = None) -> "TransfusionPipeline":
+    def from_parts(
+        cls, model, tokenizer_dir: Path, vae_dir: Path, latents_dir: Path, run_id: str | None = None
+    ) -> TransfusionPipeline:
         """A trained model with the pipeline's tokenizer, VAE and latent scaling (training outputs)."""
         from transfusion.data.latents import load_meta
         from transfusion.data.tokenizer import load_tokenizer
@@ -75,7 +82,7 @@ class TransfusionPipeline:
         return cls(model, load_tokenizer(tokenizer_dir), load_vae(vae_dir), scaling_factor, run_id)
 
     @classmethod
-    def from_uri(cls, uri: str, tracking_uri: str | None = None) -> "TransfusionPipeline":
+    def from_uri(cls, uri: str, tracking_uri: str | None = None) -> TransfusionPipeline:
         """A local folder, or an MLflow URI (``runs:/<id>/model``, ``models:/<name>/<v>``) read
         through ``tracking_uri``."""
         if "://" in uri or uri.startswith(("runs:/", "models:/")):
@@ -122,8 +129,9 @@ class TransfusionPipeline:
     def caption(self, images: np.ndarray, **kwargs) -> list[str]:
         return [self._text(ids) for ids in self.model.caption(self.encode_images(images), **kwargs)]
 
-    def sample_grid(self, captions: list[str], path: Path, steps: int | None = None, cfg_scale: float | None = None,
-                    seed: int = 0) -> np.ndarray:
+    def sample_grid(
+        self, captions: list[str], path: Path, steps: int | None = None, cfg_scale: float | None = None, seed: int = 0
+    ) -> np.ndarray:
         """One image per caption, drawn as a captioned PNG grid at ``path``; returns the images."""
         from transfusion.data.scenes import render_grid
 

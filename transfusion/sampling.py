@@ -34,14 +34,27 @@ def build_scheduler(cfg: DiffusionConfig, sampler: str, steps: int):
     if sampler == "flow_euler":
         sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=cfg.train_steps, shift=cfg.flow_shift)
     elif sampler == "dpmpp":
-        sched = DPMSolverMultistepScheduler(num_train_timesteps=cfg.train_steps, beta_schedule=cfg.beta_schedule,
-                                            prediction_type=cfg.prediction_type, algorithm_type="dpmsolver++")
+        sched = DPMSolverMultistepScheduler(
+            num_train_timesteps=cfg.train_steps,
+            beta_schedule=cfg.beta_schedule,
+            prediction_type=cfg.prediction_type,
+            algorithm_type="dpmsolver++",
+        )
     elif sampler == "ddim":
-        sched = DDIMScheduler(num_train_timesteps=cfg.train_steps, beta_schedule=cfg.beta_schedule,
-                              prediction_type=cfg.prediction_type, clip_sample=False, set_alpha_to_one=False)
+        sched = DDIMScheduler(
+            num_train_timesteps=cfg.train_steps,
+            beta_schedule=cfg.beta_schedule,
+            prediction_type=cfg.prediction_type,
+            clip_sample=False,
+            set_alpha_to_one=False,
+        )
     else:
-        sched = DDPMScheduler(num_train_timesteps=cfg.train_steps, beta_schedule=cfg.beta_schedule,
-                              prediction_type=cfg.prediction_type, clip_sample=False)
+        sched = DDPMScheduler(
+            num_train_timesteps=cfg.train_steps,
+            beta_schedule=cfg.beta_schedule,
+            prediction_type=cfg.prediction_type,
+            clip_sample=False,
+        )
     sched.set_timesteps(steps)
     return sched
 
@@ -81,14 +94,24 @@ def sample_latents_uncached(
     examples = [Example([list(c), placeholder]) for c in captions]
     if cfg_scale != 1.0:
         examples += [Example([[], placeholder]) for _ in captions]
-    collate = Collator(model.special, cfg.patches_per_image, 1 << 30, time_token=cfg.time_conditioning == "token", pack=False)
+    collate = Collator(
+        model.special, cfg.patches_per_image, 1 << 30, time_token=cfg.time_conditioning == "token", pack=False
+    )
     batch = collate(examples).to(device)
-    return denoise(sched, lambda x_in, time: model(batch, x_in, time)[1], generators(seed, len(captions)),
-                   shape, device, cfg_scale, progress)
+    return denoise(
+        sched,
+        lambda x_in, time: model(batch, x_in, time)[1],
+        generators(seed, len(captions)),
+        shape,
+        device,
+        cfg_scale,
+        progress,
+    )
 
 
-def denoise(sched, predict, gens: list[torch.Generator], shape: tuple[int, ...], device, cfg_scale: float,
-            progress=None) -> torch.Tensor:
+def denoise(
+    sched, predict, gens: list[torch.Generator], shape: tuple[int, ...], device, cfg_scale: float, progress=None
+) -> torch.Tensor:
     """The sampling loop: ``predict(x_in, time)`` gives the network output for the stacked
     [cond; uncond] latents (just cond at scale 1); the scheduler steps the guided prediction."""
     x = initial_noise(gens, shape, device) * getattr(sched, "init_noise_sigma", 1.0)
@@ -98,7 +121,6 @@ def denoise(sched, predict, gens: list[torch.Generator], shape: tuple[int, ...],
         pred = predict(x_in, time)
         x = sched.step(guided(pred.float(), cfg_scale), t, x, generator=gens).prev_sample
     return x
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,22 +135,29 @@ class Context:
     denoising step never leaves anything behind.
     """
 
-    def __init__(self, model, cache, keys_valid: torch.Tensor, next_pos: torch.Tensor, last_hidden: torch.Tensor | None) -> None:
+    def __init__(
+        self, model, cache, keys_valid: torch.Tensor, next_pos: torch.Tensor, last_hidden: torch.Tensor | None
+    ) -> None:
         self.model, self.cache = model, cache
         self.keys_valid, self.next_pos, self.last_hidden = keys_valid, next_pos, last_hidden
 
     @classmethod
-    def prefill(cls, model, rows: list[list[int]]) -> "Context":
+    def prefill(cls, model, rows: list[list[int]]) -> Context:
         """The token rows (left-padded) run once into a fresh cache."""
         device = next(model.parameters()).device
         L = max(len(r) for r in rows)
         ids = torch.full((len(rows), L), model.special.pad, dtype=torch.long, device=device)
         valid = torch.zeros((len(rows), L), dtype=torch.bool, device=device)
         for i, r in enumerate(rows):
-            ids[i, L - len(r):] = torch.tensor(r, dtype=torch.long)
-            valid[i, L - len(r):] = True
-        ctx = cls(model, model.new_cache(), torch.zeros((len(rows), 0), dtype=torch.bool, device=device),
-                  torch.zeros(len(rows), dtype=torch.long, device=device), None)
+            ids[i, L - len(r) :] = torch.tensor(r, dtype=torch.long)
+            valid[i, L - len(r) :] = True
+        ctx = cls(
+            model,
+            model.new_cache(),
+            torch.zeros((len(rows), 0), dtype=torch.bool, device=device),
+            torch.zeros(len(rows), dtype=torch.long, device=device),
+            None,
+        )
         ctx.last_hidden = ctx._run(model.embed_tokens(ids), valid, keep=True)[:, -1]
         return ctx
 
@@ -169,7 +198,7 @@ class Context:
         block = self.model.image_block(tokens, temb)  # (B, P', D)
         valid = torch.ones(block.shape[:2], dtype=torch.bool, device=block.device)
         hidden = self._run(block, valid, keep=keep, bidirectional=True)
-        patches = hidden[:, block.shape[1] - tokens.shape[1]:]  # drop the time token
+        patches = hidden[:, block.shape[1] - tokens.shape[1] :]  # drop the time token
         return self.model.predict_images(patches, temb, skips)
 
 
@@ -184,7 +213,9 @@ def _ban(logits: torch.Tensor, tokens: list[int]) -> torch.Tensor:
     return logits.index_fill(-1, torch.tensor(tokens, device=logits.device), float("-inf"))
 
 
-def _pick(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, gens: list[torch.Generator]) -> torch.Tensor:
+def _pick(
+    logits: torch.Tensor, temperature: float, top_k: int, top_p: float, gens: list[torch.Generator]
+) -> torch.Tensor:
     """Next token per row: greedy at temperature 0, else sampled after top-k / top-p filtering."""
     if temperature <= 0:
         return logits.argmax(-1)
@@ -376,7 +407,14 @@ def _stack_contexts(a: Context, b: Context) -> Context:
 
     cache = a.model.new_cache()
     for idx, (la, lb) in enumerate(zip(a.cache.layers, b.cache.layers)):
-        cache.update(torch.cat([padded(la.keys), padded(lb.keys)]), torch.cat([padded(la.values), padded(lb.values)]), idx)
+        cache.update(
+            torch.cat([padded(la.keys), padded(lb.keys)]), torch.cat([padded(la.values), padded(lb.values)]), idx
+        )
     pad_mask = lambda c: torch.nn.functional.pad(c.keys_valid, (K - c.length, 0), value=False)  # noqa: E731
-    return Context(a.model, cache, torch.cat([pad_mask(a), pad_mask(b)]), torch.cat([a.next_pos, b.next_pos]),
-                   torch.cat([a.last_hidden, b.last_hidden]))
+    return Context(
+        a.model,
+        cache,
+        torch.cat([pad_mask(a), pad_mask(b)]),
+        torch.cat([a.next_pos, b.next_pos]),
+        torch.cat([a.last_hidden, b.last_hidden]),
+    )

@@ -47,7 +47,9 @@ def load_vae(path: Path):
     if not (path / "config.json").is_file():
         raise MissingInput(f"{path}: not a saved VAE (no config.json); run the vae stage first")
     try:
-        vae = AutoencoderKL.from_pretrained(str(path), use_safetensors=True, local_files_only=True, low_cpu_mem_usage=False)
+        vae = AutoencoderKL.from_pretrained(
+            str(path), use_safetensors=True, local_files_only=True, low_cpu_mem_usage=False
+        )
     except (OSError, ValueError, RuntimeError) as err:
         raise BadInput(f"{path}: cannot load the VAE ({str(err).splitlines()[0]})") from None
     return vae.eval()

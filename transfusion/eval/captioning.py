@@ -27,7 +27,8 @@ def caption_scores(records: list[dict], captions: list[str], palette: dict | Non
         parts["count"].append(len(said) == len(truth))
         if content["category"] in ("colors", "color_attr"):
             ok = bool(prompt and prompt.colors) and sorted(zip(prompt.digits, prompt.colors)) == sorted(
-                (o["digit"], o["color"]) for o in content["objects"])
+                (o["digit"], o["color"]) for o in content["objects"]
+            )
             parts["colour"].append(ok)
         if content["category"] == "position":
             ok = bool(prompt and prompt.relation) and satisfies(content, prompt)

@@ -69,8 +69,15 @@ def evaluate(pipe, cfg: EvalConfig, inputs: EvalInputs, progress=None) -> EvalRe
     def sample(captions: list[str], seed: int, cfg_scale: float = cfg.cfg_scale) -> np.ndarray:
         out = []
         for start in bar(range(0, len(captions), cfg.batch_size), "sampling"):
-            out.append(pipe.sample_images(captions[start : start + cfg.batch_size], steps=cfg.sample_steps,
-                                          cfg_scale=cfg_scale, sampler=cfg.sampler, seed=seed + start))
+            out.append(
+                pipe.sample_images(
+                    captions[start : start + cfg.batch_size],
+                    steps=cfg.sample_steps,
+                    cfg_scale=cfg_scale,
+                    sampler=cfg.sampler,
+                    seed=seed + start,
+                )
+            )
         return np.concatenate(out)
 
     def judged(read: list[dict], prompts: list, k: int) -> dict[str, float]:
@@ -78,8 +85,11 @@ def evaluate(pipe, cfg: EvalConfig, inputs: EvalInputs, progress=None) -> EvalRe
 
     # 1. GenEval-style: N images per prompt, judged; real scenes; the guidance sweep
     k = cfg.images_per_prompt
-    prompts = (geneval.read_prompt_file(cfg.prompt_file, inputs.palette) if cfg.prompt_file
-               else geneval.prompts_from_records(test.records, cfg.prompts_per_category, cfg.seed))
+    prompts = (
+        geneval.read_prompt_file(cfg.prompt_file, inputs.palette)
+        if cfg.prompt_file
+        else geneval.prompts_from_records(test.records, cfg.prompts_per_category, cfg.seed)
+    )
     images = sample([p.caption() for p in prompts for _ in range(k)], cfg.seed + SEED_GENEVAL)
     result = EvalResult(metrics, prompts, [images[i * k : (i + 1) * k] for i in range(len(prompts))])
     if judge_ok:
@@ -92,8 +102,13 @@ def evaluate(pipe, cfg: EvalConfig, inputs: EvalInputs, progress=None) -> EvalRe
         metrics["scene_match_real_test_scenes"] = real["scene_match_overall"]
         for scale in cfg.cfg_sweep:
             got = judged(judge.read(sample([p.caption() for p in prompts], cfg.seed + SEED_SWEEP, scale)), prompts, 1)
-            result.sweep.append({"cfg_scale": scale, "geneval_overall": got["geneval_overall"],
-                                 "scene_match_overall": got["scene_match_overall"]})
+            result.sweep.append(
+                {
+                    "cfg_scale": scale,
+                    "geneval_overall": got["geneval_overall"],
+                    "scene_match_overall": got["scene_match_overall"],
+                }
+            )
 
     # 2. FID / KID against real test scenes; real train vs real test as the floor
     metrics |= _fid(cfg, inputs, test, judge_ok, lambda captions: sample(captions, cfg.seed + SEED_FID))
@@ -124,8 +139,12 @@ def _fid(cfg: EvalConfig, inputs: EvalInputs, test, judge_ok: bool, sample) -> d
     train_images = load_image_split(inputs.scenes, "train").images[: len(generated)]  # the floor at the same N
     got = fid_kid(generated, test.images, name, inputs.judge_path, cfg.inception_weights)
     floor = fid_kid(train_images, test.images, name, inputs.judge_path, cfg.inception_weights)
-    return {f"fid_{name}": got["fid"], f"kid_{name}": got["kid"],
-            f"fid_{name}_real_train_vs_test": floor["fid"], f"kid_{name}_real_train_vs_test": floor["kid"]}
+    return {
+        f"fid_{name}": got["fid"],
+        f"kid_{name}": got["kid"],
+        f"fid_{name}_real_train_vs_test": floor["fid"],
+        f"kid_{name}_real_train_vs_test": floor["kid"],
+    }
 
 
 def write_outputs(result: EvalResult, cfg: EvalConfig, paths: PathsConfig) -> None:
@@ -140,20 +159,33 @@ def write_outputs(result: EvalResult, cfg: EvalConfig, paths: PathsConfig) -> No
     write_json(paths.eval_metrics, metrics)
     geneval.write_layout(paths.geneval, prompts, result.images)
     write_csv(paths.cfg_sweep_plot, result.sweep, ["cfg_scale", "geneval_overall", "scene_match_overall"])
-    categories = [key for key in metrics if key.startswith("geneval_") and key not in ("geneval_overall", "geneval_real_test_scenes")]
+    categories = [
+        key
+        for key in metrics
+        if key.startswith("geneval_") and key not in ("geneval_overall", "geneval_real_test_scenes")
+    ]
     with atomic_file(paths.geneval_plot) as fh:  # GenEval's rule per category (a bar plot)
         fh.write("category,accuracy\n")
         fh.writelines(f"{key.removeprefix('geneval_')},{metrics[key]:.4f}\n" for key in categories)
     paths.eval_plots.mkdir(parents=True, exist_ok=True)
     for category in {p.category for p in prompts}:
         idx = [i for i, p in enumerate(prompts) if p.category == category][: cfg.grid_prompts]
-        render_grid(np.concatenate([result.images[i] for i in idx]), [prompts[i].caption() for i in idx for _ in range(k)],
-                    paths.eval_plots / f"geneval_{category}.png", cols=k)
+        render_grid(
+            np.concatenate([result.images[i] for i in idx]),
+            [prompts[i].caption() for i in idx for _ in range(k)],
+            paths.eval_plots / f"geneval_{category}.png",
+            cols=k,
+        )
     if result.passed:
-        pick = [i for c in geneval.TAGS for i in [j for j, p in enumerate(prompts) if p.category == c][: cfg.grid_prompts]]
-        render_grid(np.stack([result.images[i][0] for i in pick]),
-                    [f"{prompts[i].caption()} ({'pass' if result.passed[i * k] else 'fail'})" for i in pick],
-                    paths.eval_plots / "samples_by_category.png", cols=cfg.grid_prompts)
+        pick = [
+            i for c in geneval.TAGS for i in [j for j, p in enumerate(prompts) if p.category == c][: cfg.grid_prompts]
+        ]
+        render_grid(
+            np.stack([result.images[i][0] for i in pick]),
+            [f"{prompts[i].caption()} ({'pass' if result.passed[i * k] else 'fail'})" for i in pick],
+            paths.eval_plots / "samples_by_category.png",
+            cols=cfg.grid_prompts,
+        )
     with atomic_file(paths.eval_plots / "captions.csv") as fh:
         fh.write("truth,generated\n")
         fh.writelines(f"{truth},{text.replace(',', ' ')}\n" for truth, text in result.captions[: cfg.caption_examples])

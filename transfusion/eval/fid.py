@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from transfusion.errors import BadInput
 
 JUDGE_EXTRACTOR = "transfusion-judge"
@@ -64,8 +65,14 @@ def _register_judge() -> None:
     register_feature_extractor(JUDGE_EXTRACTOR, JudgeFeatures)
 
 
-def fid_kid(a: np.ndarray, b: np.ndarray, extractor: str, judge_dir: Path | None = None,
-            inception_weights: Path | None = None, batch_size: int = 256) -> dict[str, float]:
+def fid_kid(
+    a: np.ndarray,
+    b: np.ndarray,
+    extractor: str,
+    judge_dir: Path | None = None,
+    inception_weights: Path | None = None,
+    batch_size: int = 256,
+) -> dict[str, float]:
     """FID and KID between two uint8 (N, H, W, 3) image sets."""
     import torch_fidelity
 
@@ -80,10 +87,18 @@ def fid_kid(a: np.ndarray, b: np.ndarray, extractor: str, judge_dir: Path | None
         raise ValueError(f"unknown feature extractor {extractor!r}")
     try:
         m = torch_fidelity.calculate_metrics(
-            input1=_Images(a), input2=_Images(b), fid=True, kid=True,
-            kid_subset_size=min(1000, len(a), len(b)), kid_subsets=50,
-            batch_size=batch_size, cuda=torch.cuda.is_available(), cache=False, save_cpu_ram=True,
-            verbose=False, **kwargs,
+            input1=_Images(a),
+            input2=_Images(b),
+            fid=True,
+            kid=True,
+            kid_subset_size=min(1000, len(a), len(b)),
+            kid_subsets=50,
+            batch_size=batch_size,
+            cuda=torch.cuda.is_available(),
+            cache=False,
+            save_cpu_ram=True,
+            verbose=False,
+            **kwargs,
         )
     except Exception as err:
         if extractor == "inception" and inception_weights is None:

@@ -33,8 +33,14 @@ from transfusion.data.scenes import RELATIONS, Prompt, parse_caption, satisfies
 from transfusion.errors import BadInput
 
 # our category names -> GenEval's tags
-TAGS = {"single_object": "single_object", "two_objects": "two_object", "counting": "counting",
-        "colors": "colors", "position": "position", "color_attr": "color_attr"}
+TAGS = {
+    "single_object": "single_object",
+    "two_objects": "two_object",
+    "counting": "counting",
+    "colors": "colors",
+    "position": "position",
+    "color_attr": "color_attr",
+}
 CATEGORY_OF_TAG = {v: k for k, v in TAGS.items()}
 
 
@@ -52,8 +58,10 @@ def metadata(prompt: Prompt) -> dict:
         meta["exclude"] = [{"class": digit, "count": n + 1}]
     elif prompt.relation is not None:  # GenEval: the target first, then the subject "<relation> 0"
         subject, target = prompt.digits
-        meta["include"] = [{"class": str(target), "count": 1},
-                           {"class": str(subject), "count": 1, "position": [GENEVAL_RELATIONS[prompt.relation], 0]}]
+        meta["include"] = [
+            {"class": str(target), "count": 1},
+            {"class": str(subject), "count": 1, "position": [GENEVAL_RELATIONS[prompt.relation], 0]},
+        ]
     else:
         meta["include"] = []
         for k, digit in enumerate(prompt.digits):
@@ -76,7 +84,11 @@ def relative_position(a: dict, b: dict) -> set[str]:
     if np.all(np.abs(revised) < 1e-3):
         return set()
     dx, dy = revised / np.linalg.norm(offset)
-    return {name for name, hit in (("left of", dx < -0.5), ("right of", dx > 0.5), ("above", dy < -0.5), ("below", dy > 0.5)) if hit}
+    return {
+        name
+        for name, hit in (("left of", dx < -0.5), ("right of", dx > 0.5), ("above", dy < -0.5), ("below", dy > 0.5))
+        if hit
+    }
 
 
 def geneval_correct(content: dict, meta: dict) -> bool:
@@ -94,7 +106,8 @@ def geneval_correct(content: dict, meta: dict) -> bool:
         if matched and "position" in req:
             relation, target = req["position"]
             matched = groups[target] is not None and all(
-                relation in relative_position(o, t) for o in found for t in groups[target])
+                relation in relative_position(o, t) for o in found for t in groups[target]
+            )
         groups.append(found if matched else None)
         correct = correct and matched
     for req in meta.get("exclude", []):
@@ -167,5 +180,14 @@ def score(read: list[list[dict]], prompts: list[Prompt]) -> dict[str, float]:
     return out
 
 
-__all__ = ["RELATIONS", "TAGS", "geneval_correct", "metadata", "prompts_from_records", "read_prompt_file",
-           "relative_position", "score", "write_layout"]
+__all__ = [
+    "RELATIONS",
+    "TAGS",
+    "geneval_correct",
+    "metadata",
+    "prompts_from_records",
+    "read_prompt_file",
+    "relative_position",
+    "score",
+    "write_layout",
+]

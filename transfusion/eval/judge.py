@@ -37,7 +37,9 @@ class CellNet(nn.Module):
         def conv(cin: int, cout: int) -> list[nn.Module]:
             return [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU()]
 
-        self.conv = nn.Sequential(*conv(1, a), *conv(a, a), nn.MaxPool2d(2), *conv(a, b), *conv(b, b), nn.AdaptiveMaxPool2d(4))
+        self.conv = nn.Sequential(
+            *conv(1, a), *conv(a, a), nn.MaxPool2d(2), *conv(a, b), *conv(b, b), nn.AdaptiveMaxPool2d(4)
+        )
         self.features = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(b * 16, feature_dim), nn.ReLU())
         self.head = nn.Linear(feature_dim, 11)
         self.to(memory_format=torch.channels_last)
@@ -75,8 +77,9 @@ def cell_labels(records: list[dict], grid: int) -> torch.Tensor:
 
 
 class Judge:
-    def __init__(self, net: CellNet, palette: dict[str, tuple[int, int, int]], grid: int, canvas: int,
-                 channels: tuple[int, int]) -> None:
+    def __init__(
+        self, net: CellNet, palette: dict[str, tuple[int, int, int]], grid: int, canvas: int, channels: tuple[int, int]
+    ) -> None:
         self.net, self.palette, self.grid, self.canvas = net.eval(), palette, grid, canvas
         self.channels = tuple(channels)
         ref = torch.tensor([palette[k] for k in palette], dtype=torch.float32)
@@ -118,8 +121,16 @@ class Judge:
         out = []
         for cls, col, conf in zip(classes.tolist(), colours.tolist(), confidence.tolist()):
             objects = [
-                {"digit": cls[r][c], "color": self.colour_names[col[r][c]], "row": r, "col": c, "score": round(conf[r][c], 4)}
-                for r in range(self.grid) for c in range(self.grid) if cls[r][c] != EMPTY
+                {
+                    "digit": cls[r][c],
+                    "color": self.colour_names[col[r][c]],
+                    "row": r,
+                    "col": c,
+                    "score": round(conf[r][c], 4),
+                }
+                for r in range(self.grid)
+                for c in range(self.grid)
+                if cls[r][c] != EMPTY
             ]
             out.append({"objects": objects})
         return out
@@ -145,7 +156,7 @@ class Judge:
             (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
 
     @classmethod
-    def load(cls, folder: Path) -> "Judge":
+    def load(cls, folder: Path) -> Judge:
         from safetensors.torch import load_model
 
         folder = Path(folder)

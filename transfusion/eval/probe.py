@@ -41,13 +41,14 @@ class ProbeData:
     scaling_factor: float
     palette: dict
 
-    def head(self, n: int) -> "ProbeData":
+    def head(self, n: int) -> ProbeData:
         """The first ``n`` rows (the loss probes read ``val_examples``, captioning ``captions``)."""
         return replace(self, latents=self.latents[:n], records=self.records[:n], captions=self.captions[:n])
 
 
-def load_probe_data(latents_root: Path, tokenizer, n: int, judge_path: Path | None, vae_path: Path,
-                    palette: dict) -> ProbeData:
+def load_probe_data(
+    latents_root: Path, tokenizer, n: int, judge_path: Path | None, vae_path: Path, palette: dict
+) -> ProbeData:
     """The first ``n`` val latents; the judge and VAE when the scenes carry structured content."""
     from transfusion.data.latents import LatentReader, load_meta
     from transfusion.eval.judge import Judge
@@ -62,9 +63,15 @@ def load_probe_data(latents_root: Path, tokenizer, n: int, judge_path: Path | No
     latents = torch.stack([r[0] for r in rows])
     records = [r[1] for r in rows]
     captions = [tokenizer(r["caption"], add_special_tokens=False)["input_ids"] for r in records]
-    judged = judge_path is not None and (Path(judge_path) / "config.json").is_file() and all(r.get("content") for r in records)
+    judged = (
+        judge_path is not None
+        and (Path(judge_path) / "config.json").is_file()
+        and all(r.get("content") for r in records)
+    )
     return ProbeData(
-        latents=latents, records=records, captions=captions,
+        latents=latents,
+        records=records,
+        captions=captions,
         judge=Judge.load(judge_path) if judged else None,
         vae=load_vae(vae_path) if judged else None,
         scaling_factor=float(load_meta(latents_root)["scaling_factor"]),
@@ -111,8 +118,16 @@ def caption_losses(model, data: ProbeData) -> dict[str, float]:
 
 
 @torch.no_grad()
-def quick_eval(model, tokenizer, data: ProbeData, prompts_per_category: int, n_captions: int, steps: int,
-               cfg_scale: float, seed: int = 0) -> dict[str, float]:
+def quick_eval(
+    model,
+    tokenizer,
+    data: ProbeData,
+    prompts_per_category: int,
+    n_captions: int,
+    steps: int,
+    cfg_scale: float,
+    seed: int = 0,
+) -> dict[str, float]:
     """A small GenEval-style run and captioning accuracy, judged."""
     from transfusion.eval import geneval
     from transfusion.eval.captioning import caption_scores
@@ -133,8 +148,17 @@ def quick_eval(model, tokenizer, data: ProbeData, prompts_per_category: int, n_c
     return out
 
 
-def run_probes(model, tokenizer, data: ProbeData, val_examples: int, prompts_per_category: int, n_captions: int,
-               steps: int, cfg_scale: float, seed: int = 0) -> dict[str, float]:
+def run_probes(
+    model,
+    tokenizer,
+    data: ProbeData,
+    val_examples: int,
+    prompts_per_category: int,
+    n_captions: int,
+    steps: int,
+    cfg_scale: float,
+    seed: int = 0,
+) -> dict[str, float]:
     """All three probes on ``model`` (put in eval mode for the duration); the loss probes read the
     first ``val_examples`` rows of ``data``."""
     was_training = model.training
@@ -150,7 +174,9 @@ def run_probes(model, tokenizer, data: ProbeData, val_examples: int, prompts_per
 
 def _collator(model) -> Collator:
     cfg = model.config
-    return Collator(model.special, cfg.patches_per_image, 1 << 30, time_token=cfg.time_conditioning == "token", pack=False)
+    return Collator(
+        model.special, cfg.patches_per_image, 1 << 30, time_token=cfg.time_conditioning == "token", pack=False
+    )
 
 
 __all__ = ["BUCKETS", "ProbeData", "caption_losses", "diffusion_losses", "load_probe_data", "quick_eval", "run_probes"]

@@ -8,6 +8,7 @@ as LLaVA does (new rows start at the mean of the old ones). Never runs a checkpo
 from __future__ import annotations
 
 from pathlib import Path
+
 from transfusion.errors import BadInput, MissingInput
 
 # name -> (hidden, intermediate, layers, heads, kv heads)

@@ -57,7 +57,9 @@ class LinearPatchDecoder(nn.Module):
 def _resnet(cin: int, cout: int, temb: int):
     from diffusers.models.resnet import ResnetBlock2D
 
-    return ResnetBlock2D(in_channels=cin, out_channels=cout, temb_channels=temb, groups=_groups(cin), groups_out=_groups(cout))
+    return ResnetBlock2D(
+        in_channels=cin, out_channels=cout, temb_channels=temb, groups=_groups(cin), groups_out=_groups(cout)
+    )
 
 
 def _groups(c: int) -> int:

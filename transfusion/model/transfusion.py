@@ -1,8 +1,8 @@
 """TransfusionModel: one causal-LM transformer over text tokens and noised latent patches.
 
     input_ids ─ token embeddings ───────────────┐
-    x_t (N,C,H,W) ─ patch encoder (+ time emb) ─┴─> (B,L,D) ─ backbone (hybrid mask) ─┬─ LM head ─> next-token logits
-                                                                                        └─ patch decoder ─> eps / v (N,C,H,W)
+    x_t (N,C,H,W) ─ patch encoder (+ time emb) ─┴─> (B,L,D) ─ backbone (hybrid mask) ─┬─ LM head ─> logits
+                                                                                        └─ patch decoder ─> eps / v
 
 The constructor's argument is the saved config (``config.json``); ``save_pretrained`` writes it
 with safetensors weights and the tokenizer, ``from_pretrained`` rebuilds the same model. The
@@ -107,7 +107,9 @@ class TransfusionModel(nn.Module):
         """Transformer outputs at the patches (N, P, D) -> the diffusion prediction (N, C, H, W)."""
         return self.patch_out(patch_hidden, temb, skips)
 
-    def forward(self, batch: Batch, x_t: torch.Tensor, time: torch.Tensor, mask=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, batch: Batch, x_t: torch.Tensor, time: torch.Tensor, mask=None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Hidden states (B, L, D) and the image prediction (N, C, H, W) for noisy latents
         ``x_t`` at (model) times ``time`` (N,)."""
         has_images = x_t.numel() > 0
@@ -142,8 +144,9 @@ class TransfusionModel(nn.Module):
         """The backbone's layers over (B, q, D) ``embeds`` -> hidden states (B, q, D). ``mask``:
         bool (B, 1, q, K + q) for sdpa, a BlockMask, or None (plain causal); ``positions``: (B, q)
         or None (0, 1, ...); ``cache``: a KV cache to extend."""
-        out = self.backbone.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                                  cache=cache, use_cache=cache is not None)
+        out = self.backbone.model(
+            inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache, use_cache=cache is not None
+        )
         return out.last_hidden_state
 
     def new_cache(self):
@@ -155,8 +158,9 @@ class TransfusionModel(nn.Module):
     # ------------------------------------------------------------------------------------------
     # training
     # ------------------------------------------------------------------------------------------
-    def loss(self, batch: Batch, generator: torch.Generator | None = None, *, loss_weight: float,
-             noise_limit: float) -> LossOutput:
+    def loss(
+        self, batch: Batch, generator: torch.Generator | None = None, *, loss_weight: float, noise_limit: float
+    ) -> LossOutput:
         """LM cross-entropy on text targets + ``loss_weight`` (lambda) * diffusion MSE on every
         image; an image before its caption draws noise levels <= ``noise_limit`` only."""
         # 1. one timestep and noise per image; images before their caption get capped noise
@@ -189,35 +193,59 @@ class TransfusionModel(nn.Module):
 
         return generate_text(self, prompts, **kwargs)
 
-    def sample_images(self, captions: list[list[int]], steps: int | None = None, cfg_scale: float | None = None,
-                      sampler: str | None = None, **kwargs) -> torch.Tensor:
+    def sample_images(
+        self,
+        captions: list[list[int]],
+        steps: int | None = None,
+        cfg_scale: float | None = None,
+        sampler: str | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
         """Scaled latents (N, C, H, W), one per caption; defaults from the diffusion config."""
         from transfusion.sampling import sample_latents
 
         d = self.config.diffusion
-        return sample_latents(self, captions, steps or d.sample_steps, d.cfg_scale if cfg_scale is None else cfg_scale,
-                              sampler or d.sampler, **kwargs)
+        return sample_latents(
+            self,
+            captions,
+            steps or d.sample_steps,
+            d.cfg_scale if cfg_scale is None else cfg_scale,
+            sampler or d.sampler,
+            **kwargs,
+        )
 
     def caption(self, latents: torch.Tensor, **kwargs) -> list[list[int]]:
         from transfusion.sampling import caption_latents
 
         return caption_latents(self, latents, **kwargs)
 
-    def generate(self, prompt: list[int], steps: int | None = None, cfg_scale: float | None = None,
-                 sampler: str | None = None, **kwargs):
+    def generate(
+        self,
+        prompt: list[int],
+        steps: int | None = None,
+        cfg_scale: float | None = None,
+        sampler: str | None = None,
+        **kwargs,
+    ):
         """Interleaved text and images; see :func:`transfusion.sampling.generate_interleaved`.
         Diffusion defaults from the diffusion config, as :meth:`sample_images`."""
         from transfusion.sampling import generate_interleaved
 
         d = self.config.diffusion
-        return generate_interleaved(self, prompt, steps=steps or d.sample_steps, sampler=sampler or d.sampler,
-                                    cfg_scale=d.cfg_scale if cfg_scale is None else cfg_scale, **kwargs)
+        return generate_interleaved(
+            self,
+            prompt,
+            steps=steps or d.sample_steps,
+            sampler=sampler or d.sampler,
+            cfg_scale=d.cfg_scale if cfg_scale is None else cfg_scale,
+            **kwargs,
+        )
 
     # ------------------------------------------------------------------------------------------
     # building, saving, loading
     # ------------------------------------------------------------------------------------------
     @classmethod
-    def from_params(cls, model_cfg, diffusion_cfg: DiffusionConfig, tokenizer, latent_shape) -> "TransfusionModel":
+    def from_params(cls, model_cfg, diffusion_cfg: DiffusionConfig, tokenizer, latent_shape) -> TransfusionModel:
         """A new model from the ``model`` / ``diffusion`` params sections and the tokenizer."""
         special = SpecialIds.from_tokenizer(tokenizer)
         channels, size, _ = latent_shape
@@ -226,8 +254,12 @@ class TransfusionModel(nn.Module):
             backbone.config.pad_token_id = special.pad
         else:
             backbone = bb.build_backbone(
-                model_cfg.backbone, model_cfg.size, len(tokenizer), max(2048, model_cfg.max_length),
-                model_cfg.attention, special.__dict__,
+                model_cfg.backbone,
+                model_cfg.size,
+                len(tokenizer),
+                max(2048, model_cfg.max_length),
+                model_cfg.attention,
+                special.__dict__,
             )
         config = TransfusionConfig(
             backbone=backbone.config.to_dict(),
@@ -262,7 +294,7 @@ class TransfusionModel(nn.Module):
             tokenizer.save_pretrained(str(folder))
 
     @classmethod
-    def from_pretrained(cls, directory: Path, attention: str | None = None) -> "TransfusionModel":
+    def from_pretrained(cls, directory: Path, attention: str | None = None) -> TransfusionModel:
         from safetensors.torch import load_model
 
         directory = Path(directory)

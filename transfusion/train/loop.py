@@ -16,8 +16,9 @@ checkpoints and the MLflow run (the training stage writes the outputs):
 4. on rank 0 (:class:`_Watch`): logs metrics to the MLflow run, runs the conditioning probes
    (``transfusion.eval.probe``) on raw and EMA weights every ``eval_every`` steps and draws a
    sample grid every ``sample_every`` steps;
-5. returns its final metrics (Ray hands rank 0's to the driver). :func:`load_trained` reads the final checkpoint back as a
-   :class:`TrainResult` (EMA weights, loss and probe rows) for the stage to export.
+5. returns its final metrics (Ray hands rank 0's to the driver). :func:`load_trained` reads the
+   final checkpoint back as a :class:`TrainResult` (EMA weights, loss and probe rows) for the
+   stage to export.
 """
 
 from __future__ import annotations
@@ -54,10 +55,18 @@ class LoopConfig(BaseModel):
     run_id: str | None = None
 
     @classmethod
-    def from_params(cls, params: Params, tracking_uri: str | None = None, run_id: str | None = None) -> "LoopConfig":
+    def from_params(cls, params: Params, tracking_uri: str | None = None, run_id: str | None = None) -> LoopConfig:
         p = params.with_absolute_paths()
-        return cls(paths=p.paths, model=p.model, diffusion=p.diffusion, mixture=p.mixture, train=p.train,
-                   palette=dict(p.data.scenes.palette), tracking_uri=tracking_uri, run_id=run_id)
+        return cls(
+            paths=p.paths,
+            model=p.model,
+            diffusion=p.diffusion,
+            mixture=p.mixture,
+            train=p.train,
+            palette=dict(p.data.scenes.palette),
+            tracking_uri=tracking_uri,
+            run_id=run_id,
+        )
 
 
 class TrainingDiverged(UserError):
@@ -136,11 +145,24 @@ class TrainState:
         meta = load_meta(paths.latents)
         text_ids = tokenize_corpus(self.tokenizer, read_text_split(paths.text, "train"))
         self.model = TransfusionModel.from_params(cfg.model, cfg.diffusion, self.tokenizer, tuple(meta["latent_shape"]))
-        self.stream = ExampleStream(paths.latents, text_ids, self.tokenizer, cfg.mixture, cfg.mixture.text_length, tc.seed,
-                                    rt.rank, rt.world_size)
-        self.collate = Collator(self.model.special, self.model.config.patches_per_image, cfg.model.max_length,
-                                time_token=cfg.model.time_conditioning == "token",
-                                caption_dropout=cfg.diffusion.caption_dropout, seed=tc.seed * 1000 + rt.rank)
+        self.stream = ExampleStream(
+            paths.latents,
+            text_ids,
+            self.tokenizer,
+            cfg.mixture,
+            cfg.mixture.text_length,
+            tc.seed,
+            rt.rank,
+            rt.world_size,
+        )
+        self.collate = Collator(
+            self.model.special,
+            self.model.config.patches_per_image,
+            cfg.model.max_length,
+            time_token=cfg.model.time_conditioning == "token",
+            caption_dropout=cfg.diffusion.caption_dropout,
+            seed=tc.seed * 1000 + rt.rank,
+        )
         self.model.to(rt.device)
         self.step_module = rt.prepare(_LossStep(self.model, cfg.diffusion))
         self.params = [q for q in self.model.parameters() if q.requires_grad]
@@ -148,7 +170,9 @@ class TrainState:
         no_decay = [q for q in self.params if q.dim() < 2]
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=tc.lr, betas=tc.betas, eps=tc.eps,
+            lr=tc.lr,
+            betas=tc.betas,
+            eps=tc.eps,
         )
         self.scheduler = warmup_cosine(self.optimizer, tc.warmup_steps, tc.steps, tc.min_lr_ratio)
         self.ema = None
@@ -280,9 +304,22 @@ def _checkpoint(st: TrainState, cfg: LoopConfig, rt: Runtime) -> None:
 
     data_states = _gather_data_states(st.stream.state(), rt)
     if rt.rank == 0:
-        save_checkpoint(cfg.paths.checkpoints, st.step, st.model, st.optimizer, st.scheduler, st.ema,
-                        {"history": st.history, "data": data_states, "run_id": cfg.run_id, "probes": st.probes,
-                         "images_seen": st.seen}, cfg.train.keep_checkpoints)
+        save_checkpoint(
+            cfg.paths.checkpoints,
+            st.step,
+            st.model,
+            st.optimizer,
+            st.scheduler,
+            st.ema,
+            {
+                "history": st.history,
+                "data": data_states,
+                "run_id": cfg.run_id,
+                "probes": st.probes,
+                "images_seen": st.seen,
+            },
+            cfg.train.keep_checkpoints,
+        )
 
 
 @dataclass
@@ -304,11 +341,17 @@ def load_trained(cfg: LoopConfig, metrics: dict) -> TrainResult:
     from transfusion.train.checkpoint import CheckpointError, latest_checkpoint, load_weights
 
     final = latest_checkpoint(cfg.paths.checkpoints)
-    model = TransfusionModel.from_params(cfg.model, cfg.diffusion, load_tokenizer(cfg.paths.tokenizer),
-                                         tuple(load_meta(cfg.paths.latents)["latent_shape"]))
+    model = TransfusionModel.from_params(
+        cfg.model,
+        cfg.diffusion,
+        load_tokenizer(cfg.paths.tokenizer),
+        tuple(load_meta(cfg.paths.latents)["latent_shape"]),
+    )
     state = load_weights(final, model, ema=cfg.train.ema_decay > 0) if final is not None else {"step": None}
     if state["step"] != cfg.train.steps:
-        raise CheckpointError(f"{cfg.paths.checkpoints}: no checkpoint of step {cfg.train.steps} (the run did not finish)")
+        raise CheckpointError(
+            f"{cfg.paths.checkpoints}: no checkpoint of step {cfg.train.steps} (the run did not finish)"
+        )
     return TrainResult(model.eval(), metrics, state.get("history", []), state.get("probes", []))
 
 
@@ -363,8 +406,14 @@ def _final_metrics(history: list[dict], wall: float, steps_run: int) -> dict:
     }
 
 
-PROBE_HEADLINE = ("ema_quick_geneval_overall", "ema_quick_caption_exact", "ema_diffusion_cond", "ema_diffusion_uncond",
-                  "ema_caption_loss", "ema_caption_loss_shuffled")
+PROBE_HEADLINE = (
+    "ema_quick_geneval_overall",
+    "ema_quick_caption_exact",
+    "ema_diffusion_cond",
+    "ema_diffusion_uncond",
+    "ema_caption_loss",
+    "ema_caption_loss_shuffled",
+)
 
 
 class _Watch:
@@ -378,15 +427,19 @@ class _Watch:
         self.cfg, self.tokenizer = cfg, tokenizer
         self.logger = _logger(cfg)
         pc = cfg.train.probe
-        self.probe_data = load_probe_data(cfg.paths.latents, tokenizer, max(pc.val_examples, pc.captions), cfg.paths.judge,
-                                          cfg.paths.vae, cfg.palette)
+        self.probe_data = load_probe_data(
+            cfg.paths.latents, tokenizer, max(pc.val_examples, pc.captions), cfg.paths.judge, cfg.paths.vae, cfg.palette
+        )
         self.vae = load_vae(cfg.paths.vae)
         self.scaling_factor = float(load_meta(cfg.paths.latents)["scaling_factor"])
 
     def log(self, row: dict) -> None:
         self.logger.log_metrics({k: v for k, v in row.items() if k != "step"}, row["step"])
-        _say(True, f"step {row['step']}/{self.cfg.train.steps} loss {row['loss']:.4f} (lm {row['lm_loss']:.3f}, "
-                   f"diff {row['diffusion_loss']:.4f}) {row['tokens_per_s']:.0f} tok/s {row['images_per_s']:.1f} img/s")
+        _say(
+            True,
+            f"step {row['step']}/{self.cfg.train.steps} loss {row['loss']:.4f} (lm {row['lm_loss']:.3f}, "
+            f"diff {row['diffusion_loss']:.4f}) {row['tokens_per_s']:.0f} tok/s {row['images_per_s']:.1f} img/s",
+        )
 
     def probe(self, st: TrainState) -> dict:
         """Conditioning probes of the raw and the EMA weights (``ema_`` prefix), logged."""
@@ -396,8 +449,17 @@ class _Watch:
         row: dict = {"step": st.step, "images_seen": st.seen}
         for prefix, net in (("", st.model), ("ema_", st.ema.module if st.ema is not None else None)):
             if net is not None:
-                out = run_probes(net, self.tokenizer, self.probe_data, pc.val_examples, pc.prompts_per_category,
-                                 pc.captions, pc.sample_steps, pc.cfg_scale, seed=seed)
+                out = run_probes(
+                    net,
+                    self.tokenizer,
+                    self.probe_data,
+                    pc.val_examples,
+                    pc.prompts_per_category,
+                    pc.captions,
+                    pc.sample_steps,
+                    pc.cfg_scale,
+                    seed=seed,
+                )
                 row |= {prefix + k: v for k, v in out.items()}
         self.logger.log_metrics({k: v for k, v in row.items() if k != "step"}, st.step)
         _say(True, "probe " + ", ".join(f"{k} {row[k]:.3f}" for k in PROBE_HEADLINE if k in row))
@@ -411,8 +473,13 @@ class _Watch:
         try:
             pipe = TransfusionPipeline(model, self.tokenizer, self.vae, self.scaling_factor)
             path = self.cfg.paths.runs / "samples" / f"step-{step:08d}.png"
-            pipe.sample_grid(self.cfg.train.sample_captions, path, self.cfg.train.sample_steps,
-                             self.cfg.train.sample_cfg_scale, self.cfg.train.seed)
+            pipe.sample_grid(
+                self.cfg.train.sample_captions,
+                path,
+                self.cfg.train.sample_steps,
+                self.cfg.train.sample_cfg_scale,
+                self.cfg.train.seed,
+            )
             self.logger.log_artifact(path, "samples")
         finally:
             model.train(was_training)
