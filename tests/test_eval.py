@@ -107,12 +107,13 @@ def test_quick_eval_is_judged_and_skipped_without_a_judge(judged, tiny_pipeline,
     data = load_probe_data(p.paths.latents, tok, 12, p.paths.judge, p.paths.vae, dict(p.data.scenes.palette))
     assert data.judge is not None and len(data.latents) == len(data.records) == 12
     model = TransfusionModel.from_params(p.model, p.diffusion, tok, tuple(data.latents.shape[1:]))
-    out = quick_eval(model, tok, data, prompts_per_category=1, n_captions=6, steps=2, cfg_scale=2.0)
+    probe = p.train.probe.model_copy(update={"prompts_per_category": 1, "captions": 6, "sample_steps": 2})
+    out = quick_eval(model, tok, data, probe)
     assert {"quick_geneval_overall", "quick_scene_match_overall", "quick_caption_exact"} <= set(out)
     assert all(0.0 <= v <= 1.0 for v in out.values())
     assert out["quick_scene_match_overall"] <= out["quick_geneval_overall"]  # the exact scene is the stricter rule
     unjudged = load_probe_data(p.paths.latents, tok, 12, tmp_path / "none", p.paths.vae, {})
-    assert unjudged.judge is None and quick_eval(model, tok, unjudged, 1, 6, 2, 2.0) == {}
+    assert unjudged.judge is None and quick_eval(model, tok, unjudged, probe) == {}
 
 
 def test_overall_is_the_mean_of_categories():

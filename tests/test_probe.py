@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import build_tiny_model, diffusion_config
+from conftest import build_tiny_model, diffusion_config, section
 from transfusion.eval.probe import BUCKETS, ProbeData, caption_losses, diffusion_losses
 
 
@@ -88,7 +88,8 @@ def test_loss_probes_read_only_val_examples_rows(text_tokenizer):
     model = build_tiny_model(text_tokenizer, diffusion=diffusion_config("flow"))
     latents = torch.randn(6, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     data = probe_data(text_tokenizer, latents, ["a red 4", "a 7", "two 5s", "a 1", "a 2", "a 3"])
-    out = run_probes(model, text_tokenizer, data, 2, prompts_per_category=1, n_captions=6, steps=2, cfg_scale=1.0)
+    probe = section("train").probe.model_copy(update={"val_examples": 2, "prompts_per_category": 1, "sample_steps": 2})
+    out = run_probes(model, text_tokenizer, data, probe)
     head = diffusion_losses(model, data.head(2)) | caption_losses(model, data.head(2))
     assert out == head  # no judge: no quick evaluation, only the two loss probes over 2 rows
     assert out != diffusion_losses(model, data) | caption_losses(model, data)

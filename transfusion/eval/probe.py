@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from transfusion.config import ProbeConfig
 from transfusion.data.collate import Collator, caption_to_image, image_to_caption
 
 BUCKETS = (0.125, 0.375, 0.625, 0.875)  # noise levels probed (centres of four equal buckets)
@@ -118,16 +119,7 @@ def caption_losses(model, data: ProbeData) -> dict[str, float]:
 
 
 @torch.no_grad()
-def quick_eval(
-    model,
-    tokenizer,
-    data: ProbeData,
-    prompts_per_category: int,
-    n_captions: int,
-    steps: int,
-    cfg_scale: float,
-    seed: int = 0,
-) -> dict[str, float]:
+def quick_eval(model, tokenizer, data: ProbeData, cfg: ProbeConfig, seed: int = 0) -> dict[str, float]:
     """A small GenEval-style run and captioning accuracy, judged."""
     from transfusion.eval import geneval
     from transfusion.eval.captioning import caption_scores
@@ -135,38 +127,28 @@ def quick_eval(
 
     if data.judge is None:
         return {}
-    prompts = geneval.prompts_from_records(data.records, prompts_per_category, seed)
+    prompts = geneval.prompts_from_records(data.records, cfg.prompts_per_category, seed)
     ids = [tokenizer(p.caption(), add_special_tokens=False)["input_ids"] for p in prompts]
-    latents = model.sample_images(ids, steps=steps, cfg_scale=cfg_scale, seed=seed)  # the model's sampler
+    latents = model.sample_images(ids, steps=cfg.sample_steps, cfg_scale=cfg.cfg_scale, seed=seed)  # model's sampler
     images = decode(data.vae, latents.float().cpu() / data.scaling_factor)
     scores = geneval.score([[c] for c in data.judge.read(images)], prompts)
     out = {f"quick_{k}": v for k, v in scores.items() if k.startswith("geneval_") or k == "scene_match_overall"}
-    n = min(n_captions, len(data.latents))
+    n = min(cfg.captions, len(data.latents))
     device = next(model.parameters()).device
     texts = [tokenizer.decode(c, skip_special_tokens=True) for c in model.caption(data.latents[:n].to(device))]
     out["quick_caption_exact"] = caption_scores(data.records[:n], texts, data.palette)["caption_exact"]
     return out
 
 
-def run_probes(
-    model,
-    tokenizer,
-    data: ProbeData,
-    val_examples: int,
-    prompts_per_category: int,
-    n_captions: int,
-    steps: int,
-    cfg_scale: float,
-    seed: int = 0,
-) -> dict[str, float]:
-    """All three probes on ``model`` (put in eval mode for the duration); the loss probes read the
-    first ``val_examples`` rows of ``data``."""
+def run_probes(model, tokenizer, data: ProbeData, cfg: ProbeConfig, seed: int = 0) -> dict[str, float]:
+    """All three probes on ``model`` (put in eval mode for the duration) as ``cfg`` (the
+    ``train.probe`` section) says; the loss probes read the first ``val_examples`` rows of ``data``."""
     was_training = model.training
     model.eval()
     try:
-        out = diffusion_losses(model, data.head(val_examples), seed)
-        out |= caption_losses(model, data.head(val_examples))
-        out |= quick_eval(model, tokenizer, data, prompts_per_category, n_captions, steps, cfg_scale, seed)
+        out = diffusion_losses(model, data.head(cfg.val_examples), seed)
+        out |= caption_losses(model, data.head(cfg.val_examples))
+        out |= quick_eval(model, tokenizer, data, cfg, seed)
     finally:
         model.train(was_training)
     return out

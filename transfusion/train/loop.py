@@ -445,21 +445,10 @@ class _Watch:
         """Conditioning probes of the raw and the EMA weights (``ema_`` prefix), logged."""
         from transfusion.eval.probe import run_probes
 
-        pc, seed = self.cfg.train.probe, self.cfg.train.seed
         row: dict = {"step": st.step, "images_seen": st.seen}
         for prefix, net in (("", st.model), ("ema_", st.ema.module if st.ema is not None else None)):
             if net is not None:
-                out = run_probes(
-                    net,
-                    self.tokenizer,
-                    self.probe_data,
-                    pc.val_examples,
-                    pc.prompts_per_category,
-                    pc.captions,
-                    pc.sample_steps,
-                    pc.cfg_scale,
-                    seed=seed,
-                )
+                out = run_probes(net, self.tokenizer, self.probe_data, self.cfg.train.probe, seed=self.cfg.train.seed)
                 row |= {prefix + k: v for k, v in out.items()}
         self.logger.log_metrics({k: v for k, v in row.items() if k != "step"}, st.step)
         _say(True, "probe " + ", ".join(f"{k} {row[k]:.3f}" for k in PROBE_HEADLINE if k in row))
