@@ -145,7 +145,7 @@ def generate(
     out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write (a grid when n > 1).")] = Path("generated.png"),
     steps: Annotated[int | None, typer.Option(min=1, help="Denoising steps (default: diffusion.sample_steps).")] = None,
     cfg_scale: Annotated[
-        float | None, typer.Option(help="Classifier-free guidance scale (default: diffusion.cfg_scale).")
+        float | None, typer.Option(min=0.0, help="Classifier-free guidance scale (default: diffusion.cfg_scale).")
     ] = None,
     sampler: Annotated[
         str | None, typer.Option(help="ddpm | ddim | dpmpp | flow_euler (default: the model's).")
@@ -160,6 +160,8 @@ def generate(
     from transfusion.data.scenes import render_grid
     from transfusion.pipeline import save_png
 
+    if out.is_dir():
+        _fail(f"--out {out}: a folder; give the PNG file to write", 2)
     pipe = _pipeline(model, params, set_)
     images = _guard(
         lambda: pipe.sample_images(
@@ -280,7 +282,7 @@ def runs(
     from transfusion.tracking import find_runs
 
     cfg = _load(params, set_)
-    for r in find_runs(cfg.tracking, stage):
+    for r in _guard(lambda: find_runs(cfg.tracking, stage), code=2):
         shown = ", ".join(f"{k}={v:.4g}" for k, v in sorted(r["metrics"].items()))
         typer.echo(f"{r['run_id']}  {r['name']:<10} {r['status']:<9} {shown}")
 

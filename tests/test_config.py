@@ -70,6 +70,13 @@ def test_bad_files_name_the_key(tmp_path, text, expected):
     assert "\n" not in message and str(tmp_path / "params.yaml") in message
 
 
+def test_a_params_file_that_is_not_utf8_is_one_line(tmp_path):
+    bad = tmp_path / "params.yaml"
+    bad.write_bytes(b"vae:\n  lr: \xff\xfe\n")
+    with pytest.raises(ParamsError, match=r"params.yaml: not UTF-8 text \(byte 11"):
+        load_params([REPO / "params.yaml", bad])
+
+
 def test_missing_file_and_bad_override(tmp_path):
     with pytest.raises(ParamsError, match="params file not found"):
         load_params(tmp_path / "nope.yaml")

@@ -134,3 +134,38 @@ def test_relative_sqlite_uri_is_made_absolute(tmp_path, monkeypatch):
     assert tracking_uri(cfg("sqlite:////abs/x.db")) == "sqlite:////abs/x.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     assert tracking_uri(cfg("sqlite:///mlflow.db")) == "http://127.0.0.1:5000"
+
+
+def test_artifact_location_follows_the_store(tmp_path, monkeypatch):
+    """Artifacts sit beside a sqlite database (not in the current folder); a tracking server keeps
+    its own (its --artifacts-destination); a URI is taken as given."""
+    from transfusion.config import TrackingConfig
+    from transfusion.tracking import artifact_location
+
+    monkeypatch.chdir(tmp_path)
+    cfg = TrackingConfig(experiment="x", tracking_uri="unused", artifact_location="mlartifacts")
+    db = tmp_path / "elsewhere" / "mlflow.db"
+    assert artifact_location(cfg, f"sqlite:///{db}") == (db.parent / "mlartifacts").as_uri()
+    assert artifact_location(cfg, "http://127.0.0.1:5000") is None
+    assert artifact_location(cfg, "file:///srv/mlruns") == (tmp_path / "mlartifacts").as_uri()
+    s3 = cfg.model_copy(update={"artifact_location": "s3://bucket/mlflow"})
+    assert artifact_location(s3, "http://127.0.0.1:5000") == "s3://bucket/mlflow"
+    assert artifact_location(cfg.model_copy(update={"artifact_location": None}), f"sqlite:///{db}") is None
+
+
+def test_runs_reads_only_and_refuses_bad_stage_names(tiny_params, tmp_path):
+    """`transfusion runs` never builds a filter from an unchecked name, and a mistyped sqlite URI
+    is an error instead of a new empty database."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    params = tmp_path / "p.yaml"
+    params.write_text(yaml.safe_dump(tiny_params.model_dump(mode="json")))
+    r = CliRunner().invoke(app, ["runs", "-p", str(params), "--stage", "x' OR '1'='1"])
+    assert r.exit_code == 2 and r.output.strip().startswith("error: --stage \"x' OR '1'='1\": expected one of data,")
+    typo = tmp_path / "mlfow.db"
+    r = CliRunner().invoke(app, ["runs", "-p", str(params), "-S", f"tracking.tracking_uri=sqlite:///{typo}"])
+    assert r.exit_code == 2 and "no tracking database there" in r.output
+    assert not typo.exists()

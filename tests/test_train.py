@@ -182,6 +182,66 @@ def test_resume_from_the_final_checkpoint_finishes_and_exports(tiny_pipeline, tm
     assert json.loads(p.paths.train_metrics.read_text())["steps"] == 4
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_training_logs_to_a_tracking_server(tiny_pipeline, tmp_path):
+    """The cluster set-up: an MLflow tracking server (sqlite backend, artifacts proxied to its
+    --artifacts-destination) on loopback; the training stage logs its metrics and sample grid
+    through it, and a client reads both back over HTTP."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from mlflow import MlflowClient
+
+    from stages import train
+
+    port, store = _free_port(), tmp_path / "server"
+    store.mkdir()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
+         "--artifacts-destination", str(store / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("mlflow server did not start")
+        p = train_params(
+            tiny_pipeline, tmp_path, use_ray=False, steps=4, checkpoint_every=4, sample_every=4, log_every=2,
+            warmup_steps=1, eval_every=4,
+        )  # fmt: skip
+        tracking = p.tracking.model_copy(update={"tracking_uri": uri, "artifact_location": "mlartifacts"})
+        p = p.model_copy(update={"tracking": tracking})
+        metrics = train.run(p)
+        client = MlflowClient(uri)
+        run_id = metrics["mlflow_run_id"]
+        assert [m.step for m in client.get_metric_history(run_id, "loss")] == [2, 4]
+        assert client.get_run(run_id).data.metrics["final_loss"] == metrics["final_loss"]
+        grid = client.download_artifacts(run_id, "samples/step-00000004.png", str(tmp_path / "back"))
+        assert open(grid, "rb").read(4) == b"\x89PNG"
+        assert client.get_run(run_id).info.artifact_uri.startswith("mlflow-artifacts:")  # through the server
+        assert list((store / "artifacts").rglob("step-00000004.png"))  # ... into its destination
+        assert not (tmp_path / "mlartifacts").exists() and not any(tmp_path.rglob("mlartifacts"))
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
 @pytest.fixture(scope="module")
 def ray_local(tmp_path_factory):
     import ray

@@ -88,7 +88,8 @@ class TrackingConfig(Section):
     experiment: str
     # MLFLOW_TRACKING_URI, when set, wins over this value.
     tracking_uri: str
-    # Where a new experiment stores artifacts (a local folder for the embedded default).
+    # Where a new experiment stores artifacts: a folder (beside a sqlite database), a URI
+    # (s3://...), or null; a tracking server (http://) keeps them itself (--artifacts-destination).
     artifact_location: str | None
 
 
@@ -455,7 +456,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ParamsError(f"{path}: params file not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ParamsError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason})") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""

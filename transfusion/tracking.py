@@ -16,7 +16,7 @@ from typing import Any
 
 from transfusion import env
 from transfusion.config import Params, TrackingConfig
-from transfusion.errors import MissingInput
+from transfusion.errors import BadInput, MissingInput
 
 env.apply()
 
@@ -84,16 +84,31 @@ class StageRun:
         self._mlflow.set_tags(dict(tags))
 
 
-def _experiment_id(mlflow, cfg: TrackingConfig) -> str:
+def artifact_location(cfg: TrackingConfig, uri: str) -> str | None:
+    """Where a new experiment in the store at ``uri`` keeps its artifacts:
+
+    - a URI (``s3://...``) as given;
+    - a tracking server (``http(s)://``): None, the server's own ``--artifacts-destination``
+      (artifacts travel through the server, so every machine reaches them); a local folder
+      would exist on one machine only;
+    - a local folder with a sqlite store: resolved beside the database file, so runs of a
+      database elsewhere never write into the current folder; with any other store, against
+      the current folder.
+    """
+    location = cfg.artifact_location
+    if not location or "://" in location:
+        return location or None
+    if uri.startswith(("http://", "https://")):
+        return None
+    base = Path(uri[len("sqlite:///") :]).parent if uri.startswith("sqlite:///") else Path.cwd()
+    return (base / location).resolve().as_uri()
+
+
+def _experiment_id(mlflow, cfg: TrackingConfig, uri: str) -> str:
     exp = mlflow.get_experiment_by_name(cfg.experiment)
     if exp is not None:
         return exp.experiment_id
-    location = None
-    if cfg.artifact_location and "://" not in cfg.artifact_location:
-        location = Path(cfg.artifact_location).resolve().as_uri()
-    elif cfg.artifact_location:
-        location = cfg.artifact_location
-    return mlflow.create_experiment(cfg.experiment, artifact_location=location)
+    return mlflow.create_experiment(cfg.experiment, artifact_location=artifact_location(cfg, uri))
 
 
 @contextmanager
@@ -104,8 +119,9 @@ def stage_run(params: Params, stage: str, run_id: str | None = None) -> Iterator
     import mlflow
 
     logging.getLogger("alembic").setLevel(logging.WARNING)
-    _use(mlflow, tracking_uri(params.tracking))
-    exp_id = _experiment_id(mlflow, params.tracking)
+    uri = tracking_uri(params.tracking)
+    _use(mlflow, uri)
+    exp_id = _experiment_id(mlflow, params.tracking, uri)
     tags = {"git_commit": git_commit(), "dvc_stage": stage, "params_hash": params.digest()}
     with mlflow.start_run(run_id=run_id, experiment_id=None if run_id else exp_id, run_name=stage, tags=tags) as run:
         if run_id is None:
@@ -116,11 +132,20 @@ def stage_run(params: Params, stage: str, run_id: str | None = None) -> Iterator
         yield StageRun(mlflow, run)
 
 
+STAGES = ("data", "tokenizer", "vae", "latents", "judge", "train", "eval")
+
+
 def find_runs(cfg: TrackingConfig, stage: str | None = None) -> list[dict[str, Any]]:
-    """Runs of the experiment (newest first) as plain dicts: id, name, status, metrics, tags."""
+    """Runs of the experiment (newest first) as plain dicts: id, name, status, metrics, tags.
+    Reads only: a sqlite database that is not there is an error, not a new empty database."""
     import mlflow
 
-    _use(mlflow, tracking_uri(cfg))
+    if stage is not None and stage not in STAGES:
+        raise BadInput(f"--stage {stage!r}: expected one of {', '.join(STAGES)}")
+    uri = tracking_uri(cfg)
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
+        raise MissingInput(f"{uri}: no tracking database there (a typo? runs are tracked in tracking.tracking_uri)")
+    _use(mlflow, uri)
     exp = mlflow.get_experiment_by_name(cfg.experiment)
     if exp is None:
         return []
