@@ -169,3 +169,28 @@ def test_runs_reads_only_and_refuses_bad_stage_names(tiny_params, tmp_path):
     r = CliRunner().invoke(app, ["runs", "-p", str(params), "-S", f"tracking.tracking_uri=sqlite:///{typo}"])
     assert r.exit_code == 2 and "no tracking database there" in r.output
     assert not typo.exists()
+
+
+def test_two_stages_starting_at_once_on_a_fresh_database(tiny_params, tmp_path):
+    """`dvc queue start -j 2` on a fresh clone: two processes open their first run on a sqlite
+    file that does not exist yet; both succeed, in one experiment."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from transfusion.tracking import find_runs
+
+    params = tmp_path / "p.yaml"
+    params.write_text(yaml.safe_dump(tiny_params.model_dump(mode="json")))
+    code = (
+        "import sys; from transfusion.config import load_params; from transfusion.tracking import stage_run\n"
+        "with stage_run(load_params(sys.argv[1]), sys.argv[2]) as run: run.log_metrics({'x': 1.0})\n"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, str(params), stage], stderr=subprocess.PIPE, text=True)
+        for stage in ("vae", "judge")
+    ]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errors
+    assert sorted(r["name"] for r in find_runs(tiny_params.tracking)) == ["judge", "vae"]

@@ -104,6 +104,22 @@ def artifact_location(cfg: TrackingConfig, uri: str) -> str | None:
     return (base / location).resolve().as_uri()
 
 
+@contextmanager
+def _first_use_lock(uri: str) -> Iterator[None]:
+    """For a sqlite store, an inter-process lock beside the database: MLflow creates the schema
+    on first use, and two stages starting at once on a fresh file would both try
+    (``duplicate column name``); ``dvc queue start -j 2`` on a fresh clone does exactly that."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    from filelock import FileLock
+
+    db = Path(uri[len("sqlite:///") :])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(db) + ".lock", timeout=300):
+        yield
+
+
 def _experiment_id(mlflow, cfg: TrackingConfig, uri: str) -> str:
     exp = mlflow.get_experiment_by_name(cfg.experiment)
     if exp is not None:
@@ -121,7 +137,8 @@ def stage_run(params: Params, stage: str, run_id: str | None = None) -> Iterator
     logging.getLogger("alembic").setLevel(logging.WARNING)
     uri = tracking_uri(params.tracking)
     _use(mlflow, uri)
-    exp_id = _experiment_id(mlflow, params.tracking, uri)
+    with _first_use_lock(uri):  # a fresh sqlite file: one process creates the schema and experiment
+        exp_id = _experiment_id(mlflow, params.tracking, uri)
     tags = {"git_commit": git_commit(), "dvc_stage": stage, "params_hash": params.digest()}
     with mlflow.start_run(run_id=run_id, experiment_id=None if run_id else exp_id, run_name=stage, tags=tags) as run:
         if run_id is None:
