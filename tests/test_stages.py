@@ -102,6 +102,7 @@ def test_mlflow_runs_hold_params_metrics_and_tags(tiny_pipeline):
 
 
 def test_mlflow_uri_from_environment(tiny_params, tmp_path, monkeypatch):
+    from transfusion.errors import MissingInput
     from transfusion.tracking import find_runs, stage_run
 
     uri = f"sqlite:///{tmp_path / 'elsewhere.db'}"
@@ -111,7 +112,9 @@ def test_mlflow_uri_from_environment(tiny_params, tmp_path, monkeypatch):
     assert (tmp_path / "elsewhere.db").is_file()
     assert [r["metrics"] for r in find_runs(tiny_params.tracking, "probe")] == [{"x": 1.5}]
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
-    assert find_runs(tiny_params.tracking, "probe") == []  # the params' own database, untouched
+    with pytest.raises(MissingInput, match="no tracking database there"):  # the params' own: never created
+        find_runs(tiny_params.tracking, "probe")
+    assert not (tmp_path / "mlflow.db").exists()
 
 
 def test_a_run_does_not_redirect_later_runs(tiny_params, tmp_path):
@@ -164,7 +167,7 @@ def test_runs_reads_only_and_refuses_bad_stage_names(tiny_params, tmp_path):
     params = tmp_path / "p.yaml"
     params.write_text(yaml.safe_dump(tiny_params.model_dump(mode="json")))
     r = CliRunner().invoke(app, ["runs", "-p", str(params), "--stage", "x' OR '1'='1"])
-    assert r.exit_code == 2 and r.output.strip().startswith("error: --stage \"x' OR '1'='1\": expected one of data,")
+    assert r.exit_code == 2 and r.output.strip().startswith("error: --stage \"x' OR '1'='1\": a stage name is")
     typo = tmp_path / "mlfow.db"
     r = CliRunner().invoke(app, ["runs", "-p", str(params), "-S", f"tracking.tracking_uri=sqlite:///{typo}"])
     assert r.exit_code == 2 and "no tracking database there" in r.output

@@ -194,10 +194,10 @@ def test_training_logs_to_a_tracking_server(tiny_pipeline, tmp_path):
     """The cluster set-up: an MLflow tracking server (sqlite backend, artifacts proxied to its
     --artifacts-destination) on loopback; the training stage logs its metrics and sample grid
     through it, and a client reads both back over HTTP."""
+    import http.client
     import subprocess
     import sys
     import time
-    import urllib.request
 
     from mlflow import MlflowClient
 
@@ -205,22 +205,29 @@ def test_training_logs_to_a_tracking_server(tiny_pipeline, tmp_path):
 
     port, store = _free_port(), tmp_path / "server"
     store.mkdir()
+    log = (tmp_path / "server.log").open("w")
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
          "--artifacts-destination", str(store / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
          "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=log,
     )  # fmt: skip
     uri = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(f"{uri}/health", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("mlflow server did not start")
+        deadline, error = time.monotonic() + 240, None  # ~10 s alone; longer on a busy 2-core machine
+        while True:
+            try:  # a plain connection: no proxy settings or global URL openers in the way
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+                conn.request("GET", "/health")
+                if conn.getresponse().status == 200:
+                    break
+            except OSError as err:
+                error = err
+            if server.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(
+                    f"mlflow server did not start ({error!r}): " + (tmp_path / "server.log").read_text()[-1000:]
+                )
+            time.sleep(0.5)
         p = train_params(
             tiny_pipeline, tmp_path, use_ray=False, steps=4, checkpoint_every=4, sample_every=4, log_every=2,
             warmup_steps=1, eval_every=4,
@@ -240,6 +247,7 @@ def test_training_logs_to_a_tracking_server(tiny_pipeline, tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+        log.close()
 
 
 @pytest.fixture(scope="module")
