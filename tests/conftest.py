@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -128,18 +129,17 @@ def text_tokenizer():
     return train_bpe(MODEL_CORPUS, vocab_size=300)
 
 
+@functools.cache
+def _defaults():
+    from transfusion.config import load_params
+
+    return load_params(REPO / "params.yaml")
+
+
 def section(name: str, **changes):
     """The ``name`` section of params.yaml (the one place defaults are written) with ``changes``,
     validated: ``section("vae", steps=40)``."""
-    import functools
-
-    from transfusion.config import load_params
-
-    @functools.cache
-    def defaults():
-        return load_params(REPO / "params.yaml")
-
-    current = getattr(defaults(), name)
+    current = getattr(_defaults(), name)
     return type(current).model_validate({**current.model_dump(), **changes})
 
 

@@ -26,10 +26,16 @@ def tracking_uri(cfg: TrackingConfig) -> str:
     """``$MLFLOW_TRACKING_URI`` or the params' URI; a relative sqlite path made absolute, so
     that processes started elsewhere (Ray workers) write to the same database."""
     uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking_uri
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        uri = prefix + str(Path(uri[len(prefix) :]).resolve())
-    return uri
+    db = sqlite_path(uri)
+    return SQLITE + str(db.resolve()) if db is not None and not db.is_absolute() else uri
+
+
+SQLITE = "sqlite:///"
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI, else None."""
+    return Path(uri[len(SQLITE) :]) if uri.startswith(SQLITE) else None
 
 
 def _use(mlflow, uri: str) -> None:
@@ -101,7 +107,8 @@ def artifact_location(cfg: TrackingConfig, uri: str) -> str | None:
         return location or None
     if uri.startswith(("http://", "https://")):
         return None
-    base = Path(uri[len("sqlite:///") :]).parent if uri.startswith("sqlite:///") else Path.cwd()
+    db = sqlite_path(uri)
+    base = db.parent if db is not None else Path.cwd()
     return (base / location).resolve().as_uri()
 
 
@@ -110,12 +117,12 @@ def _first_use_lock(uri: str) -> Iterator[None]:
     """For a sqlite store, an inter-process lock beside the database: MLflow creates the schema
     on first use, and two stages starting at once on a fresh file would both try
     (``duplicate column name``); ``dvc queue start -j 2`` on a fresh clone does exactly that."""
-    if not uri.startswith("sqlite:///"):
+    db = sqlite_path(uri)
+    if db is None:
         yield
         return
     from filelock import FileLock
 
-    db = Path(uri[len("sqlite:///") :])
     db.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(db) + ".lock", timeout=300):
         yield
@@ -158,7 +165,8 @@ def find_runs(cfg: TrackingConfig, stage: str | None = None) -> list[dict[str, A
     if stage is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", stage):  # it goes into a filter string
         raise BadInput(f"--stage {stage!r}: a stage name is letters, digits, '_', '-' or '.'")
     uri = tracking_uri(cfg)
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
+    db = sqlite_path(uri)
+    if db is not None and not db.is_file():
         raise MissingInput(f"{uri}: no tracking database there (a typo? runs are tracked in tracking.tracking_uri)")
     _use(mlflow, uri)
     exp = mlflow.get_experiment_by_name(cfg.experiment)
