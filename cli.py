@@ -13,13 +13,39 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+import typer.core
 
 from transfusion import env
 from transfusion.errors import UserError
 
 env.apply()
 
+
+class _OneLineErrors(typer.core.TyperGroup):
+    """Usage errors (a bad option value, an unknown command) as one line ``error: ...`` with
+    exit code 2, like every other error of this CLI, instead of click's boxed usage text."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        click = typer.core._click  # typer vendors click; its exceptions live there
+
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as err:
+            typer.echo(err.ctx.get_help())
+            code = 0
+        except click.exceptions.UsageError as err:
+            typer.secho(f"error: {err.format_message()}", fg=typer.colors.RED, err=True)
+            code = 2
+        except typer.Abort:
+            typer.secho("error: aborted", fg=typer.colors.RED, err=True)
+            code = 1
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
+    cls=_OneLineErrors,
     help="Train and evaluate Transfusion models (text by next-token prediction, images by diffusion).",
     no_args_is_help=True,
     add_completion=False,
@@ -46,6 +72,8 @@ def _guard(call, code: int | None = None):
     arguments are all that can be wrong, a usage error)."""
     try:
         return call()
+    except KeyboardInterrupt:  # Ctrl-C: the conventional 128 + SIGINT; MLflow marks the run KILLED
+        _fail("interrupted (a training run continues with `transfusion train --resume`)", 130)
     except UserError as err:
         _fail(str(err).splitlines()[0] if str(err) else type(err).__name__, err.exit_code if code is None else code)
 
@@ -238,6 +266,8 @@ def interleave(
 
     from transfusion.pipeline import save_png
 
+    if out.exists() and not out.is_dir():
+        _fail(f"--out {out}: a file; give the folder to write the images into", 2)
     pipe = _pipeline(model, params, set_)
     parts = pipe.generate(
         prompt,

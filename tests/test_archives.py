@@ -109,3 +109,56 @@ def test_read_members_from_wheel_and_sdist(tmp_path):
     assert read_members(sdist, "texts/*_gut.txt") == {"texts/one_gut.txt": b"1"}
     with pytest.raises(DataError, match="no member matches"):
         read_members(sdist, "nothing/*")
+
+
+@pytest.fixture
+def local_index(tmp_path, monkeypatch):
+    """A PEP 503 simple index on loopback holding one sdist whose setup.py, if anything ever ran
+    it, would leave a marker file."""
+    import functools
+    import hashlib
+    import http.server
+    import threading
+
+    marker = tmp_path / "setup-ran"
+    setup = (
+        f"open({str(marker)!r}, 'w').write('ran')\nfrom setuptools import setup\nsetup(name='evil', version='1.0')\n"
+    )
+    sdist = tmp_path / "srv" / "files" / "evil-1.0.tar.gz"
+    sdist.parent.mkdir(parents=True)
+    with tarfile.open(sdist, "w:gz") as tf:
+        for name, data in {"evil-1.0/setup.py": setup.encode(), "evil-1.0/data/x.txt": b"payload"}.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    sha = hashlib.sha256(sdist.read_bytes()).hexdigest()
+    page = tmp_path / "srv" / "simple" / "evil" / "index.html"
+    page.parent.mkdir(parents=True)
+    page.write_text(f'<html><body><a href="../../files/evil-1.0.tar.gz#sha256={sha}">evil-1.0.tar.gz</a></body></html>')
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "srv"))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("PIP_INDEX_URL", f"http://127.0.0.1:{server.server_address[1]}/simple")
+    monkeypatch.delenv("PIP_NO_INDEX", raising=False)
+    monkeypatch.delenv("PIP_FIND_LINKS", raising=False)
+    yield sha, sdist, marker
+    server.shutdown()
+
+
+def test_a_wrong_pin_fails_before_anything_from_the_archive_runs(local_index, tmp_path):
+    sha, _, marker = local_index
+    spec = ArchiveSpec(package="evil", version="1.0", kind="sdist", sha256="ab" * 32, member="data/*")
+    with pytest.raises(DataError, match="could not download evil==1.0 .*no sdist with the pinned sha256 ababab"):
+        fetch_archive(spec, tmp_path / "cache")
+    assert not marker.exists()  # never built, never unpacked
+    assert not any((tmp_path / "cache").rglob("*.tar.gz"))
+
+
+def test_the_pinned_sdist_is_fetched_by_its_hash_and_never_built(local_index, tmp_path):
+    sha, sdist, marker = local_index
+    spec = ArchiveSpec(package="evil", version="1.0", kind="sdist", sha256=sha, member="data/*")
+    got = fetch_archive(spec, tmp_path / "cache")
+    assert got.read_bytes() == sdist.read_bytes() and got.name == "evil-1.0.tar.gz"
+    assert read_members(got, "data/*") == {"data/x.txt": b"payload"}
+    assert not marker.exists()

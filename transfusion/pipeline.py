@@ -124,7 +124,16 @@ class TransfusionPipeline:
         return [self._text(ids) for ids in self.model.generate_text([self._ids(p) for p in prompts], **kwargs)]
 
     def sample_images(self, captions: list[str], **kwargs) -> np.ndarray:
-        return self.decode_latents(self.model.sample_images([self._ids(c) for c in captions], **kwargs))
+        ids = [self._ids(c) for c in captions]
+        limit = int(self.model.config.backbone.get("max_position_embeddings", 2048))
+        image = self.model.config.patches_per_image + 3  # <boi> [time] patches <eoi>
+        for caption, row in zip(captions, ids):
+            if 1 + len(row) + image > limit:
+                raise BadInput(
+                    f"caption of {len(caption)} characters is {len(row)} tokens; with the image "
+                    f"({image} tokens) it exceeds the model's {limit} positions"
+                )
+        return self.decode_latents(self.model.sample_images(ids, **kwargs))
 
     def caption(self, images: np.ndarray, **kwargs) -> list[str]:
         return [self._text(ids) for ids in self.model.caption(self.encode_images(images), **kwargs)]
@@ -146,22 +155,29 @@ class TransfusionPipeline:
         return out
 
 
+MAX_SCALE = 16  # `generate` writes images enlarged 4x; `caption` takes up to 16x back
+
+
 def read_images(files: list[Path], size: int) -> np.ndarray:
-    """PNG/JPEG files -> uint8 (N, size, size, 3); a bad or wrongly sized file is a ValueError."""
-    from PIL import Image, UnidentifiedImageError
+    """PNG/JPEG files -> uint8 (N, size, size, 3). A square image of an integer multiple of
+    ``size`` (up to 16x: what ``generate`` and ``interleave`` write, enlarged) is scaled back
+    down; any other size, a bad file, or a header claiming more pixels is a one-line error,
+    checked before the image is decoded."""
+    from PIL import Image
+
+    from transfusion.io import open_rgb
+
+    def size_ok(w: int, h: int, f: Path) -> None:
+        if w != h or w % size or not 1 <= w // size <= MAX_SCALE:
+            raise BadInput(
+                f"{f}: expected a {size}x{size} image (or a square multiple up to {MAX_SCALE}x), got {w}x{h}"
+            )
 
     out = []
     for f in files:
-        try:
-            with Image.open(f) as im:
-                im.load()
-                rgb = im.convert("RGB")
-        except FileNotFoundError:
-            raise MissingInput(f"{f}: no such image file") from None
-        except (UnidentifiedImageError, OSError) as err:
-            raise BadInput(f"{f}: cannot read image ({err})") from None
+        rgb = open_rgb(f, (size * MAX_SCALE) ** 2, lambda w, h, f=f: size_ok(w, h, f))
         if rgb.size != (size, size):
-            raise BadInput(f"{f}: expected a {size}x{size} image, got {rgb.size[0]}x{rgb.size[1]}")
+            rgb = rgb.resize((size, size), Image.BOX)  # the exact inverse of a NEAREST enlargement
         out.append(np.asarray(rgb, dtype=np.uint8))
     return np.stack(out)
 

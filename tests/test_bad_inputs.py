@@ -1,0 +1,219 @@
+"""Bad input, table-driven: every case exits non-zero with one line ``error: ...`` naming what
+was wrong (2 for a bad argument or params value, 1 for a bad file or input), no traceback, and
+nothing written -- neither in the working folder nor next to the inputs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import zlib
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import REPO
+
+P = str(REPO / "params.yaml")
+LONG = "zq" * 2500  # a 5000-character caption
+
+CASES = [
+    # params files and overrides
+    ("override-type", ["params", "-p", P, "-S", "vae.lr=fast"], 2, "vae.lr: Input should be a valid number"),
+    ("override-unknown", ["params", "-p", P, "-S", "nosuch.key=1"], 2, "nosuch: unknown key"),
+    ("override-syntax", ["params", "-p", P, "-S", "vae.lr"], 2, "expected section.key=value"),
+    ("override-not-section", ["params", "-p", P, "-S", "vae.lr.x=1"], 2, "vae.lr is not a section"),
+    ("params-missing", ["params", "-p", "{inputs}/missing.yaml"], 2, "params file not found"),
+    ("params-not-utf8", ["params", "-p", "{inputs}/notutf8.yaml"], 2, "not UTF-8 text"),
+    ("params-empty", ["params", "-p", "{inputs}/empty.yaml"], 2, "missing keys"),
+    ("params-list", ["params", "-p", "{inputs}/list.yaml"], 2, "expected a mapping of sections"),
+    ("params-bad-yaml", ["params", "-p", "{inputs}/bad.yaml"], 2, "not valid YAML"),
+    ("data-grid", ["data", "-p", P, "-S", "data.scenes.grid=1"], 2, "data.scenes.grid"),
+    ("data-source", ["data", "-p", P, "-S", "data.source=flickr"], 2, "data.source"),
+    ("data-folder-unset", ["data", "-p", P, "-S", "data.source=caption_folder"], 2, "caption_folder is not set"),
+    ("vae-steps", ["vae", "-p", P, "-S", "vae.steps=0"], 2, "vae.steps: Input should be greater than 0"),
+    ("train-steps", ["train", "-p", P, "-S", "train.steps=0"], 2, "train.steps"),
+    ("train-warmup", ["train", "-p", P, "-S", "train.warmup_steps=5000"], 2, "warmup_steps (5000) must be < steps"),
+    ("train-precision", ["train", "-p", P, "-S", "train.precision=fp16"], 2, "train.precision"),
+    ("train-ema", ["train", "-p", P, "-S", "train.ema_decay=1.5"], 2, "train.ema_decay"),
+    ("train-backbone", ["train", "-p", P, "-S", "model.backbone=gpt2"], 2, "model.backbone"),
+    ("eval-images", ["eval", "-p", P, "-S", "eval.images_per_prompt=0"], 2, "eval.images_per_prompt"),
+    ("eval-weights", ["eval", "-p", P, "-S", "eval.inception_weights=/no/such.pt"], 2, "eval.inception_weights"),
+    # training's own arguments
+    ("train-path-no-resume", ["train", "somewhere", "-p", P], 2, "somewhere: a checkpoint argument needs --resume"),
+    (
+        "train-resume-nothing",
+        ["train", "--resume", "-p", P, "-S", "paths.checkpoints=ck"],
+        1,
+        "no checkpoint to resume",
+    ),
+    ("train-resume-foreign", ["train", "{inputs}/junk.png", "--resume", "-p", P], 1, "must be a checkpoint under"),
+    ("train-storage-uri", ["train", "-p", P, "-S", "train.storage=nosuchscheme://x"], 1, "not a storage URI"),
+    # generate: the model
+    ("model-missing", ["generate", "a 7", "-m", "{inputs}/nowhere"], 1, "no model folder here"),
+    ("model-not-exported", ["generate", "a 7", "-m", "{inputs}/empty-model"], 1, "not an exported model"),
+    ("model-pipeline-json", ["generate", "a 7", "-m", "{inputs}/bad-pipeline"], 1, "expected JSON with vae and"),
+    ("model-config-types", ["generate", "a 7", "-m", "{inputs}/bad-types"], 1, "latent_size: Input should be a valid"),
+    ("model-config-json", ["generate", "a 7", "-m", "{inputs}/bad-config"], 1, "invalid model config"),
+    (
+        "model-runs-uri-typo",
+        ["generate", "a 7", "-m", "runs:/0123/model", "-p", P, "-S", "tracking.tracking_uri=sqlite:///typo.db"],
+        1,
+        "no tracking database",
+    ),  # fmt: skip
+    # generate: the arguments
+    ("generate-n-0", ["generate", "a 7", "-n", "0", "-m", "{model}"], 2, "Invalid value for '-n'"),
+    ("generate-n-huge", ["generate", "a 7", "-n", "1000", "-m", "{model}"], 2, "Invalid value for '-n'"),
+    ("generate-steps-0", ["generate", "a 7", "--steps", "0", "-m", "{model}"], 2, "Invalid value for '--steps'"),
+    ("generate-cfg", ["generate", "a 7", "--cfg-scale", "-1", "-m", "{model}"], 2, "greater than or equal to 0"),
+    ("generate-sampler", ["generate", "a 7", "--sampler", "euler9", "--steps", "2", "-m", "{model}"], 2, "euler9"),
+    (
+        "generate-sampler-fit",
+        ["generate", "a 7", "--sampler", "flow_euler", "--steps", "2", "-m", "{model}"],
+        2,
+        "does not fit a model trained with 'ddpm'",
+    ),  # fmt: skip
+    ("generate-out-folder", ["generate", "a 7", "--out", "{inputs}", "-m", "{model}"], 2, "a folder; give the PNG"),
+    ("generate-long-caption", ["generate", LONG, "--steps", "2", "-m", "{model}"], 2, "exceeds the model's"),
+    ("generate-seed", ["generate", "a 7", "--seed", "abc", "-m", "{model}"], 2, "Invalid value for '--seed'"),
+    ("generate-no-caption", ["generate", "-m", "{model}"], 2, "Missing argument"),
+    # caption: the images
+    ("caption-junk", ["caption", "{inputs}/junk.png", "-m", "{model}"], 1, "junk.png: cannot read image"),
+    ("caption-missing", ["caption", "{inputs}/missing.png", "-m", "{model}"], 1, "no such image file"),
+    ("caption-size", ["caption", "{inputs}/big.png", "-m", "{model}"], 1, "expected a 32x32 image"),
+    ("caption-not-multiple", ["caption", "{inputs}/odd.png", "-m", "{model}"], 1, "got 100x100"),
+    ("caption-header-bomb", ["caption", "{inputs}/bomb.png", "-m", "{model}"], 1, "100000x100000 pixels, more than"),
+    ("caption-13000", ["caption", "{inputs}/huge.png", "-m", "{model}"], 1, "13000x13000 pixels, more than"),
+    ("caption-truncated", ["caption", "{inputs}/truncated.png", "-m", "{model}"], 1, "cannot read image"),
+    ("caption-folder", ["caption", "{inputs}/folder.png", "-m", "{model}"], 1, "cannot read image"),
+    # complete, interleave
+    ("complete-tokens", ["complete", "to be", "--max-tokens", "0", "-m", "{model}"], 2, "'--max-tokens'"),
+    ("complete-top-p", ["complete", "to be", "--top-p", "2", "-m", "{model}"], 2, "'--top-p'"),
+    ("complete-temperature", ["complete", "to be", "--temperature", "-1", "-m", "{model}"], 2, "'--temperature'"),
+    (
+        "interleave-out-file",
+        ["interleave", "to be", "--out", "{inputs}/junk.png", "-m", "{model}"],
+        2,
+        "a file; give the folder",
+    ),  # fmt: skip
+    ("interleave-images", ["interleave", "to be", "--max-images", "-1", "-m", "{model}"], 2, "'--max-images'"),
+    # runs, and the command line itself
+    ("runs-stage-injection", ["runs", "-p", P, "--stage", "x' OR '1'='1"], 2, "a stage name is"),
+    (
+        "runs-sqlite-typo",
+        ["runs", "-p", P, "-S", "tracking.tracking_uri=sqlite:///typo.db"],
+        2,
+        "no tracking database there",
+    ),  # fmt: skip
+    ("unknown-command", ["nosuch"], 2, "No such command 'nosuch'"),
+    ("unknown-option", ["generate", "a 7", "--nosuch"], 2, "No such option: --nosuch"),
+]
+
+
+def _png(width: int, height: int, idat: bytes = b"") -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` (the pixel data need not be there)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", idat or zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, exported_model) -> Path:
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("bad-inputs")
+    (root / "junk.png").write_bytes(b"not a png")
+    Image.new("RGB", (64, 48)).save(root / "big.png")
+    Image.new("RGB", (100, 100)).save(root / "odd.png")
+    (root / "bomb.png").write_bytes(_png(100_000, 100_000))
+    (root / "huge.png").write_bytes(_png(13_000, 13_000))
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(root / "whole.png")
+    data = (root / "whole.png").read_bytes()
+    (root / "truncated.png").write_bytes(data[: len(data) // 2])
+    (root / "folder.png").mkdir()
+    (root / "notutf8.yaml").write_bytes(b"vae:\n  lr: \xff\xfe\n")
+    (root / "empty.yaml").write_text("")
+    (root / "list.yaml").write_text("- a\n- b\n")
+    (root / "bad.yaml").write_text("vae: [1, 2\n")
+    (root / "empty-model").mkdir()
+    for name, edit in {
+        "bad-pipeline": lambda d: (d / "pipeline.json").write_text("{}"),
+        "bad-types": lambda d: (d / "config.json").write_text(
+            json.dumps(json.loads((d / "config.json").read_text()) | {"latent_size": "big"})
+        ),
+        "bad-config": lambda d: (d / "config.json").write_text("{"),
+    }.items():
+        shutil.copytree(exported_model, root / name)
+        edit(root / name)
+    return root
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))}
+
+
+def test_the_table_has_at_least_40_cases():
+    assert len(CASES) >= 40 and len({c[0] for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize(("name", "args", "code", "expected"), CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_and_writes_nothing(
+    name, args, code, expected, inputs, exported_model, tmp_path, monkeypatch
+):
+    from cli import app
+
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    before = _snapshot(inputs)
+    argv = [a.format(inputs=inputs, model=exported_model) for a in args]
+    if argv[0] in ("generate", "caption", "complete", "interleave") and "-p" not in argv:
+        argv += ["-p", P]  # the working folder has no params.yaml
+    result = CliRunner().invoke(app, argv)
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == code, result.output
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert expected in lines[0], lines[0]
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert list(work.iterdir()) == [], "written: " + ", ".join(p.name for p in work.iterdir())
+    assert _snapshot(inputs) == before
+
+
+def test_caption_reads_back_what_generate_and_interleave_wrote(exported_model, tmp_path):
+    """The CLI's round trip: `generate` writes a 4x enlarged PNG, `caption` scales it back."""
+    import numpy as np
+    from PIL import Image
+
+    from cli import app
+    from transfusion.pipeline import TransfusionPipeline, read_images
+
+    one = tmp_path / "one.png"
+    r = CliRunner().invoke(app, ["generate", "a red 3", "-n", "1", "--steps", "2", "--out", str(one), "-m",
+                                 str(exported_model)])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert Image.open(one).size == (128, 128)
+    r = CliRunner().invoke(app, ["caption", str(one), "-m", str(exported_model)])
+    assert r.exit_code == 0 and r.output.startswith(f"{one}\t"), r.output
+
+    # the scaled-down image is exactly what was generated (the enlargement is nearest-neighbour)
+    pipe = TransfusionPipeline.from_pretrained(exported_model)
+    native = pipe.sample_images(["a red 3"], steps=2, seed=0)[0]
+    np.testing.assert_array_equal(read_images([one], 32)[0], native)
+    assert r.output.strip().split("\t")[1] == pipe.caption(native[None])[0]
+
+    folder = tmp_path / "il"
+    r = CliRunner().invoke(app, ["interleave", "to be", "--force-image", "--steps", "2", "--max-tokens", "2",
+                                 "--out", str(folder), "-m", str(exported_model)])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(app, ["caption", str(folder / "image-0.png"), "-m", str(exported_model)])
+    assert r.exit_code == 0, r.output
