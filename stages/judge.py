@@ -1,5 +1,9 @@
 """DVC stage ``judge``: the cell classifier that reads generated scenes; reports its whole-scene
-exact match on real test scenes (evaluation refuses judge scores below ``judge.min_accuracy``)."""
+exact match on real test scenes (evaluation refuses judge scores below ``judge.min_accuracy``).
+
+Data without structured scene content (``data.source: caption_folder``) have nothing a judge
+could learn: the stage then writes a judge folder that says so and ``judge_available: 0``, and
+evaluation runs without the judge (FID/KID on Inception features, captions, text)."""
 
 from __future__ import annotations
 
@@ -19,6 +23,8 @@ def run(params: Params) -> dict[str, float]:
     paths, cfg, scenes = params.paths, params.judge, params.data.scenes
     train = load_image_split(paths.scenes, "train")
     test = load_image_split(paths.scenes, "test")
+    if not all(r.get("content") for r in train.records + test.records):
+        return _no_judge(params)
     with tracking.stage_run(params, "judge") as run:
         x, y = training_cells(train.images, train.records, scenes.grid, cfg.empty_fraction, cfg.seed)
         if cfg.extra_scenes and params.data.source == "mnist_scenes":
@@ -36,7 +42,27 @@ def run(params: Params) -> dict[str, float]:
         judge.save(paths.judge)
         metrics = scene_exact_match(judge, test.images, test.records)
         metrics["training_cells"] = len(y)
+        metrics["judge_available"] = 1.0
         metrics["meets_minimum"] = float(metrics["scene_exact_match"] >= cfg.min_accuracy)
+        write_json(paths.judge_metrics, metrics)
+        run.log_metrics(metrics)
+    return metrics
+
+
+def _no_judge(params: Params) -> dict[str, float]:
+    """The judge's outputs for data without scene content: a folder saying why, no scores."""
+    import json
+
+    from transfusion import tracking
+    from transfusion.io import atomic_dir, write_json
+
+    paths = params.paths
+    reason = f"data.source {params.data.source}: the records carry no scene content to train a judge on"
+    print(f"[judge] no judge: {reason}", flush=True)
+    with atomic_dir(paths.judge) as tmp:
+        (tmp / "no-judge.json").write_text(json.dumps({"reason": reason}, indent=2) + "\n")
+    metrics = {"judge_available": 0.0, "scene_exact_match": 0.0, "meets_minimum": 0.0}
+    with tracking.stage_run(params, "judge") as run:
         write_json(paths.judge_metrics, metrics)
         run.log_metrics(metrics)
     return metrics

@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from transfusion.config import load_params
@@ -40,22 +41,34 @@ def _ran(output: str) -> list[str]:
     return re.findall(r"Running stage '([a-z_]+)'", output)
 
 
-def test_dvc_repro_end_to_end(tmp_path):
+def _repo(tmp_path: Path) -> Path:
+    """A fresh git + DVC repository with the project's pipeline and code."""
     repo = tmp_path / "repo"
     repo.mkdir()
     for name in ("dvc.yaml", "cli.py", ".dvcignore", ".gitignore"):
         shutil.copy(REPO / name, repo / name)
     for folder in ("transfusion", "stages"):
         shutil.copytree(REPO / folder, repo / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    _run(["git", "init", "-q"], repo)
+    _run(["dvc", "init", "-q"], repo)
+    return repo
+
+
+@pytest.fixture(scope="module")
+def tiny_repo(tmp_path_factory) -> tuple[Path, dict, str]:
+    """A repository after its first `dvc repro` of the tiny preset: (folder, params, output)."""
+    tmp_path = tmp_path_factory.mktemp("e2e")
+    repo = _repo(tmp_path)
     params = load_params([REPO / "params.yaml", REPO / "pipelines" / "cpu-tiny.yaml"])
     resolved = params.model_dump(mode="json")
     resolved["paths"]["cache"] = str(REPO / ".cache" / "archives")
     resolved["tracking"]["tracking_uri"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
     (repo / "params.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    return repo, resolved, _run(["dvc", "repro"], repo)
 
-    _run(["git", "init", "-q"], repo)
-    _run(["dvc", "init", "-q"], repo)
-    first = _run(["dvc", "repro"], repo)
+
+def test_dvc_repro_end_to_end(tiny_repo, tmp_path):
+    repo, resolved, first = tiny_repo
     assert sorted(_ran(first)) == sorted(["data", "tokenizer", "vae", "latents", "train", "judge", "eval"])
     for key in (
         "data_metrics",
@@ -113,3 +126,134 @@ def test_dvc_repro_end_to_end(tmp_path):
     png = tmp_path / "from-clone.png"
     _run(["python", "cli.py", "generate", "a 7", "-n", "1", "--steps", "2", "--out", str(png)], clone)
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def _caption_folder(folder: Path, n: int = 24) -> Path:
+    """Free-form captioned images of several sizes: coloured shapes on a grey ground."""
+    from PIL import Image, ImageDraw
+
+    colours = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 180, 60)}
+    lines = []
+    folder.mkdir(parents=True)
+    for i in range(n):
+        colour, shape = list(colours)[i % 3], ("square", "circle")[i // 3 % 2]
+        size = (40 + 8 * (i % 4), 36 + 4 * (i % 5))
+        im = Image.new("RGB", size, (128, 128, 128))
+        box = (8, 8, size[0] - 8, size[1] - 8)
+        draw = ImageDraw.Draw(im)
+        (draw.rectangle if shape == "square" else draw.ellipse)(box, fill=colours[colour])
+        im.save(folder / f"img-{i:02d}.png")
+        lines.append(json.dumps({"file": f"img-{i:02d}.png", "caption": f"a {colour} {shape} on grey"}))
+    (folder / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def _random_inception_weights(path: Path) -> Path:
+    """torch-fidelity's Inception-v3 state dict with random weights (the real file cannot be
+    downloaded here): FID/KID run through the real extractor, on meaningless features."""
+    import torch
+    from torch_fidelity import feature_extractor_inceptionv3 as fe
+
+    original = fe.FeatureExtractorInceptionV3.load_state_dict
+    fe.FeatureExtractorInceptionV3.load_state_dict = lambda self, state, *a, **k: None
+    real_url = fe.load_state_dict_from_url
+    fe.load_state_dict_from_url = lambda *a, **k: {}
+    try:
+        torch.manual_seed(0)
+        net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"])
+    finally:
+        fe.FeatureExtractorInceptionV3.load_state_dict = original
+        fe.load_state_dict_from_url = real_url
+    torch.save(net.state_dict(), path)
+    return path
+
+
+def test_dvc_repro_on_a_caption_folder_without_a_judge(tmp_path):
+    """`data.source: caption_folder` end to end: no scene content, so no judge and no GenEval
+    prompts; evaluation is FID/KID on Inception features, captions compared as text, and text."""
+    repo = _repo(tmp_path)
+    params = load_params([REPO / "params.yaml", REPO / "pipelines" / "cpu-tiny.yaml"])
+    resolved = params.model_dump(mode="json")
+    resolved["paths"]["cache"] = str(REPO / ".cache" / "archives")
+    resolved["tracking"]["tracking_uri"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    resolved["data"] |= {"source": "caption_folder", "caption_folder": str(_caption_folder(tmp_path / "mine"))}
+    resolved["data"] |= {"caption_folder_val_fraction": 0.2, "caption_folder_test_fraction": 0.25}
+    resolved["train"] |= {"use_ray": False}
+    resolved["eval"] |= {
+        "feature_extractor": "inception",
+        "inception_weights": str(_random_inception_weights(tmp_path / "inception.pt")),
+        "fid_samples": 6,
+        "prompt_file": str(tmp_path / "evaluation_metadata.jsonl"),  # GenEval prompts to draw for its scorer
+    }
+    prompts = [
+        {"tag": "single_object", "include": [{"class": "7", "count": 1}], "prompt": "a 7"},
+        {"tag": "counting", "include": [{"class": "5", "count": 3}], "exclude": [{"class": "5", "count": 4}],
+         "prompt": "three 5s"},
+    ]  # fmt: skip
+    (tmp_path / "evaluation_metadata.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts))
+    (repo / "params.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+
+    out = _run(["dvc", "repro"], repo)
+    assert sorted(_ran(out)) == sorted(["data", "tokenizer", "vae", "latents", "train", "judge", "eval"])
+    judge = json.loads((repo / resolved["paths"]["judge_metrics"]).read_text())
+    assert judge["judge_available"] == 0.0
+    assert "no scene content" in (repo / resolved["paths"]["judge"] / "no-judge.json").read_text()
+    evaluation = json.loads((repo / resolved["paths"]["eval_metrics"]).read_text())
+    assert not any(k.startswith(("geneval_", "scene_match_", "fid_judge", "caption_exact")) for k in evaluation)
+    for key in ("fid_inception", "kid_inception", "fid_inception_real_train_vs_test", "caption_token_f1"):
+        assert key in evaluation and evaluation[key] == evaluation[key], key  # present, not NaN
+    assert 0.0 <= evaluation["caption_text_exact"] <= 1.0 and evaluation["text_bits_per_byte"] > 0
+    probes = (repo / resolved["paths"]["train_probes"]).read_text().splitlines()[0].split(",")
+    assert "ema_caption_loss" in probes and not any("quick_" in k for k in probes)
+    # eval.prompt_file through the stage: GenEval's layout for its own scorer, images_per_prompt each
+    layout = repo / resolved["paths"]["geneval"]
+    assert sorted(p.name for p in layout.iterdir()) == ["00000", "00001"]
+    assert json.loads((layout / "00001" / "metadata.jsonl").read_text()) == prompts[1]
+    assert len(list((layout / "00001" / "samples").glob("*.png"))) == resolved["eval"]["images_per_prompt"]
+
+
+@pytest.mark.slow  # two tiny train + eval experiments side by side: ~4 min (make test-all)
+def test_two_queued_experiments_in_parallel_are_two_mlflow_runs(tiny_repo):
+    """`dvc exp run --queue` twice, `dvc queue start -j 2`: both succeed, each is its own MLflow
+    run in the one database (no "database is locked"), and `dvc exp show` and MLflow agree on
+    their params and metrics."""
+    import time
+
+    from transfusion.tracking import find_runs
+
+    repo, resolved, _ = tiny_repo
+    _run(["dvc", "repro"], repo)  # (whatever an earlier test changed)
+    _run(["git", "add", "-A"], repo)
+    _run(["git", "-c", "user.name=ci", "-c", "user.email=ci@localhost", "commit", "-qm", "base", "--allow-empty"], repo)
+    lrs = {"lr-a": "0.001", "lr-b": "0.004"}
+    for name, lr in lrs.items():  # one torch thread each: two processes share the two cores
+        _run(["dvc", "exp", "run", "--queue", "-n", name, "-S", f"train.lr={lr}", "-S", "train.use_ray=false"], repo)
+    env = _env() | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    subprocess.run(["dvc", "queue", "start", "-j", "2"], cwd=repo, env=env, check=True, capture_output=True)
+    deadline = time.monotonic() + 1500
+    while time.monotonic() < deadline:
+        status = subprocess.run(["dvc", "queue", "status"], cwd=repo, env=env, capture_output=True, text=True).stdout
+        rows = [line for line in status.splitlines() if any(n in line for n in lrs)]
+        if len(rows) == 2 and all(("Success" in r or "Failed" in r) for r in rows):
+            break
+        time.sleep(5)
+    assert all("Success" in r for r in rows), status + _run(["dvc", "queue", "logs", "lr-a"], repo)[-2000:]
+
+    shown = json.loads(subprocess.run(["dvc", "exp", "show", "--json"], cwd=repo, env=env, capture_output=True,
+                                      text=True, check=True).stdout)  # fmt: skip
+    dvc_rows = {}
+    for commit in shown:
+        for exp in commit.get("experiments") or []:
+            for rev in exp.get("revs", []):
+                data = rev.get("data") or {}
+                if rev.get("name") in lrs:
+                    params = data["params"]["params.yaml"]["data"]
+                    metrics = data["metrics"][resolved["paths"]["train_metrics"]]["data"]
+                    dvc_rows[rev["name"]] = (str(params["train"]["lr"]), metrics["final_loss"])
+    assert sorted(dvc_rows) == sorted(lrs)
+    tracking = load_params(repo / "params.yaml").tracking
+    runs = [r for r in find_runs(tracking, "train") if r["params"].get("train.use_ray") == "False"]
+    assert len(runs) == 2 and all(r["status"] == "FINISHED" for r in runs)
+    mlflow_rows = sorted((float(r["params"]["train.lr"]), r["metrics"]["final_loss"]) for r in runs)
+    assert mlflow_rows == sorted((float(lr), loss) for lr, loss in dvc_rows.values())
+    assert len({r["run_id"] for r in find_runs(tracking, "eval")}) >= 3  # the base run's eval + one per experiment

@@ -5,6 +5,9 @@ as stated: ``scenes.satisfies``). Per attribute, over the scenes where it applie
 (the mentioned digits are the scene's), ``count`` (as many objects as the scene holds),
 ``colour`` (each mentioned colour is right; scenes of the colour categories), ``position``
 (the relation holds; position scenes).
+
+Captions of data without scene content (a caption folder) are compared as text:
+:func:`text_caption_scores` (exact match after normalising case and spaces, and token F1).
 """
 
 from __future__ import annotations
@@ -34,3 +37,17 @@ def caption_scores(records: list[dict], captions: list[str], palette: dict | Non
             ok = bool(prompt and prompt.relation) and satisfies(content, prompt)
             parts["position"].append(ok)
     return {f"caption_{k}": float(np.mean(v)) for k, v in parts.items() if v}
+
+
+def text_caption_scores(truths: list[str], captions: list[str]) -> dict[str, float]:
+    """``caption_text_exact`` (equal after lower-casing and collapsing spaces) and
+    ``caption_token_f1`` (mean F1 of the word multisets), for captions without scene content."""
+    from collections import Counter
+
+    exact, f1 = [], []
+    for truth, text in zip(truths, captions):
+        a, b = truth.lower().split(), text.lower().split()
+        exact.append(a == b)
+        common = sum((Counter(a) & Counter(b)).values())
+        f1.append(0.0 if common == 0 else 2 * common / (len(a) + len(b)))
+    return {"caption_text_exact": float(np.mean(exact)), "caption_token_f1": float(np.mean(f1))}

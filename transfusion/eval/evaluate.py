@@ -11,8 +11,11 @@
 4. **Text**: bits per byte and perplexity on the held-out works, in chunks of the training length.
 
 Judge-based scores need a judge that met ``judge.min_accuracy`` (``judge_ok``); without one they
-are left out. :func:`write_outputs` writes what the stage keeps: metrics, GenEval's folder
-layout, the per-category and sweep CSVs, image grids, caption examples.
+are left out. Data without scene content (a caption folder) have no GenEval prompts (unless
+``eval.prompt_file`` gives some) and no judge: their evaluation is FID/KID on Inception
+features, captions compared as text, and text bits per byte. :func:`write_outputs` writes
+what the stage keeps: metrics, GenEval's folder layout, the per-category and sweep CSVs, image
+grids, caption examples.
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ def evaluate(pipe, cfg: EvalConfig, inputs: EvalInputs, progress=None) -> EvalRe
     from transfusion.data.mixture import tokenize_corpus
     from transfusion.data.prepare import load_image_split, read_text_split
     from transfusion.eval import geneval
-    from transfusion.eval.captioning import caption_scores
+    from transfusion.eval.captioning import caption_scores, text_caption_scores
     from transfusion.eval.judge import Judge
     from transfusion.eval.text import bits_per_byte
 
@@ -67,7 +70,7 @@ def evaluate(pipe, cfg: EvalConfig, inputs: EvalInputs, progress=None) -> EvalRe
     metrics: dict[str, float] = {"judge_scene_exact_match": inputs.judge_accuracy, "judge_ok": float(judge_ok)}
 
     def sample(captions: list[str], seed: int, cfg_scale: float = cfg.cfg_scale) -> np.ndarray:
-        out = []
+        out = [np.zeros((0, pipe.image_size, pipe.image_size, 3), np.uint8)]
         for start in bar(range(0, len(captions), cfg.batch_size), "sampling"):
             out.append(
                 pipe.sample_images(
@@ -85,14 +88,16 @@ def evaluate(pipe, cfg: EvalConfig, inputs: EvalInputs, progress=None) -> EvalRe
 
     # 1. GenEval-style: N images per prompt, judged; real scenes; the guidance sweep
     k = cfg.images_per_prompt
-    prompts = (
-        geneval.read_prompt_file(cfg.prompt_file, inputs.palette)
-        if cfg.prompt_file
-        else geneval.prompts_from_records(test.records, cfg.prompts_per_category, cfg.seed)
-    )
+    has_content = all(r.get("content") for r in test.records)
+    if cfg.prompt_file:
+        prompts = geneval.read_prompt_file(cfg.prompt_file, inputs.palette)
+    elif has_content:
+        prompts = geneval.prompts_from_records(test.records, cfg.prompts_per_category, cfg.seed)
+    else:
+        prompts = []  # free-form captions: no GenEval prompts to draw
     images = sample([p.caption() for p in prompts for _ in range(k)], cfg.seed + SEED_GENEVAL)
     result = EvalResult(metrics, prompts, [images[i * k : (i + 1) * k] for i in range(len(prompts))])
-    if judge_ok:
+    if judge_ok and has_content:
         read = judge.read(images)
         metrics |= judged(read, prompts, k)
         result.passed = [geneval.geneval_correct(c, geneval.metadata(prompts[i // k])) for i, c in enumerate(read)]
@@ -118,7 +123,9 @@ def evaluate(pipe, cfg: EvalConfig, inputs: EvalInputs, progress=None) -> EvalRe
     texts: list[str] = []
     for start in bar(range(0, n, cfg.batch_size), "captioning"):
         texts += pipe.caption(test.images[start : min(n, start + cfg.batch_size)])
-    metrics |= caption_scores(test.records[:n], texts, inputs.palette)
+    truths = [r["caption"] for r in test.records[:n]]
+    metrics |= caption_scores(test.records[:n], texts, inputs.palette) if has_content else {}
+    metrics |= text_caption_scores(truths, texts)
     result.captions = [(r["caption"], t) for r, t in zip(test.records[:n], texts)]
 
     # 4. text: bits per byte and perplexity on the held-out works

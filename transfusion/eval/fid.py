@@ -65,6 +65,20 @@ def _register_judge() -> None:
     register_feature_extractor(JUDGE_EXTRACTOR, JudgeFeatures)
 
 
+def _check_state_dict(path: Path) -> None:
+    """torch-fidelity reads the Inception weights with ``torch.load(weights_only=False)``, which
+    would run any code a crafted file carries: read it first with the safe loader (tensors and
+    plain containers only), which a genuine state dict passes and anything else fails."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise BadInput(f"{path}: no Inception weights file here (eval.inception_weights)") from None
+    except Exception as err:
+        raise BadInput(f"{path}: not a plain state dict of tensors, refusing to load it ({err})") from None
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise BadInput(f"{path}: expected a state dict of tensors (eval.inception_weights)")
+
+
 def fid_kid(
     a: np.ndarray,
     b: np.ndarray,
@@ -82,6 +96,7 @@ def fid_kid(
     elif extractor == "inception":
         kwargs = {"feature_extractor": "inception-v3-compat"}
         if inception_weights is not None:
+            _check_state_dict(Path(inception_weights))
             kwargs["feature_extractor_weights_path"] = str(inception_weights)
     else:
         raise ValueError(f"unknown feature extractor {extractor!r}")
