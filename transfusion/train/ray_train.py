@@ -103,9 +103,10 @@ def ensure_ray(address: str | None, temp_dir: Path, num_cpus: int | None = None)
     )
 
 
-def short_temp_dir(wanted: Path, limit: int = 48) -> Path:
+def short_temp_dir(wanted: Path, limit: int = 36) -> Path:
     """``wanted`` if short enough, else a stable short folder in the system temp dir: Ray puts
-    unix sockets under its temp dir, and socket paths may not exceed 107 bytes."""
+    unix sockets under its temp dir, and socket paths may not exceed 107 bytes (Ray adds up to
+    ~64: ``/session_<date>_<time>_<us>_<pid>/sockets/plasma_store``)."""
     import hashlib
     import tempfile
 
