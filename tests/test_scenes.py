@@ -135,3 +135,57 @@ def test_every_template_parses_back(caption):
 def test_unknown_captions_do_not_parse():
     assert parse_caption("a cat on a mat") is None
     assert parse_caption("a purple 3", palette={"red": (1, 2, 3)}) is None
+
+
+def _folder(root, lines: list[str]):
+    from PIL import Image
+
+    root.mkdir(parents=True, exist_ok=True)
+    for name in ("a.png", "b.png", "c.png"):
+        Image.new("RGB", (20, 30), (10, 200, 10)).save(root / name)
+    (root / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.mark.parametrize(
+    ("entry", "expected"),
+    [
+        ('{"file": "../outside.png", "caption": "x"}', "'../outside.png' is outside"),
+        ('{"file": "/etc/passwd", "caption": "x"}', "'/etc/passwd' is outside"),
+        ('{"file": "sub/../../outside.png", "caption": "x"}', "is outside"),
+        ('{"file": 7, "caption": "x"}', '"file" must be a path string, got 7'),
+        ('{"file": ["a.png"], "caption": "x"}', '"file" must be a path string'),
+        ('{"caption": "x"}', 'expected {"file": ..., "caption": ...}'),
+        ('{"file": "missing.png", "caption": "x"}', "missing.png: no such image file"),
+    ],
+)
+def test_caption_folder_entries_stay_inside_the_folder(tmp_path, entry, expected):
+    from transfusion.data.archives import DataError
+    from transfusion.data.sources import load_caption_folder
+
+    (tmp_path / "outside.png").write_bytes(b"")  # what an escaping entry would reach
+    good = ['{"file": "a.png", "caption": "a"}', '{"file": "b.png", "caption": "b"}']
+    folder = _folder(tmp_path / "mine", [*good, entry, '{"file": "c.png", "caption": "c"}'])
+    with pytest.raises(DataError) as err:
+        load_caption_folder(folder, 32)
+    message = str(err.value)
+    assert message.startswith(f"{folder / 'captions.jsonl'}:3: ") and expected in message, message
+
+
+def test_caption_folder_refuses_a_huge_image_from_its_header(tmp_path):
+    import struct
+    import zlib
+
+    from transfusion.data.archives import DataError
+    from transfusion.data.sources import load_caption_folder
+
+    folder = _folder(tmp_path / "mine", ['{"file": "a.png", "caption": "a"}', '{"file": "big.png", "caption": "b"}'])
+    header = struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0)
+    chunk = lambda kind, data: struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))  # noqa: E731
+    (folder / "big.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b""))
+    with pytest.raises(DataError, match=r"captions.jsonl:2: .*big.png: 30000x30000 pixels, more than"):
+        load_caption_folder(folder, 32)
+    images, records = load_caption_folder(_folder(tmp_path / "ok", [
+        '{"file": "a.png", "caption": "a"}', '{"file": "b.png", "caption": "b"}', '{"file": "c.png", "caption": "c"}'
+    ]), 32)  # fmt: skip
+    assert images.shape == (3, 32, 32, 3) and [r["caption"] for r in records] == ["a", "b", "c"]

@@ -279,3 +279,32 @@ def test_ray_two_workers_survive_a_crash_and_resume(tiny_pipeline, tmp_path, ray
     runs = find_runs(p.tracking, "train")
     assert [r["run_id"] for r in runs] == [run_id]
     assert max(m.step for m in client.get_metric_history(run_id, "loss")) == 16
+
+
+def test_runs_and_generate_from_a_run_uri_through_the_cli(tiny_pipeline, tmp_path):
+    """`transfusion runs` lists the training run; `transfusion generate -m runs:/<id>/model`
+    samples from the model that run logged."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from cli import app
+    from stages import train
+
+    p = train_params(
+        tiny_pipeline, tmp_path, use_ray=False, steps=2, checkpoint_every=2, sample_every=2, eval_every=2,
+        log_every=1, warmup_steps=1,
+    )  # fmt: skip
+    run_id = train.run(p)["mlflow_run_id"]
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(p.model_dump(mode="json")))
+    listed = CliRunner().invoke(app, ["runs", "-p", str(params_file), "--stage", "train"])
+    assert listed.exit_code == 0, listed.output
+    (line,) = listed.output.strip().splitlines()
+    assert line.startswith(f"{run_id}  train") and "FINISHED" in line and "final_loss=" in line
+    out = tmp_path / "from-run.png"
+    uri = f"runs:/{run_id}/model"
+    made = CliRunner().invoke(
+        app, ["generate", "a 7", "-n", "1", "--steps", "2", "-m", uri, "-p", str(params_file), "--out", str(out)]
+    )
+    assert made.exit_code == 0, made.output
+    assert out.read_bytes()[:4] == b"\x89PNG"
