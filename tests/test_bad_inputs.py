@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import struct
-import zlib
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
-from conftest import REPO
+from conftest import REPO, png_claiming
 
 P = str(REPO / "params.yaml")
 LONG = "zq" * 2500  # a 5000-character caption
@@ -111,21 +109,6 @@ CASES = [
 ]
 
 
-def _png(width: int, height: int, idat: bytes = b"") -> bytes:
-    """A PNG whose header claims ``width`` x ``height`` (the pixel data need not be there)."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", idat or zlib.compress(b"\0" * 64))
-        + chunk(b"IEND", b"")
-    )
-
-
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory, exported_model) -> Path:
     from PIL import Image
@@ -134,8 +117,8 @@ def inputs(tmp_path_factory, exported_model) -> Path:
     (root / "junk.png").write_bytes(b"not a png")
     Image.new("RGB", (64, 48)).save(root / "big.png")
     Image.new("RGB", (100, 100)).save(root / "odd.png")
-    (root / "bomb.png").write_bytes(_png(100_000, 100_000))
-    (root / "huge.png").write_bytes(_png(13_000, 13_000))
+    (root / "bomb.png").write_bytes(png_claiming(100_000, 100_000))
+    (root / "huge.png").write_bytes(png_claiming(13_000, 13_000))
     Image.new("RGB", (32, 32), (200, 30, 30)).save(root / "whole.png")
     data = (root / "whole.png").read_bytes()
     (root / "truncated.png").write_bytes(data[: len(data) // 2])

@@ -16,6 +16,14 @@ from conftest import section
 FAULT = section("train").fault
 
 
+def _one_ray_worker(tiny_pipeline, tmp_path, max_failures: int, **fault):
+    """12 steps on one Ray worker, checkpoints every 4, with ``fault`` injected."""
+    return train_params(
+        tiny_pipeline, tmp_path, use_ray=True, num_workers=1, cpus_per_worker=1, steps=12, checkpoint_every=4,
+        max_failures=max_failures, fault=FAULT.model_copy(update=fault),
+    )  # fmt: skip
+
+
 def _bucket(uri: str):
     from transfusion.storage import Store
 
@@ -129,10 +137,7 @@ def test_nan_under_ray_stops_at_once_without_a_retry(tiny_pipeline, tmp_path, ra
     from stages import train
     from transfusion.train.loop import TrainingDiverged
 
-    p = train_params(
-        tiny_pipeline, tmp_path, use_ray=True, num_workers=1, cpus_per_worker=1, steps=12, checkpoint_every=4,
-        max_failures=2, fault=FAULT.model_copy(update={"nan_at_step": 7}),
-    )  # fmt: skip
+    p = _one_ray_worker(tiny_pipeline, tmp_path, max_failures=2, nan_at_step=7)
     with pytest.raises(TrainingDiverged) as err:
         train.run(p)
     message = str(err.value)
@@ -248,10 +253,7 @@ def test_a_worker_failure_past_its_retries_is_one_short_line(tiny_pipeline, tmp_
     from stages import train
     from transfusion.train.loop import TrainingFailed
 
-    p = train_params(
-        tiny_pipeline, tmp_path, use_ray=True, num_workers=1, cpus_per_worker=1, steps=12, checkpoint_every=4,
-        max_failures=0, fault=FAULT.model_copy(update={"crash_at_step": 6}),
-    )  # fmt: skip
+    p = _one_ray_worker(tiny_pipeline, tmp_path, max_failures=0, crash_at_step=6)
     with pytest.raises(TrainingFailed) as err:
         train.run(p)
     message = str(err.value)

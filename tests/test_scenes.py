@@ -173,16 +173,12 @@ def test_caption_folder_entries_stay_inside_the_folder(tmp_path, entry, expected
 
 
 def test_caption_folder_refuses_a_huge_image_from_its_header(tmp_path):
-    import struct
-    import zlib
-
+    from conftest import png_claiming
     from transfusion.data.archives import DataError
     from transfusion.data.sources import load_caption_folder
 
     folder = _folder(tmp_path / "mine", ['{"file": "a.png", "caption": "a"}', '{"file": "big.png", "caption": "b"}'])
-    header = struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0)
-    chunk = lambda kind, data: struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))  # noqa: E731
-    (folder / "big.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b""))
+    (folder / "big.png").write_bytes(png_claiming(30000, 30000))
     with pytest.raises(DataError, match=r"captions.jsonl:2: .*big.png: 30000x30000 pixels, more than"):
         load_caption_folder(folder, 32)
     images, records = load_caption_folder(_folder(tmp_path / "ok", [

@@ -59,25 +59,24 @@ class Store:
         assert self.local, self.location
         return Path(self.path(name))
 
+    def _listing(self) -> list:
+        """pyarrow's FileInfo of every entry directly in the store (none if it is not there)."""
+        import pyarrow.fs as pafs
+
+        try:
+            return self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True))
+        except OSError:
+            return []
+
     def names(self) -> list[str]:
         """The sub-folders, sorted by name."""
         import pyarrow.fs as pafs
 
-        try:
-            infos = self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True))
-        except OSError:
-            return []
-        return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+        return sorted(i.base_name for i in self._listing() if i.type == pafs.FileType.Directory)
 
     def entries(self) -> list[str]:
         """Every file and folder name directly in the store."""
-        import pyarrow.fs as pafs
-
-        try:
-            infos = self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True))
-        except OSError:
-            return []
-        return sorted(i.base_name for i in infos)
+        return sorted(i.base_name for i in self._listing())
 
     def delete_file(self, name: str) -> None:
         try:

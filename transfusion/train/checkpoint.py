@@ -194,13 +194,17 @@ class CheckpointStore:
                 self.store.delete(old)
         return self.store.path(name)
 
+    def local_path_of(self, name: str, rank: int = 0) -> Path:
+        """Where checkpoint ``name`` is (local store) or is downloaded to (remote) on this node."""
+        if self.store.local:
+            return self.store.local_path(name)
+        return (self.staging if rank == 0 else self.staging / f".rank-{rank}") / name
+
     def fetch(self, name: str, rank: int = 0) -> Path:
         """Checkpoint ``name`` as a verified local folder (a remote store: downloaded first)."""
-        if self.store.local:
-            local = self.store.local_path(name)
-        else:
-            into = self.staging if rank == 0 else self.staging / f".rank-{rank}"
-            local = self.store.get(name, into / name)
+        local = self.local_path_of(name, rank)
+        if not self.store.local:
+            self.store.get(name, local)
         verify_checkpoint(local)
         return local
 
@@ -231,20 +235,21 @@ def prepare_run(store: CheckpointStore, resume: bool | Path) -> tuple[str | None
     if not resume:
         store.clear()
         return None, None
-    if isinstance(resume, Path):  # an explicit checkpoint: make it the newest one
+    if isinstance(resume, Path):  # an explicit checkpoint: verified, then made the newest one
         if store.store.local and resume.resolve().parent != store.staging.resolve():
             raise CheckpointError(f"{resume}: --resume PATH must be a checkpoint under {store.staging}")
         if resume.name not in store.names():
             raise CheckpointError(f"{resume}: no such checkpoint in {store.location} (there: {store.names()})")
-        store.fetch(resume.name)
-        store.drop_newer(resume.name)
-    name = store.latest()
-    if name is None:
-        raise CheckpointError(f"{store.location}: no checkpoint to resume from")
-    try:
-        local = store.fetch(name)
-    except CheckpointError as err:
-        raise CheckpointError(f"{err}; {_previous_good(store, name)}") from None
+        name, local = resume.name, store.fetch(resume.name)
+        store.drop_newer(name)
+    else:
+        name = store.latest()
+        if name is None:
+            raise CheckpointError(f"{store.location}: no checkpoint to resume from")
+        try:
+            local = store.fetch(name)
+        except CheckpointError as err:
+            raise CheckpointError(f"{err}; {_previous_good(store, name)}") from None
     state = json.loads((local / "trainer.json").read_text())
     return name, state.get("run_id")
 
