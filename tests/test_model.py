@@ -228,9 +228,14 @@ def test_caption_dropout_is_observable(tokenizer):
 # ---------------------------------------------------------------------------------------------
 # saving and pretrained backbones
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize(("patch_encoder", "time_conditioning"), [("linear", "token"), ("unet", "add")])
-def test_save_load_identical_outputs(tokenizer, tmp_path, patch_encoder, time_conditioning):
-    model = make_model(tokenizer, patch_encoder=patch_encoder, time_conditioning=time_conditioning)
+@pytest.mark.parametrize(
+    ("patch_encoder", "time_conditioning", "patch_positions"),
+    [("linear", "token", "none"), ("unet", "add", "none"), ("linear", "add", "learned")],
+)
+def test_save_load_identical_outputs(tokenizer, tmp_path, patch_encoder, time_conditioning, patch_positions):
+    model = make_model(
+        tokenizer, patch_encoder=patch_encoder, time_conditioning=time_conditioning, patch_positions=patch_positions
+    )
     model.save_pretrained(tmp_path / "m", tokenizer)
     loaded = TransfusionModel.from_pretrained(tmp_path / "m")
     batch = collator(model)([caption_to_image(ids(tokenizer, "a red 4"), torch.zeros(LATENT))])
@@ -245,6 +250,34 @@ def test_save_load_identical_outputs(tokenizer, tmp_path, patch_encoder, time_co
     from transfusion.data.tokenizer import load_tokenizer
 
     assert load_tokenizer(tmp_path / "m")("a red 4")["input_ids"] == tokenizer("a red 4")["input_ids"]
+
+
+def test_learned_patch_positions_tell_identical_patches_apart(tokenizer):
+    """A latent whose patches are all equal gives equal patch vectors with RoPE positions only;
+    learned positions make each patch index its own vector (the cell it is), and only by the
+    saved table: the difference between two patches is the difference of their rows."""
+    x, t = torch.ones(1, *LATENT), torch.tensor([300.0])
+    with torch.no_grad():
+        plain, _, _ = make_model(tokenizer).embed_images(x, t)  # (1, P, D)
+        learned_model = make_model(tokenizer, patch_positions="learned")
+        learned, _, _ = learned_model.embed_images(x, t)
+    torch.testing.assert_close(plain[0], plain[0, :1].expand_as(plain[0]), rtol=0, atol=1e-6)
+    pos = learned_model.patch_pos[0]  # (P, D)
+    assert pos.shape == (learned_model.config.patches_per_image, learned.shape[-1])
+    torch.testing.assert_close(learned[0] - learned[0, :1], pos - pos[:1], rtol=0, atol=1e-5)
+    assert (learned[0, 1:] - learned[0, :1]).abs().amax(-1).min() > 1e-3
+
+
+def test_a_model_saved_before_patch_positions_loads_without_them(tokenizer, tmp_path):
+    import json
+
+    model = make_model(tokenizer)
+    model.save_pretrained(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config.pop("patch_positions") == "none"
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    loaded = TransfusionModel.from_pretrained(tmp_path / "m")
+    assert loaded.config.patch_positions == "none" and not hasattr(loaded, "patch_pos")
 
 
 def test_load_refuses_missing_or_truncated_files(tokenizer, tmp_path):

@@ -229,6 +229,9 @@ class ModelConfig(Section):
     patch_encoder: Literal["linear", "unet"]
     unet_channels: Annotated[list[PositiveInt], Field(min_length=1)]
     time_conditioning: Literal["add", "token"]  # paper: add to patches; OmniGen: a time token
+    # learned: a trained vector per patch index added to each patch (which cell a patch is);
+    # none: the backbone's 1D RoPE positions only
+    patch_positions: Literal["none", "learned"]
     attention: Literal["sdpa", "flex"]  # flex: FlexAttention BlockMask (CUDA)
     max_length: PositiveInt  # tokens per packed training sequence
 

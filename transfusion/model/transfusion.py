@@ -43,6 +43,7 @@ class TransfusionConfig(BaseModel):
     patch_encoder: str = "linear"
     unet_channels: list[int] = [64]
     time_conditioning: str = "add"
+    patch_positions: str = "none"  # models saved before the option have none
     attention: str = "sdpa"
     freeze_text: bool = False
     special: dict[str, int]  # bos, eos, pad, boi, eoi
@@ -74,6 +75,8 @@ class TransfusionModel(nn.Module):
         self.patch_in, self.patch_out = build_patching(
             config.patch_encoder, config.latent_channels, config.latent_size, config.patch_size, D, config.unet_channels
         )
+        if config.patch_positions == "learned":  # (1, P, D), GPT-2's wpe init
+            self.patch_pos = nn.Parameter(torch.randn(1, config.patches_per_image, D) * 0.02)
         self.diffusion = build_objective(config.diffusion)
         if config.freeze_text:
             self.backbone.requires_grad_(False)
@@ -95,6 +98,8 @@ class TransfusionModel(nn.Module):
         embedding (N, D) and the encoder's skips (U-Net)."""
         temb = self.time_embed(self.time_proj(time.to(x_t.device)).to(x_t.dtype))  # (N, D)
         tokens, skips = self.patch_in(x_t, temb, add_time=self.config.time_conditioning == "add")
+        if self.config.patch_positions == "learned":
+            tokens = tokens + self.patch_pos.to(tokens.dtype)  # which cell each patch is
         return tokens, temb, skips
 
     def image_block(self, tokens: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
@@ -269,6 +274,7 @@ class TransfusionModel(nn.Module):
             patch_encoder=model_cfg.patch_encoder,
             unet_channels=model_cfg.unet_channels,
             time_conditioning=model_cfg.time_conditioning,
+            patch_positions=model_cfg.patch_positions,
             attention=model_cfg.attention,
             freeze_text=model_cfg.freeze_text,
             special=dict(special.__dict__),
