@@ -268,6 +268,18 @@ def test_learned_patch_positions_tell_identical_patches_apart(tokenizer):
     assert (learned[0, 1:] - learned[0, :1]).abs().amax(-1).min() > 1e-3
 
 
+def test_unet_patch_vectors_are_normalised_before_the_transformer(tokenizer):
+    """The U-Net's patch vectors come through GroupNorm + SiLU: their size does not follow the
+    size of its ResNet features (unnormalised, they reached norms ~140 in a trained model)."""
+    model = make_model(tokenizer, patch_encoder="unet", patch_size=4, unet_channels=[16, 16])
+    x, t = torch.randn(2, *LATENT), torch.tensor([300.0, 300.0])
+    with torch.no_grad():
+        small, _ = model.patch_in(x, model.time_embed(model.time_proj(t)), add_time=False)
+        big, _ = model.patch_in(100 * x, model.time_embed(model.time_proj(t)), add_time=False)
+    ratio = big.norm(dim=-1).mean() / small.norm(dim=-1).mean()
+    assert 0.5 < ratio < 2.0, ratio
+
+
 def test_a_model_saved_before_patch_positions_loads_without_them(tokenizer, tmp_path):
     import json
 
