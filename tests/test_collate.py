@@ -90,3 +90,36 @@ def test_mixture_stream_follows_weights_and_resumes(tiny_pipeline):
         for u, v in zip(x.parts, y.parts):
             assert torch.equal(u, v) if torch.is_tensor(u) else u == v
     np.testing.assert_array_equal(text[:5], tokenize_corpus(tok, read_text_split(p.paths.text, "train"))[:5])
+
+
+def test_recaption_redraws_only_caption_first_captions_and_only_true_ones(tiny_pipeline):
+    """recaption 1: every caption->image pair carries a caption true of its own scene, often not
+    the scene's own; image->caption pairs, text and the images themselves are as with 0."""
+    from transfusion.data.latents import LatentReader
+    from transfusion.data.mixture import ExampleStream
+    from transfusion.data.scenes import parse_caption, satisfies
+    from transfusion.data.tokenizer import load_tokenizer
+
+    p = tiny_pipeline
+    tok = load_tokenizer(p.paths.tokenizer)
+    text = np.arange(1000, dtype=np.int32) % 200 + 10
+    weights = {"text": 1, "caption_to_image": 3, "image_to_caption": 1}
+    plain = ExampleStream(p.paths.latents, text, tok, section("mixture", **weights, recaption=0.0), 32, seed=2)
+    redrawn = ExampleStream(p.paths.latents, text, tok, section("mixture", **weights, recaption=1.0), 32, seed=2)
+    rows = iter(LatentReader(p.paths.latents, "train", shuffle=True, seed=2, repeat=True))
+    changed = c2i = 0
+    for a, b in zip(plain.take(300), redrawn.take(300)):
+        assert len(a.parts) == len(b.parts)
+        if len(a.parts) == 1:
+            assert a.parts == b.parts
+            continue
+        _, record = next(rows)
+        if isinstance(a.parts[0], list):  # caption -> image
+            c2i += 1
+            assert torch.equal(a.parts[1], b.parts[1]) and tok.decode(a.parts[0]) == record["caption"]
+            caption = tok.decode(b.parts[0])
+            assert satisfies(record["content"], parse_caption(caption)), (caption, record)
+            changed += caption != record["caption"]
+        else:
+            assert torch.equal(a.parts[0], b.parts[0]) and a.parts[1] == b.parts[1]
+    assert c2i > 100 and changed > 0.3 * c2i

@@ -7,7 +7,7 @@ import pytest
 
 from conftest import section
 from transfusion.config import CATEGORIES
-from transfusion.data.scenes import Prompt, _resize_digits, compose_scenes, parse_caption, satisfies
+from transfusion.data.scenes import Prompt, _resize_digits, compose_scenes, parse_caption, satisfies, true_captions
 from transfusion.data.sources import DigitSplit
 
 
@@ -91,6 +91,29 @@ def test_position_relations_are_geometric(scenes):
         expect = {"left_of": (0, 1), "right_of": (0, -1), "above": (1, 0), "below": (-1, 0)}[c["relation"]]
         assert (np.sign(b["row"] - a["row"]), np.sign(b["col"] - a["col"])) == expect
     assert seen == {"left_of", "right_of", "above", "below"}
+
+
+def test_true_captions_are_all_true_and_name_what_the_own_caption_leaves_out(scenes):
+    """Every redrawn caption parses and holds for the scene; the scene's own caption is one of
+    them; two objects in one row or column also get their relation (both ways) and colours;
+    two objects on a diagonal get no relation; a shuffled scene's captions are mostly false."""
+    cfg, _, records = scenes
+    for r in records:
+        content, options = r["content"], true_captions(r["content"])
+        assert r["caption"] in options
+        assert all(satisfies(content, parse_caption(c, cfg.palette)) for c in options)
+        categories = {parse_caption(c).category for c in options}
+        objects = content["objects"]
+        if len(objects) == 2 and objects[0]["digit"] != objects[1]["digit"]:
+            aligned = objects[0]["row"] == objects[1]["row"] or objects[0]["col"] == objects[1]["col"]
+            assert categories == {"two_objects", "color_attr"} | ({"position"} if aligned else set())
+            assert sum(parse_caption(c).category == "position" for c in options) == (2 if aligned else 0)
+        elif len(objects) == 1:
+            assert categories == {"single_object", "colors"}
+        else:
+            assert options == [r["caption"]]  # counting
+    others = [(r, c) for r, s in zip(records, records[1:]) for c in true_captions(s["content"])]
+    assert sum(satisfies(r["content"], parse_caption(c)) for r, c in others) < 0.1 * len(others)
 
 
 def test_same_seed_same_scenes(digits):

@@ -279,6 +279,10 @@ class MixtureConfig(Section):
     # tokens per text-only example (the text context the model learns; eval scores text in
     # chunks of this length, so it never asks for positions it was not trained on)
     text_length: Annotated[int, Field(ge=8)]
+    # share of caption->image pairs whose caption is redrawn from every template caption true of
+    # the scene (scenes.true_captions; a scene's relation and colours are then named far more
+    # often); data without scene content keeps its caption
+    recaption: Annotated[float, Field(ge=0, le=1)]
 
     @model_validator(mode="after")
     def _check(self) -> MixtureConfig:

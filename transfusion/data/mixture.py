@@ -2,7 +2,9 @@
 
 Each draw picks a kind with probability proportional to its weight: a text-only chunk of the
 tokenized corpus, a caption->image pair or an image->caption pair (both from the latent shards).
-Data-parallel workers pass their ``rank``/``world_size`` so each reads its own rows and its own
+With ``recaption`` > 0 a caption->image pair's caption is, at that rate, one drawn from every
+template caption true of its scene (``scenes.true_captions``): its relation and colours, which
+its own category's caption leaves unsaid. Data-parallel workers pass their ``rank``/``world_size`` so each reads its own rows and its own
 text offsets. ``state()``/``load_state()`` make the position resumable.
 """
 
@@ -17,6 +19,7 @@ import torch
 from transfusion.config import MixtureConfig
 from transfusion.data.collate import Example, caption_to_image, image_to_caption, text_example
 from transfusion.data.latents import LatentReader
+from transfusion.data.scenes import true_captions
 
 KINDS = ("text", "caption_to_image", "image_to_caption")
 
@@ -39,7 +42,7 @@ class ExampleStream:
         if len(text_ids) <= chunk_length:
             weights[0] = 0.0
         self.p = weights / weights.sum()
-        self.text_ids, self.chunk = text_ids, chunk_length
+        self.text_ids, self.chunk, self.recaption = text_ids, chunk_length, mixture.recaption
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.reader = LatentReader(latents_root, split, rank, world_size, shuffle=True, seed=seed, repeat=True) if self.p[1:].sum() > 0 else None
         self.drawn = 0
@@ -74,7 +77,11 @@ class ExampleStream:
         latent, record = next(self._rows)
         if not materialise:
             return None
-        caption = self.tokenizer(record["caption"], add_special_tokens=False)["input_ids"]
+        text = record["caption"]
+        if kind == "caption_to_image" and self.recaption > 0 and record.get("content") and rng.random() < self.recaption:
+            options = true_captions(record["content"])
+            text = options[int(rng.integers(len(options)))]
+        caption = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         latent = torch.as_tensor(latent)
         return caption_to_image(caption, latent) if kind == "caption_to_image" else image_to_caption(latent, caption)
 

@@ -124,6 +124,25 @@ def satisfies(content: dict, prompt: Prompt) -> bool:
     return True
 
 
+def true_captions(content: dict) -> list[str]:
+    """Every template caption that ``content`` satisfies: a scene of one category is also true
+    of others (a "two objects" scene in one row is a "position" scene too, and every object has
+    a colour). Counting scenes (repeated digits) have their one caption."""
+    objects = content["objects"]
+    digits = [o["digit"] for o in objects]
+    prompts: list[Prompt] = []
+    if len(objects) == 1:
+        prompts += [Prompt("single_object", (digits[0],)), Prompt("colors", (digits[0],), (objects[0]["color"],))]
+    elif len(set(digits)) < len(digits) or len(objects) > 2:
+        prompts.append(Prompt("counting", (digits[0],) * len(digits)))
+    else:
+        for a, b in (objects, objects[::-1]):
+            prompts.append(Prompt("two_objects", (a["digit"], b["digit"])))
+            prompts.append(Prompt("color_attr", (a["digit"], b["digit"]), (a["color"], b["color"])))
+            prompts += [Prompt("position", (a["digit"], b["digit"]), (), rel) for rel in RELATIONS]
+    return [p.caption() for p in prompts if satisfies(content, p)]
+
+
 # ---------------------------------------------------------------------------------------------
 # drawing scenes
 # ---------------------------------------------------------------------------------------------
