@@ -117,13 +117,16 @@ def _cli_params(p, path: Path) -> Path:
 
 
 def _start(params_file: Path, *extra: str, log: Path) -> subprocess.Popen:
-    """``python cli.py train`` in its own process group (as a terminal starts it)."""
+    """``python cli.py train`` in its own process group with Ctrl-C's default action, as a
+    terminal starts it (a test suite started in the background by a shell without job control
+    inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler)."""
     return subprocess.Popen(
         [sys.executable, str(REPO / "cli.py"), "train", "-p", str(params_file), *extra],
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=log.open("w"),
         start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
