@@ -25,8 +25,9 @@ import torch.nn.functional as F
 
 from transfusion.config import load_params
 from transfusion.data.collate import caption_to_image, image_to_caption
-from transfusion.eval.probe import BUCKETS, _collator, load_probe_data
+from transfusion.eval.probe import BUCKETS, load_probe_data
 from transfusion.pipeline import TransfusionPipeline
+from transfusion.sampling import example_collator
 
 N = 256
 
@@ -37,7 +38,7 @@ def caption_split(model, tokenizer, data) -> tuple[float, float, float]:
     out = []
     for shift in (0, 1):
         images = data.latents.roll(shift, dims=0)
-        batch = _collator(model)([image_to_caption(z, c) for z, c in zip(images, data.captions)])
+        batch = example_collator(model)([image_to_caption(z, c) for z, c in zip(images, data.captions)])
         hidden, _ = model(batch, images, torch.zeros(len(images)))
         targets = batch.labels != -100
         labels = batch.labels[targets]
@@ -51,12 +52,12 @@ def caption_split(model, tokenizer, data) -> tuple[float, float, float]:
 def bypass(model, data, seed: int = 0) -> list[tuple[float, float]]:
     """(loss as trained, loss with zeroed transformer outputs) at each probe noise level."""
     diffusion, x0 = model.diffusion, data.latents
+    batch = example_collator(model)([caption_to_image(c, z) for z, c in zip(x0, data.captions)])
     rows = []
     for level in BUCKETS:
         t = diffusion.timesteps_at(torch.full((len(x0),), level))
         noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
         x_t, target = diffusion.add_noise(x0, noise, t), diffusion.target(x0, noise, t)
-        batch = _collator(model)([caption_to_image(c, z) for z, c in zip(x0, data.captions)])
         _, pred = model(batch, x_t, diffusion.model_time(t))
         tokens, temb, skips = model.embed_images(x_t, diffusion.model_time(t))
         blind = model.predict_images(torch.zeros_like(tokens), temb, skips)

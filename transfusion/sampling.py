@@ -76,6 +76,14 @@ def guided(pred: torch.Tensor, cfg_scale: float) -> torch.Tensor:
 
 
 @torch.no_grad()
+def example_collator(model) -> Collator:
+    """A collator laying out ``model``'s examples one per row, unpacked and untruncated."""
+    cfg = model.config
+    return Collator(
+        model.special, cfg.patches_per_image, 1 << 30, time_token=cfg.time_conditioning == "token", pack=False
+    )
+
+
 def sample_latents_uncached(
     model,
     captions: list[list[int]],
@@ -94,10 +102,7 @@ def sample_latents_uncached(
     examples = [Example([list(c), placeholder]) for c in captions]
     if cfg_scale != 1.0:
         examples += [Example([[], placeholder]) for _ in captions]
-    collate = Collator(
-        model.special, cfg.patches_per_image, 1 << 30, time_token=cfg.time_conditioning == "token", pack=False
-    )
-    batch = collate(examples).to(device)
+    batch = example_collator(model)(examples).to(device)
     return denoise(
         sched,
         lambda x_in, time: model(batch, x_in, time)[1],

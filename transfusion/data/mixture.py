@@ -4,8 +4,8 @@ Each draw picks a kind with probability proportional to its weight: a text-only 
 tokenized corpus, a caption->image pair or an image->caption pair (both from the latent shards).
 With ``recaption`` > 0 a caption->image pair's caption is, at that rate, one drawn from every
 template caption true of its scene (``scenes.true_captions``): its relation and colours, which
-its own category's caption leaves unsaid. Data-parallel workers pass their ``rank``/``world_size`` so each reads its own rows and its own
-text offsets. ``state()``/``load_state()`` make the position resumable.
+its own category's caption leaves unsaid. Data-parallel workers pass their ``rank`` /
+``world_size`` so each reads its own rows and its own text offsets. ``state()``/``load_state()`` make the position resumable.
 """
 
 from __future__ import annotations
@@ -77,13 +77,18 @@ class ExampleStream:
         latent, record = next(self._rows)
         if not materialise:
             return None
-        text = record["caption"]
-        if kind == "caption_to_image" and self.recaption > 0 and record.get("content") and rng.random() < self.recaption:
-            options = true_captions(record["content"])
-            text = options[int(rng.integers(len(options)))]
+        text = self._recaptioned(record, rng) if kind == "caption_to_image" else record["caption"]
         caption = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         latent = torch.as_tensor(latent)
         return caption_to_image(caption, latent) if kind == "caption_to_image" else image_to_caption(latent, caption)
+
+    def _recaptioned(self, record: dict, rng: np.random.Generator) -> str:
+        """The record's caption, or at rate ``recaption`` any template caption true of its scene."""
+        if self.recaption > 0 and record.get("content") and rng.random() < self.recaption:
+            options = true_captions(record["content"])
+            return options[int(rng.integers(len(options)))]
+        return record["caption"]
+
 
 
 def tokenize_corpus(tokenizer, text: str, block: int = 1 << 16) -> np.ndarray:

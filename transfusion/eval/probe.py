@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 from transfusion.config import ProbeConfig
-from transfusion.data.collate import Collator, caption_to_image, image_to_caption
+from transfusion.data.collate import caption_to_image, image_to_caption
+from transfusion.sampling import example_collator
 
 BUCKETS = (0.125, 0.375, 0.625, 0.875)  # noise levels probed (centres of four equal buckets)
 
@@ -94,7 +95,7 @@ def diffusion_losses(model, data: ProbeData, seed: int = 0) -> dict[str, float]:
     for name, drop in (("cond", False), ("uncond", True)):
         placeholder = torch.zeros(x0.shape[1:])  # the collator lays out slots; forward takes x_t
         examples = [caption_to_image([] if drop else c, placeholder) for c in data.captions * len(BUCKETS)]
-        batch = _collator(model)(examples).to(device)
+        batch = example_collator(model)(examples).to(device)
         _, pred = model(batch, x_t, diffusion.model_time(t))
         per_image = (pred.float() - target.float()).pow(2).flatten(1).mean(1).view(len(BUCKETS), -1).mean(1)
         out |= {f"diffusion_{name}_b{k}": float(v) for k, v in enumerate(per_image)}
@@ -111,7 +112,7 @@ def caption_losses(model, data: ProbeData) -> dict[str, float]:
     out = {}
     for name, shift in (("caption_loss", 0), ("caption_loss_shuffled", 1)):
         images = data.latents.roll(shift, dims=0).to(device)
-        batch = _collator(model)([image_to_caption(z, c) for z, c in zip(images, data.captions)]).to(device)
+        batch = example_collator(model)([image_to_caption(z, c) for z, c in zip(images, data.captions)]).to(device)
         hidden, _ = model(batch, images, torch.zeros(len(images), device=device))
         targets = batch.labels != -100
         out[name] = float(F.cross_entropy(model.text_logits(hidden[targets]).float(), batch.labels[targets]))
@@ -152,13 +153,6 @@ def run_probes(model, tokenizer, data: ProbeData, cfg: ProbeConfig, seed: int = 
     finally:
         model.train(was_training)
     return out
-
-
-def _collator(model) -> Collator:
-    cfg = model.config
-    return Collator(
-        model.special, cfg.patches_per_image, 1 << 30, time_token=cfg.time_conditioning == "token", pack=False
-    )
 
 
 __all__ = ["BUCKETS", "ProbeData", "caption_losses", "diffusion_losses", "load_probe_data", "quick_eval", "run_probes"]
