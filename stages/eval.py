@@ -27,6 +27,7 @@ def run(params: Params) -> dict[str, float]:
         text=paths.text,
         palette=dict(params.data.scenes.palette),
         text_length=params.mixture.text_length,
+        grid=params.data.scenes.grid,
     )
     with tracking.stage_run(params, "eval") as run:
         run.set_tags({"train_run_id": pipe.run_id or "unknown"})

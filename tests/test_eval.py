@@ -45,7 +45,10 @@ def test_geneval_score_is_one_on_real_scenes_and_lower_when_shuffled(judged):
     real = geneval.score(read, prompts)
     assert real["geneval_overall"] == 1.0 and real["scene_match_overall"] == 1.0
     categories = {p.category for p in prompts}
-    assert set(real) == {f"{rule}_{c}" for rule in ("geneval", "scene_match") for c in [*categories, "overall"]}
+    assert {k for k in real if not k.endswith("_se") and not k.startswith("blank")} == {
+        f"{rule}_{c}" for rule in ("geneval", "scene_match") for c in [*categories, "overall"]
+    }
+    assert real["blank_rate"] == 0.0 and real["geneval_overall_se"] == 0.0
     shuffled = geneval.score(read, prompts[7:] + prompts[:7])
     assert shuffled["scene_match_overall"] < 0.5
     assert shuffled["scene_match_overall"] <= shuffled["geneval_overall"] < 0.75  # GenEval's rule is the laxer
@@ -123,6 +126,50 @@ def test_overall_is_the_mean_of_categories():
     for rule in ("geneval", "scene_match"):
         assert out[f"{rule}_single_object"] == 0.75 and out[f"{rule}_counting"] == 0.0
         assert out[f"{rule}_overall"] == pytest.approx(0.375)
+    # one empty canvas of four single-object images, none among counting's one
+    assert out["blank_rate_single_object"] == 0.25 and out["blank_rate_counting"] == 0.0
+    assert out["blank_rate"] == pytest.approx(0.125)
+
+
+def test_standard_errors_are_those_of_the_prompt_means():
+    """Clustered by prompt: the error is the spread of the prompts' means over sqrt(prompts);
+    the overall's combines the categories' as independent means of six."""
+    prompts = [parse_caption(c) for c in ("a 7", "a 3", "a 1", "a 2")]
+    hit = lambda d: {"objects": [{"digit": d, "color": "red", "row": 0, "col": 0}]}  # noqa: E731
+    miss = {"objects": []}
+    read = [[hit(7)] * 4, [hit(3), hit(3), miss, miss], [miss] * 4, [hit(2), miss, miss, miss]]
+    out = geneval.score(read, prompts)
+    means = np.array([1.0, 0.5, 0.0, 0.25])
+    assert out["geneval_single_object"] == pytest.approx(means.mean())
+    assert out["geneval_single_object_se"] == pytest.approx(means.std(ddof=1) / 2)
+    assert out["geneval_overall_se"] == pytest.approx(out["geneval_single_object_se"])  # one category
+    assert out["blank_rate_single_object"] == pytest.approx(1 - means.mean())
+    # images identical within each prompt carry no more information than one image per prompt
+    same = geneval.score([[hit(7)] * 4, [miss] * 4], prompts[:1] * 2)
+    one = geneval.score([[hit(7)], [miss]], prompts[:1] * 2)
+    assert same["geneval_single_object_se"] == pytest.approx(one["geneval_single_object_se"])
+    assert geneval.mean_and_se([[1.0, 0.0, 1.0, 1.0]]) == pytest.approx((0.75, (0.75 * 0.25 / 4) ** 0.5))
+
+
+def test_balanced_prompts_cover_every_factor_evenly_and_are_valid():
+    palette = ["red", "green", "blue", "yellow", "magenta", "cyan", "white"]
+    prompts = geneval.balanced_prompts(40, palette, seed=3)
+    assert prompts == geneval.balanced_prompts(40, palette, seed=3)  # seeded
+    assert prompts != geneval.balanced_prompts(40, palette, seed=4)
+    by = {c: [p for p in prompts if p.category == c] for c in geneval.TAGS}
+    assert all(len(v) == 40 for v in by.values())
+    for category, ps in by.items():
+        assert all(parse_caption(p.caption(), dict.fromkeys(palette)) == p for p in ps)  # templates round-trip
+        for slot in range(len(ps[0].digits[:2])):
+            counts = np.bincount([p.digits[slot] for p in ps], minlength=10)
+            assert counts.max() - counts.min() <= 1, (category, slot, counts)
+    relations = np.unique([p.relation for p in by["position"]], return_counts=True)[1]
+    assert relations.tolist() == [10, 10, 10, 10]
+    assert len(set(by["position"])) == 40 and len(set(by["color_attr"])) == 40  # no repeats while the space lasts
+    assert set(by["single_object"]) == set(geneval.prompt_space("single_object", palette))
+    colours = np.unique([c for p in by["color_attr"] for c in p.colors], return_counts=True)[1]
+    assert len(colours) == 7 and colours.max() - colours.min() <= 2
+    assert {len(p.digits) for p in by["counting"]} == {2, 3, 4}
 
 
 GENEVAL_LINES = [

@@ -262,10 +262,56 @@ def test_learned_patch_positions_tell_identical_patches_apart(tokenizer):
         learned_model = make_model(tokenizer, patch_positions="learned")
         learned, _, _ = learned_model.embed_images(x, t)
     torch.testing.assert_close(plain[0], plain[0, :1].expand_as(plain[0]), rtol=0, atol=1e-6)
-    pos = learned_model.patch_pos[0]  # (P, D)
+    pos = learned_model.patch_pos()[0]  # (P, D)
     assert pos.shape == (learned_model.config.patches_per_image, learned.shape[-1])
     torch.testing.assert_close(learned[0] - learned[0, :1], pos - pos[:1], rtol=0, atol=1e-5)
     assert (learned[0, 1:] - learned[0, :1]).abs().amax(-1).min() > 1e-3
+
+
+def test_2d_position_tables_factor_into_a_row_part_and_a_column_part():
+    """sincos_2d is DiT's table (diffusers' function): patches in one column share its first
+    half, patches in one row its second half; learned_2d starts equal to it, and stays a sum of
+    a row vector and a column vector (each patch is exactly row + column)."""
+    from diffusers.models.embeddings import get_2d_sincos_pos_embed
+
+    from transfusion.model.positions import PatchPositions
+
+    D, side = 16, 3
+    fixed = PatchPositions("sincos_2d", D, side)()[0].view(side, side, D)  # (row, col, D)
+    want = torch.as_tensor(get_2d_sincos_pos_embed(D, side, base_size=side, output_type="pt")).float()
+    torch.testing.assert_close(fixed.reshape(-1, D), want)
+    torch.testing.assert_close(fixed[1, :, : D // 2], fixed[0, :, : D // 2])  # same column: same first half
+    torch.testing.assert_close(fixed[:, 1, D // 2 :], fixed[:, 0, D // 2 :])  # same row: same second half
+    assert (fixed[0, 0] - fixed[0, 1]).abs().max() > 0.1 and (fixed[0, 0] - fixed[1, 0]).abs().max() > 0.1
+    learned = PatchPositions("learned_2d", D, side)
+    torch.testing.assert_close(learned()[0], want)
+    with torch.no_grad():
+        learned.rows.add_(torch.randn(side, D))
+        learned.cols.add_(torch.randn(side, D))
+    table = learned()[0].view(side, side, D)
+    torch.testing.assert_close(table[2, 1] - table[0, 1], table[2, 0] - table[0, 0])  # row moves add the same
+    assert sum(p.numel() for p in learned.parameters()) == 2 * side * D
+    assert not list(PatchPositions("sincos_2d", D, side).parameters())  # fixed: not trained, not saved
+
+
+@pytest.mark.parametrize("image_attention", ["bidirectional", "causal"])
+def test_image_attention_sets_whether_a_patch_sees_later_patches(tokenizer, image_attention):
+    """Bidirectional (Transfusion): the first patch's output changes when the last patch's input
+    does. Causal (the Table 5 ablation): it cannot, while the last patch still sees the first."""
+    model = make_model(tokenizer, image_attention=image_attention)
+    batch = collator(model)([caption_to_image(ids(tokenizer, "a red 4"), torch.zeros(LATENT))])
+    x, t = torch.randn(1, *LATENT), torch.tensor([250.0])
+    changed = x.clone()
+    changed[..., -model.config.patch_size :, -model.config.patch_size :] += 3.0  # the last patch only
+    h1, _ = run(model, batch, x, t)
+    h2, _ = run(model, batch, changed, t)
+    patches = (batch.modality[0] == PATCH).nonzero()[:, 0]
+    first_moves = not torch.allclose(h1[0, patches[0]], h2[0, patches[0]], atol=1e-6)
+    assert first_moves == (image_attention == "bidirectional")
+    changed_first = x.clone()
+    changed_first[..., : model.config.patch_size, : model.config.patch_size] += 3.0
+    h3, _ = run(model, batch, changed_first, t)
+    assert not torch.allclose(h1[0, patches[-1]], h3[0, patches[-1]], atol=1e-6)
 
 
 def test_unet_patch_vectors_are_normalised_before_the_transformer(tokenizer):
@@ -289,7 +335,8 @@ def test_a_model_saved_before_patch_positions_loads_without_them(tokenizer, tmp_
     assert config.pop("patch_positions") == "none"
     (tmp_path / "m" / "config.json").write_text(json.dumps(config))
     loaded = TransfusionModel.from_pretrained(tmp_path / "m")
-    assert loaded.config.patch_positions == "none" and not hasattr(loaded, "patch_pos")
+    assert loaded.config.patch_positions == "none" and loaded.patch_pos() is None
+    assert not list(loaded.patch_pos.parameters())
 
 
 def test_load_refuses_missing_or_truncated_files(tokenizer, tmp_path):

@@ -108,7 +108,7 @@ def test_dvc_repro_end_to_end(tiny_repo, tmp_path):
     )
     assert len(probes) == 1 + 2  # eval_every 6 of 12 steps
     sweep = repo / resolved["paths"]["cfg_sweep_plot"]
-    assert sweep.read_text().splitlines()[0] == "cfg_scale,geneval_overall,scene_match_overall"
+    assert sweep.read_text().splitlines()[0].startswith("cfg_scale,geneval_overall,geneval_overall_se,")
     assert len(sweep.read_text().splitlines()) == (1 + 2 if evaluation["judge_ok"] else 1)  # cfg_sweep [1, 3]
 
     # a teammate's clone gets every output through a DVC remote (a local folder; S3 works the same)

@@ -229,11 +229,24 @@ class ModelConfig(Section):
     patch_encoder: Literal["linear", "unet"]
     unet_channels: Annotated[list[PositiveInt], Field(min_length=1)]
     time_conditioning: Literal["add", "token"]  # paper: add to patches; OmniGen: a time token
-    # learned: a trained vector per patch index added to each patch (which cell a patch is);
-    # none: the backbone's 1D RoPE positions only
-    patch_positions: Literal["none", "learned"]
+    # which cell a patch is, added to each patch vector (transfusion/model/positions.py): none
+    # (the backbone's 1-D RoPE only), learned (a vector per patch index), learned_2d (row + column
+    # vectors, started at sin-cos), sincos_2d (DiT's fixed table)
+    patch_positions: Literal["none", "learned", "learned_2d", "sincos_2d"]
+    # attention among an image's own patches: bidirectional (Transfusion) or causal (the paper's
+    # Table 5 ablation)
+    image_attention: Literal["bidirectional", "causal"]
     attention: Literal["sdpa", "flex"]  # flex: FlexAttention BlockMask (CUDA)
     max_length: PositiveInt  # tokens per packed training sequence
+
+
+Level = Annotated[float, Field(ge=0, le=1)]
+CfgInterval = tuple[Level, Level]
+
+
+def _check_interval(interval: tuple[float, float]) -> None:
+    if interval[0] > interval[1]:
+        raise ValueError(f"cfg_interval: low end above high end (got {list(interval)})")
 
 
 class ScheduleConfig(Section):
@@ -247,12 +260,17 @@ class ScheduleConfig(Section):
     sample_steps: PositiveInt
     sampler: Literal["ddpm", "ddim", "dpmpp", "flow_euler"]
     cfg_scale: Annotated[float, Field(ge=0)]
+    # noise levels (0 clean .. 1 pure noise) where guidance applies, the conditional prediction
+    # alone elsewhere (Kynkaanniemi et al. 2024; docs/recipe.md: guidance at high noise empties
+    # canvases). params.yaml always sets it; the default only lets models saved before it load.
+    cfg_interval: CfgInterval = (0.0, 1.0)
 
     @model_validator(mode="after")
     def _check(self) -> ScheduleConfig:
         if (self.objective == "flow") != (self.sampler == "flow_euler"):
             want = "flow_euler" if self.objective == "flow" else "ddpm, ddim or dpmpp"
             raise ValueError(f"sampler: {self.sampler!r} does not fit objective {self.objective!r} (use {want})")
+        _check_interval(self.cfg_interval)
         return self
 
 
@@ -307,6 +325,9 @@ class ProbeConfig(Section):
     captions: Annotated[int, Field(ge=0)]  # val scenes captioned greedily
     sample_steps: PositiveInt  # with the model's sampler (diffusion.sampler)
     cfg_scale: Annotated[float, Field(ge=0)]
+    # val scenes per compositional category for the binding rankings (0: off); the probe reads
+    # this many rows of val more than the others (all of them, at most val's size)
+    binding_scenes: Annotated[int, Field(ge=0)]
 
 
 class TrainConfig(Section):
@@ -369,13 +390,18 @@ class JudgeConfig(Section):
 
 
 class EvalConfig(Section):
+    # prompts drawn to cover each category's digits, colours, relations and counts evenly
+    # (geneval.balanced_prompts); 112 x 4 images: a category's standard error <= 0.025
     prompts_per_category: PositiveInt
     images_per_prompt: PositiveInt  # GenEval uses 4
     prompt_file: FilePath | None  # a GenEval-format evaluation_metadata.jsonl instead
     sample_steps: PositiveInt
     sampler: Literal["ddpm", "ddim", "dpmpp", "flow_euler"] | None  # None: the model's default
     cfg_scale: Annotated[float, Field(ge=0)]
-    cfg_sweep: list[Annotated[float, Field(ge=0)]]  # GenEval-style at each scale, one image per prompt
+    cfg_interval: CfgInterval  # noise levels where guidance applies (as diffusion.cfg_interval)
+    cfg_sweep: list[Annotated[float, Field(ge=0)]]  # GenEval-style at each scale, the same prompts
+    sweep_sample_steps: PositiveInt  # sampling steps of the sweep (fewer: shown equal in docs/recipe.md)
+    binding_scenes: Annotated[int, Field(ge=0)]  # real test scenes per compositional category (binding)
     batch_size: PositiveInt
     fid_samples: PositiveInt  # generated scenes (captions of test scenes) for FID / KID
     feature_extractor: Literal["judge", "inception"]
@@ -386,6 +412,11 @@ class EvalConfig(Section):
     grid_prompts: PositiveInt  # prompts per category in the image grids
     caption_examples: Annotated[int, Field(ge=0)]  # captions written beside their truth
     seed: int
+
+    @model_validator(mode="after")
+    def _check(self) -> EvalConfig:
+        _check_interval(self.cfg_interval)
+        return self
 
 
 # ---------------------------------------------------------------------------------------------

@@ -75,6 +75,14 @@ def guided(pred: torch.Tensor, cfg_scale: float) -> torch.Tensor:
     return uncond + cfg_scale * (cond - uncond)
 
 
+def guidance_at(level: float, cfg_scale: float, interval: tuple[float, float]) -> float:
+    """The guidance scale at noise level ``level`` (0 clean .. 1 pure noise): ``cfg_scale``
+    inside ``interval``, 1 (the conditional prediction alone) outside it -- guidance in a limited
+    interval (Kynkaanniemi et al. 2024)."""
+    lo, hi = interval
+    return cfg_scale if lo <= level <= hi else 1.0
+
+
 @torch.no_grad()
 def example_collator(model) -> Collator:
     """A collator laying out ``model``'s examples one per row, unpacked and untruncated."""
@@ -92,6 +100,7 @@ def sample_latents_uncached(
     sampler: str,
     seed: int = 0,
     progress=None,
+    cfg_interval: tuple[float, float] = (0.0, 1.0),
 ) -> torch.Tensor:
     """Reference sampler: every step re-runs the whole sequence (caption + image)."""
     cfg = model.config
@@ -111,20 +120,33 @@ def sample_latents_uncached(
         device,
         cfg_scale,
         progress,
+        cfg_interval,
     )
 
 
 def denoise(
-    sched, predict, gens: list[torch.Generator], shape: tuple[int, ...], device, cfg_scale: float, progress=None
+    sched,
+    predict,
+    gens: list[torch.Generator],
+    shape: tuple[int, ...],
+    device,
+    cfg_scale: float,
+    progress=None,
+    cfg_interval: tuple[float, float] = (0.0, 1.0),
 ) -> torch.Tensor:
     """The sampling loop: ``predict(x_in, time)`` gives the network output for the stacked
-    [cond; uncond] latents (just cond at scale 1); the scheduler steps the guided prediction."""
+    [cond; uncond] latents (just cond at scale 1); the scheduler steps the guided prediction,
+    guided only at noise levels inside ``cfg_interval`` (:func:`guidance_at`)."""
     x = initial_noise(gens, shape, device) * getattr(sched, "init_noise_sigma", 1.0)
+    T = sched.config.num_train_timesteps
     for t in progress(sched.timesteps) if progress else sched.timesteps:
         x_in = torch.cat([x, x]) if cfg_scale != 1.0 else x
         time = torch.full((len(x_in),), float(t), device=device)
-        pred = predict(x_in, time)
-        x = sched.step(guided(pred.float(), cfg_scale), t, x, generator=gens).prev_sample
+        pred = predict(x_in, time).float()
+        scale = guidance_at(float(t) / T, cfg_scale, cfg_interval)
+        if cfg_scale != 1.0 and scale == 1.0:
+            pred = pred.chunk(2)[0]
+        x = sched.step(guided(pred, scale), t, x, generator=gens).prev_sample
     return x
 
 
@@ -202,7 +224,7 @@ class Context:
         tokens, temb, skips = self.model.embed_images(x_t, time)
         block = self.model.image_block(tokens, temb)  # (B, P', D)
         valid = torch.ones(block.shape[:2], dtype=torch.bool, device=block.device)
-        hidden = self._run(block, valid, keep=keep, bidirectional=True)
+        hidden = self._run(block, valid, keep=keep, bidirectional=self.model.bidirectional_images)
         patches = hidden[:, block.shape[1] - tokens.shape[1] :]  # drop the time token
         return self.model.predict_images(patches, temb, skips)
 
@@ -297,12 +319,14 @@ def sample_latents(
     use_cache: bool = True,
     progress=None,
     context: Context | None = None,
+    cfg_interval: tuple[float, float] = (0.0, 1.0),
 ) -> torch.Tensor:
     """Scaled latents (N, C, H, W), one per caption. The prefix ``<bos> caption <boi>`` (and
     ``<bos> <boi>`` for CFG) runs once into the KV cache; each step runs only the image tokens.
-    ``context`` continues an existing one instead (interleaved generation; rows = images)."""
+    ``context`` continues an existing one instead (interleaved generation; rows = images).
+    Guidance applies at noise levels inside ``cfg_interval`` only (:func:`guidance_at`)."""
     if not use_cache:
-        return sample_latents_uncached(model, captions, steps, cfg_scale, sampler, seed, progress)
+        return sample_latents_uncached(model, captions, steps, cfg_scale, sampler, seed, progress, cfg_interval)
     cfg = model.config
     s = model.special
     device = next(model.parameters()).device
@@ -314,7 +338,9 @@ def sample_latents(
         if cfg_scale != 1.0:
             rows += [[s.bos, s.boi]] * n
         context = Context.prefill(model, rows)
-    return denoise(sched, context.image_prediction, generators(seed, n), shape, device, cfg_scale, progress)
+    return denoise(
+        sched, context.image_prediction, generators(seed, n), shape, device, cfg_scale, progress, cfg_interval
+    )
 
 
 @torch.no_grad()
@@ -348,6 +374,7 @@ def generate_interleaved(
     steps: int,
     cfg_scale: float,
     sampler: str,
+    cfg_interval: tuple[float, float] = (0.0, 1.0),
     max_new_tokens: int = 64,
     max_images: int = 2,
     temperature: float = 0.0,
@@ -383,7 +410,9 @@ def generate_interleaved(
                 parts.append(text)
                 text = []
             ctx.append_tokens(nxt)
-            latent = _image_in_context(model, ctx, uncond, steps, cfg_scale, sampler, seed + images, progress)
+            latent = _image_in_context(
+                model, ctx, uncond, steps, (cfg_scale, cfg_interval), sampler, seed + images, progress
+            )
             ctx.image_prediction(latent, torch.zeros(1, device=device), keep=True)
             ctx.append_tokens(torch.tensor([s.eoi], device=device))
             parts.append(latent[0])
@@ -397,10 +426,14 @@ def generate_interleaved(
     return parts
 
 
-def _image_in_context(model, ctx: Context, uncond: Context | None, steps, cfg_scale, sampler, seed, progress):
-    """Denoise one image after the context's ``<boi>`` (with a caption-less context for CFG)."""
+def _image_in_context(model, ctx: Context, uncond: Context | None, steps, guidance, sampler, seed, progress):
+    """Denoise one image after the context's ``<boi>`` (with a caption-less context for CFG);
+    ``guidance`` is (scale, interval)."""
+    cfg_scale, interval = guidance
     context, scale = (ctx, 1.0) if uncond is None else (_stack_contexts(ctx, uncond), cfg_scale)
-    return sample_latents(model, [[]], steps, scale, sampler, seed, context=context, progress=progress)
+    return sample_latents(
+        model, [[]], steps, scale, sampler, seed, context=context, progress=progress, cfg_interval=interval
+    )
 
 
 def _stack_contexts(a: Context, b: Context) -> Context:

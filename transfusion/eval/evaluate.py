@@ -1,10 +1,16 @@
 """The evaluation stage's function: ``evaluate(cfg, inputs)`` scores an exported pipeline.
 
-1. **GenEval-style**: ``images_per_prompt`` images for each prompt (from test captions or a
-   GenEval prompt file), read by the judge, scored by GenEval's rule (``geneval_*``) and the
-   exact-scene rule (``scene_match_*``); the same on ``real_scenes`` real test scenes (what a
-   perfect generator would score with this judge); a guidance sweep (``cfg_sweep``, one image per
-   prompt at each scale).
+1. **GenEval-style**: ``images_per_prompt`` images for each of ``prompts_per_category``
+   prompts per category (drawn to cover digits, colours, relations and counts evenly,
+   independently of the data; or a GenEval prompt file), read by the judge, scored by GenEval's
+   rule (``geneval_*``) and the exact-scene rule (``scene_match_*``), each with a standard error
+   (``*_se``), and the share of empty canvases (``blank_rate*``: the judge finds no object); the
+   same on ``real_scenes`` real test scenes (what a perfect generator would score with this
+   judge); a guidance sweep (``cfg_sweep``: the same prompts and images per prompt at each
+   scale, ``sweep_sample_steps`` steps).
+   **Binding** (``transfusion.eval.binding``): on ``binding_scenes`` real test scenes per
+   compositional category, is the true caption ranked above its relation-flipped or
+   colour-swapped twin, reading (caption NLL) and writing (diffusion loss per noise level)?
 2. **FID / KID** (torch-fidelity) of ``fid_samples`` images drawn from test captions against the
    real test scenes, with real train vs real test at the same N as the floor.
 3. **Captioning** of ``caption_samples`` real test scenes (exact, digit, count, colour, position).
@@ -28,7 +34,17 @@ import numpy as np
 from transfusion.config import EvalConfig, PathsConfig
 
 # Independent random streams of one evaluation: each draw starts from cfg.seed + its offset.
-SEED_GENEVAL, SEED_FID, SEED_SWEEP = 0, 100_000, 200_000
+SEED_GENEVAL, SEED_FID, SEED_SWEEP, SEED_BINDING = 0, 100_000, 200_000, 300_000
+SWEEP_COLUMNS = [
+    "cfg_scale",
+    "geneval_overall",
+    "geneval_overall_se",
+    "scene_match_overall",
+    "blank_rate",
+    "blank_rate_se",
+    "geneval_position",
+    "geneval_color_attr",
+]
 
 
 @dataclass
@@ -42,6 +58,7 @@ class EvalInputs:
     text: Path
     palette: dict
     text_length: int  # tokens per scored chunk: the training text length
+    grid: int = 2  # cells per side of the scenes (how many objects a counting prompt may ask)
 
 
 @dataclass
@@ -50,7 +67,7 @@ class EvalResult:
     prompts: list = field(default_factory=list)  # GenEval prompts
     images: list[np.ndarray] = field(default_factory=list)  # per prompt: (images_per_prompt, H, W, 3)
     passed: list[bool] = field(default_factory=list)  # per image: GenEval's verdict (judge_ok only)
-    sweep: list[dict] = field(default_factory=list)  # per guidance scale: overall scores
+    sweep: list[dict] = field(default_factory=list)  # per guidance scale: overall scores, errors, blanks
     captions: list[tuple[str, str]] = field(default_factory=list)  # (truth, generated) per captioned scene
 
 
@@ -69,22 +86,13 @@ def evaluate(pipe, cfg: EvalConfig, inputs: EvalInputs, progress=None) -> EvalRe
     test = load_image_split(inputs.scenes, "test")
     metrics: dict[str, float] = {"judge_scene_exact_match": inputs.judge_accuracy, "judge_ok": float(judge_ok)}
 
-    def sample(captions: list[str], seed: int, cfg_scale: float = cfg.cfg_scale) -> np.ndarray:
-        out = [np.zeros((0, pipe.image_size, pipe.image_size, 3), np.uint8)]
-        for start in bar(range(0, len(captions), cfg.batch_size), "sampling"):
-            out.append(
-                pipe.sample_images(
-                    captions[start : start + cfg.batch_size],
-                    steps=cfg.sample_steps,
-                    cfg_scale=cfg_scale,
-                    sampler=cfg.sampler,
-                    seed=seed + start,
-                )
-            )
-        return np.concatenate(out)
-
-    def judged(read: list[dict], prompts: list, k: int) -> dict[str, float]:
-        return geneval.score([read[i * k : (i + 1) * k] for i in range(len(prompts))], prompts)
+    def sample(
+        captions: list[str], seed: int, cfg_scale: float = cfg.cfg_scale, steps: int = cfg.sample_steps
+    ) -> np.ndarray:
+        return sample_many(
+            pipe, captions, seed, steps=steps, cfg_scale=cfg_scale, sampler=cfg.sampler,
+            cfg_interval=tuple(cfg.cfg_interval), batch_size=cfg.batch_size, progress=bar,
+        )  # fmt: skip
 
     # 1. GenEval-style: N images per prompt, judged; real scenes; the guidance sweep
     k = cfg.images_per_prompt
@@ -92,7 +100,7 @@ def evaluate(pipe, cfg: EvalConfig, inputs: EvalInputs, progress=None) -> EvalRe
     if cfg.prompt_file:
         prompts = geneval.read_prompt_file(cfg.prompt_file, inputs.palette)
     elif has_content:
-        prompts = geneval.prompts_from_records(test.records, cfg.prompts_per_category, cfg.seed)
+        prompts = geneval.balanced_prompts(cfg.prompts_per_category, list(inputs.palette), cfg.seed, inputs.grid)
     else:
         prompts = []  # free-form captions: no GenEval prompts to draw
     images = sample([p.caption() for p in prompts for _ in range(k)], cfg.seed + SEED_GENEVAL)
@@ -105,15 +113,11 @@ def evaluate(pipe, cfg: EvalConfig, inputs: EvalInputs, progress=None) -> EvalRe
         real = judged(judge.read(test.images[:n_real]), [_prompt(r) for r in test.records[:n_real]], 1)
         metrics["geneval_real_test_scenes"] = real["geneval_overall"]
         metrics["scene_match_real_test_scenes"] = real["scene_match_overall"]
+        captions = [p.caption() for p in prompts for _ in range(k)]
         for scale in cfg.cfg_sweep:
-            got = judged(judge.read(sample([p.caption() for p in prompts], cfg.seed + SEED_SWEEP, scale)), prompts, 1)
-            result.sweep.append(
-                {
-                    "cfg_scale": scale,
-                    "geneval_overall": got["geneval_overall"],
-                    "scene_match_overall": got["scene_match_overall"],
-                }
-            )
+            got = judged(judge.read(sample(captions, cfg.seed + SEED_SWEEP, scale, cfg.sweep_sample_steps)), prompts, k)
+            result.sweep.append({"cfg_scale": scale} | {key: got[key] for key in SWEEP_COLUMNS[1:]})
+        metrics |= _binding(pipe, cfg, test)
 
     # 2. FID / KID against real test scenes; real train vs real test as the floor
     metrics |= _fid(cfg, inputs, test, judge_ok, lambda captions: sample(captions, cfg.seed + SEED_FID))
@@ -133,6 +137,47 @@ def evaluate(pipe, cfg: EvalConfig, inputs: EvalInputs, progress=None) -> EvalRe
     n_bytes = len(pipe.tokenizer.decode(ids).encode("utf-8"))
     metrics |= bits_per_byte(pipe.model, ids, n_bytes, inputs.text_length)
     return result
+
+
+def sample_many(
+    pipe, captions: list[str], seed: int, *, steps: int, cfg_scale: float, sampler: str | None,
+    cfg_interval: tuple[float, float], batch_size: int, progress=None,
+) -> np.ndarray:  # fmt: skip
+    """One image per caption (N, H, W, 3) uint8, in batches; image i is drawn from ``seed + i``
+    whatever the batch size."""
+    bar = progress or (lambda it, desc: it)
+    out = [np.zeros((0, pipe.image_size, pipe.image_size, 3), np.uint8)]
+    for start in bar(range(0, len(captions), batch_size), "sampling"):
+        out.append(
+            pipe.sample_images(
+                captions[start : start + batch_size],
+                steps=steps,
+                cfg_scale=cfg_scale,
+                sampler=sampler,
+                seed=seed + start,
+                cfg_interval=cfg_interval,
+            )
+        )
+    return np.concatenate(out)
+
+
+def judged(read: list[dict], prompts: list, k: int) -> dict[str, float]:
+    """GenEval-style scores of ``k`` judged images per prompt, in prompt order."""
+    from transfusion.eval import geneval
+
+    return geneval.score([read[i * k : (i + 1) * k] for i in range(len(prompts))], prompts)
+
+
+def _binding(pipe, cfg: EvalConfig, test) -> dict[str, float]:
+    """Binding rankings on real test scenes (their latents through the pipeline's VAE)."""
+    from transfusion.eval.binding import binding_scores, pairs
+
+    wanted = sorted({i for rows in pairs(test.records, cfg.binding_scenes).values() for i, _, _ in rows})
+    if not wanted:
+        return {}
+    latents = pipe.encode_images(test.images[wanted])
+    records = [test.records[i] for i in wanted]
+    return binding_scores(pipe.model, pipe.tokenizer, latents, records, cfg.binding_scenes, cfg.seed + SEED_BINDING)
 
 
 def _fid(cfg: EvalConfig, inputs: EvalInputs, test, judge_ok: bool, sample) -> dict[str, float]:
@@ -165,15 +210,14 @@ def write_outputs(result: EvalResult, cfg: EvalConfig, paths: PathsConfig) -> No
     k, metrics, prompts = cfg.images_per_prompt, result.metrics, result.prompts
     write_json(paths.eval_metrics, metrics)
     geneval.write_layout(paths.geneval, prompts, result.images)
-    write_csv(paths.cfg_sweep_plot, result.sweep, ["cfg_scale", "geneval_overall", "scene_match_overall"])
-    categories = [
-        key
-        for key in metrics
-        if key.startswith("geneval_") and key not in ("geneval_overall", "geneval_real_test_scenes")
-    ]
+    write_csv(paths.cfg_sweep_plot, result.sweep, SWEEP_COLUMNS)
+    categories = [c for c in geneval.TAGS if f"geneval_{c}" in metrics]
     with atomic_file(paths.geneval_plot) as fh:  # GenEval's rule per category (a bar plot)
-        fh.write("category,accuracy\n")
-        fh.writelines(f"{key.removeprefix('geneval_')},{metrics[key]:.4f}\n" for key in categories)
+        fh.write("category,accuracy,se,blank_rate\n")
+        fh.writelines(
+            f"{c},{metrics[f'geneval_{c}']:.4f},{metrics[f'geneval_{c}_se']:.4f},{metrics[f'blank_rate_{c}']:.4f}\n"
+            for c in categories
+        )
     paths.eval_plots.mkdir(parents=True, exist_ok=True)
     for category in {p.category for p in prompts}:
         idx = [i for i, p in enumerate(prompts) if p.category == category][: cfg.grid_prompts]

@@ -116,6 +116,62 @@ def geneval_correct(content: dict, meta: dict) -> bool:
     return correct
 
 
+def prompt_space(category: str, palette: list[str], grid: int = 2) -> list[Prompt]:
+    """Every prompt of ``category`` the MNIST-scene templates can ask for."""
+    from itertools import permutations
+
+    pairs = list(permutations(range(10), 2))
+    match category:
+        case "single_object":
+            return [Prompt(category, (d,)) for d in range(10)]
+        case "two_objects":
+            return [Prompt(category, p) for p in pairs]
+        case "counting":
+            return [Prompt(category, (d,) * n) for d in range(10) for n in range(2, min(4, grid * grid) + 1)]
+        case "colors":
+            return [Prompt(category, (d,), (c,)) for d in range(10) for c in palette]
+        case "position":
+            return [Prompt(category, p, (), r) for p in pairs for r in RELATIONS]
+        case "color_attr":
+            return [Prompt(category, p, cs) for p in pairs for cs in permutations(palette, 2)]
+    raise ValueError(f"unknown category {category!r}")
+
+
+def _factors(prompt: Prompt) -> list[tuple]:
+    """What "even coverage" counts: each asked digit, colour, relation and count, by slot."""
+    out: list[tuple] = [("digit", k, d) for k, d in enumerate(prompt.digits[:2])]
+    out += [("colour", k, c) for k, c in enumerate(prompt.colors)]
+    if prompt.relation:
+        out.append(("relation", prompt.relation))
+    if prompt.category == "counting":
+        out.append(("count", len(prompt.digits)))
+    return out
+
+
+def balanced_prompts(per_category: int, palette: list[str], seed: int, grid: int = 2) -> list[Prompt]:
+    """``per_category`` prompts of each category covering its digits, colours, relations and
+    counts evenly, drawn independently of any data split. Greedy design: each pick is the prompt
+    (fewest repeats first) whose factors have been used least so far, ties broken by a seeded
+    shuffle, so every digit / colour / relation appears per slot within one of the others."""
+    rng = np.random.default_rng(seed)
+    out: list[Prompt] = []
+    for category in CATEGORIES:
+        space = prompt_space(category, palette, grid)
+        order = rng.permutation(len(space))
+        used: dict[tuple, int] = {}
+        picks: dict[int, int] = {}
+        for _ in range(per_category):
+            best = min(
+                order,
+                key=lambda i: (picks.get(int(i), 0), sum(used.get(f, 0) for f in _factors(space[i]))),
+            )
+            picks[int(best)] = picks.get(int(best), 0) + 1
+            for f in _factors(space[best]):
+                used[f] = used.get(f, 0) + 1
+            out.append(space[best])
+    return out
+
+
 def prompts_from_records(records: list[dict], per_category: int, seed: int) -> list[Prompt]:
     """Distinct test-scene captions, ``per_category`` from each category, in a seeded order."""
     rng = np.random.default_rng(seed)
@@ -164,25 +220,49 @@ def write_layout(root: Path, prompts: list[Prompt], images: list[np.ndarray]) ->
                 Image.fromarray(img).save(folder / "samples" / f"{k:04d}.png")
 
 
+def mean_and_se(per_prompt: list[list[float]]) -> tuple[float, float]:
+    """Mean over all images and its standard error, clustered by prompt: the images of one
+    prompt are not independent draws, so the error is that of the prompts' means (each prompt
+    has the same number of images). One prompt, or one image in all: binomial."""
+    means = np.array([np.mean(v) for v in per_prompt], dtype=np.float64)
+    n_images = sum(len(v) for v in per_prompt)
+    mean = float(np.mean(np.concatenate([np.asarray(v, np.float64) for v in per_prompt])))
+    if len(means) < 2:
+        return mean, float(np.sqrt(mean * (1 - mean) / max(n_images, 1)))
+    return mean, float(means.std(ddof=1) / np.sqrt(len(means)))
+
+
 def score(read: list[list[dict]], prompts: list[Prompt]) -> dict[str, float]:
     """Per-category accuracy and the overall mean of categories by both rules (``geneval_*``:
-    GenEval's; ``scene_match_*``: the exact scene); ``read[i]`` holds the judged content of
-    prompt i's images."""
-    rules = {"geneval": lambda c, p, meta: geneval_correct(c, meta), "scene_match": lambda c, p, meta: satisfies(c, p)}
+    GenEval's; ``scene_match_*``: the exact scene), each with its standard error (``*_se``,
+    clustered by prompt; the overall's from the categories' as independent samples), and the
+    share of images in which the judge finds no object at all (``blank_rate``, per category and
+    overall); ``read[i]`` holds the judged content of prompt i's images."""
+    rules = {
+        "geneval": lambda c, p, meta: geneval_correct(c, meta),
+        "scene_match": lambda c, p, meta: satisfies(c, p),
+        "blank_rate": lambda c, p, meta: not c["objects"],
+    }
     out: dict[str, float] = {}
     for name, rule in rules.items():
-        by_category: dict[str, list[bool]] = {}
+        by_category: dict[str, list[list[float]]] = {}
         for prompt, contents in zip(prompts, read):
             meta = metadata(prompt)
-            by_category.setdefault(prompt.category, []).extend(rule(c, prompt, meta) for c in contents)
-        out |= {f"{name}_{c}": float(np.mean(v)) for c, v in by_category.items()}
-        out[f"{name}_overall"] = float(np.mean([out[f"{name}_{c}"] for c in by_category]))
+            by_category.setdefault(prompt.category, []).append([float(rule(c, prompt, meta)) for c in contents])
+        for c, per_prompt in by_category.items():
+            out[f"{name}_{c}"], out[f"{name}_{c}_se"] = mean_and_se(per_prompt)
+        key = name if name == "blank_rate" else f"{name}_overall"
+        out[key] = float(np.mean([out[f"{name}_{c}"] for c in by_category]))
+        out[f"{key}_se"] = float(np.sqrt(sum(out[f"{name}_{c}_se"] ** 2 for c in by_category)) / len(by_category))
     return out
 
 
 __all__ = [
     "RELATIONS",
     "TAGS",
+    "balanced_prompts",
+    "mean_and_se",
+    "prompt_space",
     "geneval_correct",
     "metadata",
     "prompts_from_records",

@@ -8,7 +8,11 @@ On held-out (``val``) latents, for any weights (the training stage probes raw an
    A model that uses its caption has a lower conditional loss at high noise; none at all is a bug.
 2. **Image -> caption.** Teacher-forced caption loss (nats per caption token) after the true
    image and after another scene's image (``caption_loss`` / ``caption_loss_shuffled``).
-3. **A quick evaluation.** ``prompts_per_category`` prompts of each GenEval category from val
+3. **Binding** (``transfusion.eval.binding``): on ``binding_scenes`` val scenes per
+   compositional category, is the true caption ranked above its relation-flipped or
+   colour-swapped twin, reading (caption NLL) and writing (diffusion loss per noise bucket)?
+   (``binding_read_<category>``, ``binding_write_<category>[_b<k>]``; chance is 0.5.)
+4. **A quick evaluation.** ``prompts_per_category`` prompts of each GenEval category from val
    captions, one image each with a fast sampler, read by the judge (``quick_geneval_*`` by
    GenEval's rule, ``quick_scene_match_overall``), and greedy captions of ``captions`` val
    scenes (``quick_caption_exact``). Needs scenes with structured content and a judge.
@@ -141,18 +145,39 @@ def quick_eval(model, tokenizer, data: ProbeData, cfg: ProbeConfig, seed: int = 
     return out
 
 
+def probe_rows(cfg: ProbeConfig) -> int:
+    """Val rows the loss probes, captioning and the quick evaluation read (the first ones)."""
+    return max(cfg.val_examples, cfg.captions)
+
+
 def run_probes(model, tokenizer, data: ProbeData, cfg: ProbeConfig, seed: int = 0) -> dict[str, float]:
-    """All three probes on ``model`` (put in eval mode for the duration) as ``cfg`` (the
-    ``train.probe`` section) says; the loss probes read the first ``val_examples`` rows of ``data``."""
+    """All four probes on ``model`` (put in eval mode for the duration) as ``cfg`` (the
+    ``train.probe`` section) says; the loss probes read the first ``val_examples`` rows of
+    ``data``, binding every row it holds (``load_probe_data`` with ``n`` of at least
+    :func:`probe_rows`)."""
+    from transfusion.eval.binding import binding_scores
+
     was_training = model.training
     model.eval()
     try:
         out = diffusion_losses(model, data.head(cfg.val_examples), seed)
         out |= caption_losses(model, data.head(cfg.val_examples))
-        out |= quick_eval(model, tokenizer, data, cfg, seed)
+        if cfg.binding_scenes and data.judge is not None:
+            binding = binding_scores(model, tokenizer, data.latents, data.records, cfg.binding_scenes, seed)
+            out |= {k: v for k, v in binding.items() if not k.endswith("_se") and "scenes" not in k}
+        out |= quick_eval(model, tokenizer, data.head(probe_rows(cfg)), cfg, seed)
     finally:
         model.train(was_training)
     return out
 
 
-__all__ = ["BUCKETS", "ProbeData", "caption_losses", "diffusion_losses", "load_probe_data", "quick_eval", "run_probes"]
+__all__ = [
+    "BUCKETS",
+    "ProbeData",
+    "caption_losses",
+    "diffusion_losses",
+    "load_probe_data",
+    "probe_rows",
+    "quick_eval",
+    "run_probes",
+]

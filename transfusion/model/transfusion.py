@@ -27,6 +27,7 @@ from transfusion.layout import PATCH, TIME, Batch, SpecialIds
 from transfusion.model import backbone as bb
 from transfusion.model.mask import hybrid_block_mask, hybrid_mask
 from transfusion.model.patching import build_patching
+from transfusion.model.positions import PatchPositions
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 
@@ -44,6 +45,7 @@ class TransfusionConfig(BaseModel):
     unet_channels: list[int] = [64]
     time_conditioning: str = "add"
     patch_positions: str = "none"  # models saved before the option have none
+    image_attention: str = "bidirectional"  # causal: the paper's Table 5 ablation
     attention: str = "sdpa"
     freeze_text: bool = False
     special: dict[str, int]  # bos, eos, pad, boi, eoi
@@ -75,8 +77,7 @@ class TransfusionModel(nn.Module):
         self.patch_in, self.patch_out = build_patching(
             config.patch_encoder, config.latent_channels, config.latent_size, config.patch_size, D, config.unet_channels
         )
-        if config.patch_positions == "learned":  # (1, P, D), GPT-2's wpe init
-            self.patch_pos = nn.Parameter(torch.randn(1, config.patches_per_image, D) * 0.02)
+        self.patch_pos = PatchPositions(config.patch_positions, D, config.latent_size // config.patch_size)
         self.diffusion = build_objective(config.diffusion)
         if config.freeze_text:
             self.backbone.requires_grad_(False)
@@ -88,18 +89,25 @@ class TransfusionModel(nn.Module):
     # ------------------------------------------------------------------------------------------
     # the network
     # ------------------------------------------------------------------------------------------
+    @property
+    def bidirectional_images(self) -> bool:
+        return self.config.image_attention == "bidirectional"
+
     def attention_mask(self, batch: Batch):
+        # causal images (an ablation): no image block is bidirectional
+        blocks = batch.image_block if self.bidirectional_images else torch.full_like(batch.image_block, -1)
         if self.config.attention == "flex":
-            return hybrid_block_mask(batch.document, batch.image_block, batch.valid)
-        return hybrid_mask(batch.document, batch.image_block, batch.valid)  # (B, 1, L, L)
+            return hybrid_block_mask(batch.document, blocks, batch.valid)
+        return hybrid_mask(batch.document, blocks, batch.valid)  # (B, 1, L, L)
 
     def embed_images(self, x_t: torch.Tensor, time: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list]:
         """Noisy latents (N, C, H, W) at model times (N,) -> patch vectors (N, P, D), the time
         embedding (N, D) and the encoder's skips (U-Net)."""
         temb = self.time_embed(self.time_proj(time.to(x_t.device)).to(x_t.dtype))  # (N, D)
         tokens, skips = self.patch_in(x_t, temb, add_time=self.config.time_conditioning == "add")
-        if self.config.patch_positions == "learned":
-            tokens = tokens + self.patch_pos.to(tokens.dtype)  # which cell each patch is
+        table = self.patch_pos()  # (1, P, D) or None: which cell each patch is
+        if table is not None:
+            tokens = tokens + table.to(tokens.dtype)
         return tokens, temb, skips
 
     def image_block(self, tokens: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
@@ -204,6 +212,7 @@ class TransfusionModel(nn.Module):
         steps: int | None = None,
         cfg_scale: float | None = None,
         sampler: str | None = None,
+        cfg_interval: tuple[float, float] | None = None,
         **kwargs,
     ) -> torch.Tensor:
         """Scaled latents (N, C, H, W), one per caption; defaults from the diffusion config."""
@@ -216,6 +225,7 @@ class TransfusionModel(nn.Module):
             steps or d.sample_steps,
             d.cfg_scale if cfg_scale is None else cfg_scale,
             sampler or d.sampler,
+            cfg_interval=tuple(cfg_interval or d.cfg_interval),
             **kwargs,
         )
 
@@ -243,6 +253,7 @@ class TransfusionModel(nn.Module):
             steps=steps or d.sample_steps,
             sampler=sampler or d.sampler,
             cfg_scale=d.cfg_scale if cfg_scale is None else cfg_scale,
+            cfg_interval=tuple(kwargs.pop("cfg_interval", None) or d.cfg_interval),
             **kwargs,
         )
 
@@ -275,6 +286,7 @@ class TransfusionModel(nn.Module):
             unet_channels=model_cfg.unet_channels,
             time_conditioning=model_cfg.time_conditioning,
             patch_positions=model_cfg.patch_positions,
+            image_attention=model_cfg.image_attention,
             attention=model_cfg.attention,
             freeze_text=model_cfg.freeze_text,
             special=dict(special.__dict__),

@@ -455,6 +455,10 @@ PROBE_HEADLINE = (
     "ema_diffusion_uncond",
     "ema_caption_loss",
     "ema_caption_loss_shuffled",
+    "ema_binding_read_position",
+    "ema_binding_write_position",
+    "ema_binding_read_color_attr",
+    "ema_binding_write_color_attr",
 )
 
 
@@ -463,7 +467,7 @@ class _Watch:
 
     def __init__(self, cfg: LoopConfig, tokenizer) -> None:
         from transfusion.data.latents import load_meta
-        from transfusion.eval.probe import load_probe_data
+        from transfusion.eval.probe import load_probe_data, probe_rows
         from transfusion.vae import load_vae
 
         self.cfg, self.tokenizer = cfg, tokenizer
@@ -472,8 +476,9 @@ class _Watch:
         # the run already logged: each step goes to MLflow once
         self.logged = {"loss": self.logger.last_step("loss"), "probe": self.logger.last_step("caption_loss")}
         pc = cfg.train.probe
+        rows = max(probe_rows(pc), 7 * pc.binding_scenes)  # a sixth of val per category, with slack
         self.probe_data = load_probe_data(
-            cfg.paths.latents, tokenizer, max(pc.val_examples, pc.captions), cfg.paths.judge, cfg.paths.vae, cfg.palette
+            cfg.paths.latents, tokenizer, rows, cfg.paths.judge, cfg.paths.vae, cfg.palette
         )
         self.vae = load_vae(cfg.paths.vae)
         self.scaling_factor = float(load_meta(cfg.paths.latents)["scaling_factor"])
