@@ -109,7 +109,12 @@ def test_dvc_repro_end_to_end(tiny_repo, tmp_path):
     assert len(probes) == 1 + 2  # eval_every 6 of 12 steps
     sweep = repo / resolved["paths"]["cfg_sweep_plot"]
     assert sweep.read_text().splitlines()[0].startswith("cfg_scale,geneval_overall,geneval_overall_se,")
-    assert len(sweep.read_text().splitlines()) == (1 + 2 if evaluation["judge_ok"] else 1)  # cfg_sweep [1, 3]
+    rows = sweep.read_text().splitlines()
+    assert len(rows) == (1 + 2 if evaluation["judge_ok"] else 1)  # cfg_sweep [1, 5]
+    if evaluation["judge_ok"]:  # the sweep's row at the headline's scale and steps is the headline
+        at_headline = dict(zip(rows[0].split(","), rows[2].split(",")))
+        assert float(at_headline["cfg_scale"]) == 5.0
+        assert float(at_headline["geneval_overall"]) == pytest.approx(evaluation["geneval_overall"])
 
     # a teammate's clone gets every output through a DVC remote (a local folder; S3 works the same)
     _run(["dvc", "remote", "add", "-d", "shared", str(tmp_path / "remote")], repo)

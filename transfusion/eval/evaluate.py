@@ -6,8 +6,9 @@
    rule (``geneval_*``) and the exact-scene rule (``scene_match_*``), each with a standard error
    (``*_se``), and the share of empty canvases (``blank_rate*``: the judge finds no object); the
    same on ``real_scenes`` real test scenes (what a perfect generator would score with this
-   judge); a guidance sweep (``cfg_sweep``: the same prompts and images per prompt at each
-   scale, ``sweep_sample_steps`` steps).
+   judge); a guidance sweep (``cfg_sweep``: the same prompts, images per prompt and noise at
+   each scale, ``sweep_sample_steps`` steps, so that scales differ by guidance alone; the
+   headline's own scale and steps are not sampled twice).
    **Binding** (``transfusion.eval.binding``): on ``binding_scenes`` real test scenes per
    compositional category, is the true caption ranked above its relation-flipped or
    colour-swapped twin, reading (caption NLL) and writing (diffusion loss per noise level)?
@@ -34,7 +35,7 @@ import numpy as np
 from transfusion.config import EvalConfig, PathsConfig
 
 # Independent random streams of one evaluation: each draw starts from cfg.seed + its offset.
-SEED_GENEVAL, SEED_FID, SEED_SWEEP, SEED_BINDING = 0, 100_000, 200_000, 300_000
+SEED_GENEVAL, SEED_FID, SEED_BINDING = 0, 100_000, 300_000
 SWEEP_COLUMNS = [
     "cfg_scale",
     "geneval_overall",
@@ -115,7 +116,12 @@ def evaluate(pipe, cfg: EvalConfig, inputs: EvalInputs, progress=None) -> EvalRe
         metrics["scene_match_real_test_scenes"] = real["scene_match_overall"]
         captions = [p.caption() for p in prompts for _ in range(k)]
         for scale in cfg.cfg_sweep:
-            got = judged(judge.read(sample(captions, cfg.seed + SEED_SWEEP, scale, cfg.sweep_sample_steps)), prompts, k)
+            if (scale, cfg.sweep_sample_steps) == (cfg.cfg_scale, cfg.sample_steps):
+                got = metrics  # the headline run: same prompts, noise, scale and steps
+            else:
+                got = judged(
+                    judge.read(sample(captions, cfg.seed + SEED_GENEVAL, scale, cfg.sweep_sample_steps)), prompts, k
+                )
             result.sweep.append({"cfg_scale": scale} | {key: got[key] for key in SWEEP_COLUMNS[1:]})
         metrics |= _binding(pipe, cfg, test)
 
