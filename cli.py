@@ -67,6 +67,11 @@ def _fail(message: str, code: int) -> None:
     raise typer.Exit(code)
 
 
+def _check_interval(interval: tuple[float, float] | None) -> None:
+    if interval is not None and not 0.0 <= interval[0] <= interval[1] <= 1.0:
+        _fail(f"--cfg-interval: expected 0 <= LO <= HI <= 1, got {interval[0]:g} {interval[1]:g}", 2)
+
+
 def _guard(call, code: int | None = None):
     """``call()``; a :class:`UserError` becomes its one line and exit code (``code``: the
     arguments are all that can be wrong, a usage error)."""
@@ -148,6 +153,12 @@ ModelOpt = Annotated[
     str | None,
     typer.Option("--model", "-m", help="Model folder or MLflow URI (runs:/<id>/model). Default: paths.model."),
 ]
+IntervalOpt = Annotated[
+    tuple[float, float] | None,
+    typer.Option(
+        metavar="LO HI", help="Noise levels (0 clean .. 1 pure noise) where guidance applies (default: the model's)."
+    ),
+]
 SeedOpt = Annotated[int, typer.Option(help="Random seed (every mode is deterministic given it).")]
 
 
@@ -178,6 +189,7 @@ def generate(
     sampler: Annotated[
         str | None, typer.Option(help="ddpm | ddim | dpmpp | flow_euler (default: the model's).")
     ] = None,
+    cfg_interval: IntervalOpt = None,
     seed: SeedOpt = 0,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute the caption every step (slow).")] = False,
     model: ModelOpt = None,
@@ -190,6 +202,7 @@ def generate(
 
     if out.is_dir():
         _fail(f"--out {out}: a folder; give the PNG file to write", 2)
+    _check_interval(cfg_interval)
     pipe = _pipeline(model, params, set_)
     images = _guard(
         lambda: pipe.sample_images(
@@ -197,6 +210,7 @@ def generate(
             steps=steps,
             cfg_scale=cfg_scale,
             sampler=sampler,
+            cfg_interval=cfg_interval,
             seed=seed,
             use_cache=not no_cache,
             progress=_progress("denoising"),
@@ -255,6 +269,7 @@ def interleave(
     force_image: Annotated[bool, typer.Option(help="Start an image right after the prompt.")] = False,
     steps: Annotated[int | None, typer.Option(min=1, help="Denoising steps (default: the model's).")] = None,
     cfg_scale: Annotated[float | None, typer.Option(min=0.0, help="Guidance scale (default: the model's).")] = None,
+    cfg_interval: IntervalOpt = None,
     temperature: Annotated[float, typer.Option(min=0.0)] = 0.0,
     seed: SeedOpt = 0,
     model: ModelOpt = None,
@@ -268,6 +283,7 @@ def interleave(
 
     if out.exists() and not out.is_dir():
         _fail(f"--out {out}: a file; give the folder to write the images into", 2)
+    _check_interval(cfg_interval)
     pipe = _pipeline(model, params, set_)
     parts = pipe.generate(
         prompt,
@@ -276,6 +292,7 @@ def interleave(
         force_image=force_image,
         steps=steps,
         cfg_scale=cfg_scale,
+        cfg_interval=cfg_interval,
         temperature=temperature,
         seed=seed,
         progress=_progress("denoising"),

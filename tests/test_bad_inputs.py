@@ -65,6 +65,12 @@ CASES = [
     ("generate-n-huge", ["generate", "a 7", "-n", "1000", "-m", "{model}"], 2, "Invalid value for '-n'"),
     ("generate-steps-0", ["generate", "a 7", "--steps", "0", "-m", "{model}"], 2, "Invalid value for '--steps'"),
     ("generate-cfg", ["generate", "a 7", "--cfg-scale", "-1", "-m", "{model}"], 2, "greater than or equal to 0"),
+    (
+        "generate-interval",
+        ["generate", "a 7", "--cfg-interval", "0.6", "0.2", "-m", "{model}"],
+        2,
+        "0 <= LO <= HI <= 1",
+    ),
     ("generate-sampler", ["generate", "a 7", "--sampler", "euler9", "--steps", "2", "-m", "{model}"], 2, "euler9"),
     (
         "generate-sampler-fit",

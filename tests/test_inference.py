@@ -105,6 +105,16 @@ def test_guidance_interval_guides_only_inside_it(text_tokenizer):
     assert guidance_at(0.7, 4.0, (0.5, 1.0)) == 4.0 and guidance_at(0.3, 4.0, (0.5, 1.0)) == 1.0
 
 
+def test_a_model_samples_with_its_saved_guidance_interval(text_tokenizer):
+    """``sample_images`` without an interval uses the one the model was trained with (what
+    ``transfusion generate`` does without ``--cfg-interval``)."""
+    model = build_tiny_model(text_tokenizer, diffusion=diffusion_config("flow", cfg_scale=4.0, cfg_interval=(0.5, 1.0)))
+    caps = [ids(text_tokenizer, "a red 4")]
+    own = model.sample_images(caps, steps=10, seed=2)
+    assert torch.equal(own, sample_latents(model, caps, 10, 4.0, "flow_euler", seed=2, cfg_interval=(0.5, 1.0)))
+    assert (own - sample_latents(model, caps, 10, 4.0, "flow_euler", seed=2)).abs().max() > 1e-3
+
+
 def test_a_batch_equals_one_by_one(text_tokenizer):
     model = build_tiny_model(text_tokenizer)
     caps = [ids(text_tokenizer, t) for t in ("a 7", "a blue 3 and a red 4", "two 5s")]

@@ -326,6 +326,24 @@ def test_unet_patch_vectors_are_normalised_before_the_transformer(tokenizer):
     assert 0.5 < ratio < 2.0, ratio
 
 
+@pytest.mark.parametrize("skips", [True, False])
+def test_unet_without_skips_cannot_route_the_image_around_the_transformer(tokenizer, skips):
+    """With the transformer's outputs held fixed, the U-Net decoder's prediction still follows
+    the noisy input through the skips; without them it cannot (it sees the outputs and time)."""
+    model = make_model(tokenizer, patch_encoder="unet", patch_size=4, unet_channels=[16, 16], unet_skips=skips)
+    torch.nn.init.normal_(model.patch_out.conv_out.weight, std=0.1)  # zero-initialised: make it say something
+    t = torch.tensor([300.0, 300.0])
+    with torch.no_grad():
+        temb = model.time_embed(model.time_proj(t))
+        fixed = torch.randn(2, model.config.patches_per_image, model.backbone.config.hidden_size)
+        outs = []
+        for x in (torch.randn(2, *LATENT), torch.randn(2, *LATENT)):
+            _, skip = model.patch_in(x, temb, add_time=True)
+            outs.append(model.patch_out(fixed, temb, skip))
+    assert outs[0].shape == (2, *LATENT)
+    assert torch.allclose(outs[0], outs[1]) == (not skips)
+
+
 def test_a_model_saved_before_patch_positions_loads_without_them(tokenizer, tmp_path):
     import json
 

@@ -101,6 +101,8 @@ def test_dvc_repro_end_to_end(tiny_repo, tmp_path):
     else:
         assert not any(k.startswith(("geneval_", "fid_")) for k in evaluation)
     assert (repo / resolved["paths"]["geneval"] / "00000" / "metadata.jsonl").is_file()
+    # binding rankings are teacher-forced on real scenes: there with or without a judge
+    assert evaluation["binding_scenes_position"] > 0 and 0.0 <= evaluation["binding_read_position"] <= 1.0
     # the judge runs before training: the in-training probes include the quick judged evaluation
     probes = (repo / resolved["paths"]["train_probes"]).read_text().splitlines()
     assert {"images_seen", "ema_quick_geneval_overall", "ema_quick_caption_exact", "diffusion_uncond_b3"} <= set(

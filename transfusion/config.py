@@ -228,6 +228,9 @@ class ModelConfig(Section):
     patch_size: PositiveInt
     patch_encoder: Literal["linear", "unet"]
     unet_channels: Annotated[list[PositiveInt], Field(min_length=1)]
+    # false: the U-Net decoder sees the transformer's outputs and the time only, no encoder skips
+    # (with them a tiny transformer is bypassed: docs/recipe.md)
+    unet_skips: bool
     time_conditioning: Literal["add", "token"]  # paper: add to patches; OmniGen: a time token
     # which cell a patch is, added to each patch vector (transfusion/model/positions.py): none
     # (the backbone's 1-D RoPE only), learned (a vector per patch index), learned_2d (row + column

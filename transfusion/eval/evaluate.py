@@ -123,6 +123,7 @@ def evaluate(pipe, cfg: EvalConfig, inputs: EvalInputs, progress=None) -> EvalRe
                     judge.read(sample(captions, cfg.seed + SEED_GENEVAL, scale, cfg.sweep_sample_steps)), prompts, k
                 )
             result.sweep.append({"cfg_scale": scale} | {key: got[key] for key in SWEEP_COLUMNS[1:]})
+    if has_content:  # teacher-forced on real scenes: no judge needed
         metrics |= _binding(pipe, cfg, test)
 
     # 2. FID / KID against real test scenes; real train vs real test as the floor

@@ -5,7 +5,10 @@ Both encoders map scaled latents (N, C, H, W) and a time embedding (N, D) to pat
 when ``add_time`` (the paper's conditioning; off when a separate time token carries it). The
 U-Net's ResNet blocks are time-conditioned either way. Both decoders map the transformer's outputs at
 those positions back to (N, C, H, W), the diffusion prediction. The U-Net pair shares skip
-connections: the encoder returns them, the decoder consumes them.
+connections (the encoder returns them, the decoder consumes them) unless ``skips`` is off: then
+the decoder sees the transformer's outputs and the time alone, and the image cannot route around
+the transformer (docs/recipe.md: with skips, a tiny model's decoder denoises nearly as well with
+the transformer's outputs zeroed).
 """
 
 from __future__ import annotations
@@ -72,10 +75,11 @@ class UNetPatchEncoder(nn.Module):
     GroupNorm + SiLU + a projection (the diffusers U-Nets' output head): without the norm the
     ResNet features reached token norms ~140 against ~9 for linear patches (docs/recipe.md)."""
 
-    def __init__(self, channels: int, widths: list[int], hidden: int) -> None:
+    def __init__(self, channels: int, widths: list[int], hidden: int, skips: bool = True) -> None:
         from diffusers.models.downsampling import Downsample2D
 
         super().__init__()
+        self.keep_skips = skips
         self.conv_in = nn.Conv2d(channels, widths[0], 3, padding=1)
         self.blocks = nn.ModuleList()
         self.downs = nn.ModuleList()
@@ -98,13 +102,13 @@ class UNetPatchEncoder(nn.Module):
         tokens = self.proj(h.flatten(2).transpose(1, 2))  # (N, P, D) raster order
         if add_time:
             tokens = tokens + temb[:, None, :]
-        return tokens, skips
+        return tokens, skips if self.keep_skips else []
 
 
 class UNetPatchDecoder(nn.Module):
-    """Mirror of the encoder: per level a 2x upsample, concat the skip, a ResNet block."""
+    """Mirror of the encoder: per level a 2x upsample, concat the skip (if any), a ResNet block."""
 
-    def __init__(self, channels: int, widths: list[int], hidden: int, size: int) -> None:
+    def __init__(self, channels: int, widths: list[int], hidden: int, size: int, skips: bool = True) -> None:
         from diffusers.models.upsampling import Upsample2D
 
         super().__init__()
@@ -116,7 +120,7 @@ class UNetPatchDecoder(nn.Module):
         cin = widths[-1]
         for w in reversed(widths):
             self.ups.append(Upsample2D(cin, use_conv=True, out_channels=cin))
-            self.blocks.append(_resnet(cin + w, w, hidden))
+            self.blocks.append(_resnet(cin + (w if skips else 0), w, hidden))
             cin = w
         self.norm_out = nn.GroupNorm(_groups(cin), cin)
         self.conv_out = nn.Conv2d(cin, channels, 3, padding=1)
@@ -126,13 +130,20 @@ class UNetPatchDecoder(nn.Module):
     def forward(self, h: torch.Tensor, temb: torch.Tensor, skips: list) -> torch.Tensor:
         n, side = h.shape[0], self.size // 2**self.levels
         x = self.proj(self.norm(h)).transpose(1, 2).reshape(n, -1, side, side)
-        for up, block, skip in zip(self.ups, self.blocks, reversed(skips)):
-            x = block(torch.cat([up(x), skip], dim=1), temb)
+        skips = list(reversed(skips)) or [None] * self.levels
+        for up, block, skip in zip(self.ups, self.blocks, skips):
+            x = up(x)
+            x = block(x if skip is None else torch.cat([x, skip], dim=1), temb)
         return self.conv_out(torch.nn.functional.silu(self.norm_out(x)))  # (N, C, H, W)
 
 
-def build_patching(kind: str, channels: int, size: int, patch_size: int, hidden: int, unet_channels: list[int]):
+def build_patching(
+    kind: str, channels: int, size: int, patch_size: int, hidden: int, unet_channels: list[int], unet_skips: bool = True
+):
     """(encoder, decoder) for ``kind`` in {"linear", "unet"}."""
     if kind == "linear":
         return LinearPatchEncoder(channels, patch_size, hidden), LinearPatchDecoder(channels, patch_size, hidden, size)
-    return UNetPatchEncoder(channels, unet_channels, hidden), UNetPatchDecoder(channels, unet_channels, hidden, size)
+    return (
+        UNetPatchEncoder(channels, unet_channels, hidden, unet_skips),
+        UNetPatchDecoder(channels, unet_channels, hidden, size, unet_skips),
+    )

@@ -43,6 +43,7 @@ class TransfusionConfig(BaseModel):
     patch_size: int
     patch_encoder: str = "linear"
     unet_channels: list[int] = [64]
+    unet_skips: bool = True  # False: the U-Net decoder sees only the transformer's outputs
     time_conditioning: str = "add"
     patch_positions: str = "none"  # models saved before the option have none
     image_attention: str = "bidirectional"  # causal: the paper's Table 5 ablation
@@ -75,7 +76,13 @@ class TransfusionModel(nn.Module):
         self.time_proj = Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=0)
         self.time_embed = TimestepEmbedding(256, D)
         self.patch_in, self.patch_out = build_patching(
-            config.patch_encoder, config.latent_channels, config.latent_size, config.patch_size, D, config.unet_channels
+            config.patch_encoder,
+            config.latent_channels,
+            config.latent_size,
+            config.patch_size,
+            D,
+            config.unet_channels,
+            config.unet_skips,
         )
         self.patch_pos = PatchPositions(config.patch_positions, D, config.latent_size // config.patch_size)
         self.diffusion = build_objective(config.diffusion)
@@ -284,6 +291,7 @@ class TransfusionModel(nn.Module):
             patch_size=model_cfg.patch_size,
             patch_encoder=model_cfg.patch_encoder,
             unet_channels=model_cfg.unet_channels,
+            unet_skips=model_cfg.unet_skips,
             time_conditioning=model_cfg.time_conditioning,
             patch_positions=model_cfg.patch_positions,
             image_attention=model_cfg.image_attention,
