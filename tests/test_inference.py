@@ -47,15 +47,24 @@ def test_cached_and_uncached_image_samples_agree(text_tokenizer, patch_encoder, 
 
 
 @pytest.mark.parametrize(
-    ("objective", "sampler", "steps"),
-    [("ddpm", "ddpm", 50), ("ddpm", "ddim", 20), ("ddpm", "dpmpp", 20), ("flow", "flow_euler", 20)],
+    ("objective", "sampler", "steps", "prediction"),
+    [
+        ("ddpm", "ddpm", 50, "epsilon"),
+        ("ddpm", "ddim", 20, "epsilon"),
+        ("ddpm", "dpmpp", 20, "epsilon"),
+        ("ddpm", "ddim", 20, "v_prediction"),
+        ("ddpm", "dpmpp", 20, "v_prediction"),
+        ("flow", "flow_euler", 20, "epsilon"),
+    ],
 )
-def test_samplers_recover_the_image_from_an_exact_predictor(objective, sampler, steps):
-    """With the exact epsilon (or velocity) of one clean latent x0 at every step, each sampler
-    must end at x0: the sampling loop, the schedulers' time grids and the guidance all agree."""
+def test_samplers_recover_the_image_from_an_exact_predictor(objective, sampler, steps, prediction):
+    """With the exact epsilon (or v, or flow velocity) of one clean latent x0 at every step, each
+    sampler must end at x0: the sampling loop, the schedulers' time grids, the prediction type
+    and the guidance all agree."""
+    from transfusion.diffusion import build_objective
     from transfusion.sampling import build_scheduler, denoise, generators
 
-    cfg = diffusion_config(objective)
+    cfg = diffusion_config(objective, prediction_type=prediction)
     sched = build_scheduler(cfg, sampler, steps)
     x0 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
 
@@ -63,7 +72,10 @@ def test_samplers_recover_the_image_from_an_exact_predictor(objective, sampler, 
         if objective == "flow":
             return (x - x0) / (time[:, None, None, None] / cfg.train_steps)  # v = noise - x0
         abar = sched.alphas_cumprod[time.long()][:, None, None, None]
-        return (x - abar.sqrt() * x0) / (1 - abar).sqrt()  # epsilon
+        eps = (x - abar.sqrt() * x0) / (1 - abar).sqrt()
+        if prediction == "v_prediction":  # the training target of the objective, for this x0 and eps
+            return build_objective(cfg.schedule).target(x0.expand_as(x), eps, time.long())
+        return eps
 
     out = denoise(sched, predict, generators(1, 2), (4, 8, 8), "cpu", 1.0)
     # DDIM ends at alphas_cumprod[0] < 1 (set_alpha_to_one=False): a trace of noise, ~0.006 sigma

@@ -258,7 +258,7 @@ class ScheduleConfig(Section):
     objective: Literal["ddpm", "flow"]
     train_steps: PositiveInt
     beta_schedule: Literal["squaredcos_cap_v2", "linear", "scaled_linear"]
-    prediction_type: Literal["epsilon"]
+    prediction_type: Literal["epsilon", "v_prediction"]  # DDPM: the paper predicts epsilon
     flow_shift: Annotated[float, Field(gt=0)]
     sample_steps: PositiveInt
     sampler: Literal["ddpm", "ddim", "dpmpp", "flow_euler"]

@@ -9,8 +9,9 @@ Two objectives share one small interface used by ``TransfusionModel.loss``:
   ``model_time(t)`` -> the value fed to the timestep embedding (0..T, T = most noise);
   ``timesteps_at(levels)`` -> the timesteps at noise levels in [0, 1] (probes and tests).
 
-DDPM (default): ``DDPMScheduler`` with the cosine (``squaredcos_cap_v2``) schedule, 1000 steps,
-epsilon prediction. Flow matching: rectified flow ``x_t = (1 - s) x0 + s eps`` on the sigma table
+DDPM: ``DDPMScheduler`` with the cosine (``squaredcos_cap_v2``) schedule, 1000 steps,
+epsilon prediction (the paper) or v-prediction (``prediction_type: v_prediction``; the samplers
+read the same setting). Flow matching: rectified flow ``x_t = (1 - s) x0 + s eps`` on the sigma table
 of ``FlowMatchEulerDiscreteScheduler``, velocity target ``eps - x0``.
 """
 
@@ -50,6 +51,8 @@ class DDPMObjective:
         return self.scheduler.add_noise(x0, noise, t.to(x0.device))
 
     def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.cfg.prediction_type == "v_prediction":  # sqrt(abar) eps - sqrt(1 - abar) x0
+            return self.scheduler.get_velocity(x0, noise, t.to(x0.device))
         return noise
 
     def model_time(self, t: torch.Tensor) -> torch.Tensor:
