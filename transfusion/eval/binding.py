@@ -32,7 +32,7 @@ from transfusion.data.collate import caption_to_image, image_to_caption
 from transfusion.data.scenes import Prompt, parse_caption
 from transfusion.sampling import example_collator
 
-BUCKETS = (0.125, 0.375, 0.625, 0.875)  # noise levels (0 clean, 1 pure noise), as the probes
+BUCKETS = (0.125, 0.375, 0.625, 0.875)  # noise levels (0 clean, 1 pure noise): centres of 4 buckets
 CATEGORIES = ("position", "color_attr")
 FLIP = {"left_of": "right_of", "right_of": "left_of", "above": "below", "below": "above"}
 

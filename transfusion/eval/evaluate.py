@@ -104,7 +104,8 @@ def evaluate(pipe, cfg: EvalConfig, inputs: EvalInputs, progress=None) -> EvalRe
         prompts = geneval.balanced_prompts(cfg.prompts_per_category, list(inputs.palette), cfg.seed, inputs.grid)
     else:
         prompts = []  # free-form captions: no GenEval prompts to draw
-    images = sample([p.caption() for p in prompts for _ in range(k)], cfg.seed + SEED_GENEVAL)
+    captions = [p.caption() for p in prompts for _ in range(k)]  # k images per prompt
+    images = sample(captions, cfg.seed + SEED_GENEVAL)
     result = EvalResult(metrics, prompts, [images[i * k : (i + 1) * k] for i in range(len(prompts))])
     if judge_ok and has_content:
         read = judge.read(images)
@@ -114,7 +115,6 @@ def evaluate(pipe, cfg: EvalConfig, inputs: EvalInputs, progress=None) -> EvalRe
         real = judged(judge.read(test.images[:n_real]), [_prompt(r) for r in test.records[:n_real]], 1)
         metrics["geneval_real_test_scenes"] = real["geneval_overall"]
         metrics["scene_match_real_test_scenes"] = real["scene_match_overall"]
-        captions = [p.caption() for p in prompts for _ in range(k)]
         for scale in cfg.cfg_sweep:
             if (scale, cfg.sweep_sample_steps) == (cfg.cfg_scale, cfg.sample_steps):
                 got = metrics  # the headline run: same prompts, noise, scale and steps

@@ -29,10 +29,9 @@ from pathlib import Path
 import torch
 
 from transfusion.config import ProbeConfig
-from transfusion.data.collate import caption_to_image, image_to_caption
+from transfusion.data.collate import image_to_caption
+from transfusion.eval.binding import BUCKETS, binding_scores, diffusion_mse
 from transfusion.sampling import example_collator
-
-BUCKETS = (0.125, 0.375, 0.625, 0.875)  # noise levels probed (centres of four equal buckets)
 
 
 @dataclass
@@ -87,23 +86,13 @@ def load_probe_data(
 
 @torch.no_grad()
 def diffusion_losses(model, data: ProbeData, seed: int = 0) -> dict[str, float]:
-    """Validation diffusion MSE per noise bucket, with and without the caption."""
-    device = next(model.parameters()).device
-    diffusion = model.diffusion
-    x0 = data.latents.repeat(len(BUCKETS), 1, 1, 1).to(device)  # (K*N, C, h, w)
-    levels = torch.tensor(BUCKETS).repeat_interleave(len(data.latents))
-    t = diffusion.timesteps_at(levels)
-    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(device)
-    x_t, target = diffusion.add_noise(x0, noise, t), diffusion.target(x0, noise, t)
+    """Validation diffusion MSE per noise bucket, with and without the caption (the same noisy
+    images for both)."""
     out = {}
-    for name, drop in (("cond", False), ("uncond", True)):
-        placeholder = torch.zeros(x0.shape[1:])  # the collator lays out slots; forward takes x_t
-        examples = [caption_to_image([] if drop else c, placeholder) for c in data.captions * len(BUCKETS)]
-        batch = example_collator(model)(examples).to(device)
-        _, pred = model(batch, x_t, diffusion.model_time(t))
-        per_image = (pred.float() - target.float()).pow(2).flatten(1).mean(1).view(len(BUCKETS), -1).mean(1)
-        out |= {f"diffusion_{name}_b{k}": float(v) for k, v in enumerate(per_image)}
-        out[f"diffusion_{name}"] = float(per_image.mean())
+    for name, captions in (("cond", data.captions), ("uncond", [[] for _ in data.captions])):
+        per_bucket = diffusion_mse(model, data.latents, captions, BUCKETS, seed).mean(1)  # (K,)
+        out |= {f"diffusion_{name}_b{k}": float(v) for k, v in enumerate(per_bucket)}
+        out[f"diffusion_{name}"] = float(per_bucket.mean())
     return out
 
 
@@ -155,8 +144,6 @@ def run_probes(model, tokenizer, data: ProbeData, cfg: ProbeConfig, seed: int = 
     ``train.probe`` section) says; the loss probes read the first ``val_examples`` rows of
     ``data``, binding every row it holds (``load_probe_data`` with ``n`` of at least
     :func:`probe_rows`)."""
-    from transfusion.eval.binding import binding_scores
-
     was_training = model.training
     model.eval()
     try:
