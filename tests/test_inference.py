@@ -117,6 +117,26 @@ def test_guidance_interval_guides_only_inside_it(text_tokenizer):
     assert guidance_at(0.7, 4.0, (0.5, 1.0)) == 4.0 and guidance_at(0.3, 4.0, (0.5, 1.0)) == 1.0
 
 
+def test_steps_outside_the_guidance_interval_run_only_the_conditional_rows():
+    """The unconditional half of the batch runs only where guidance applies: a flow sampler of
+    10 steps guided in [0.5, 1] runs 2N rows at the 5 noisiest steps and N at the rest."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from transfusion.sampling import denoise, generators
+
+    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000)
+    sched.set_timesteps(10)
+    seen: list[tuple[int, float]] = []
+
+    def predict(x, time):
+        seen.append((len(x), float(time[0]) / 1000))
+        return torch.zeros_like(x)
+
+    denoise(sched, predict, generators(0, 3), (4, 8, 8), "cpu", 4.0, cfg_interval=(0.5, 1.0))
+    assert [rows for rows, _ in seen] == [6 if level >= 0.5 else 3 for _, level in seen]
+    assert sum(rows == 6 for rows, _ in seen) == 5
+
+
 def test_a_model_samples_with_its_saved_guidance_interval(text_tokenizer):
     """``sample_images`` without an interval uses the one the model was trained with (what
     ``transfusion generate`` does without ``--cfg-interval``)."""

@@ -93,3 +93,21 @@ def test_loss_probes_read_only_val_examples_rows(text_tokenizer):
     head = diffusion_losses(model, data.head(2)) | caption_losses(model, data.head(2))
     assert out == head  # no judge: no quick evaluation, only the two loss probes over 2 rows
     assert out != diffusion_losses(model, data) | caption_losses(model, data)
+
+
+def test_binding_probes_run_without_a_judge(text_tokenizer):
+    """The binding rankings need captions that parse (position, colour attribution), not a judge:
+    a run whose judge missed its bar still gets its read/write curves."""
+    from transfusion.eval.probe import run_probes
+
+    model = build_tiny_model(text_tokenizer, diffusion=diffusion_config("flow"))
+    latents = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    captions = ["a 2 to the left of a 9", "a 3 above a 1", "a red 4 and a blue 7", "a 7"]
+    data = probe_data(text_tokenizer, latents, captions)
+    assert data.judge is None
+    probe = section("train").probe.model_copy(update={"val_examples": 4, "binding_scenes": 10})
+    out = run_probes(model, text_tokenizer, data, probe)
+    assert 0.0 <= out["binding_read_position"] <= 1.0 and 0.0 <= out["binding_write_color_attr"] <= 1.0
+    assert "quick_geneval_overall" not in out
+    off = run_probes(model, text_tokenizer, data, probe.model_copy(update={"binding_scenes": 0}))
+    assert not any(k.startswith("binding_") for k in off)

@@ -108,20 +108,15 @@ def sample_latents_uncached(
     shape = (cfg.latent_channels, cfg.latent_size, cfg.latent_size)
     sched = build_scheduler(cfg.diffusion, sampler, steps)
     placeholder = torch.zeros(shape)
-    examples = [Example([list(c), placeholder]) for c in captions]
-    if cfg_scale != 1.0:
-        examples += [Example([[], placeholder]) for _ in captions]
-    batch = example_collator(model)(examples).to(device)
-    return denoise(
-        sched,
-        lambda x_in, time: model(batch, x_in, time)[1],
-        generators(seed, len(captions)),
-        shape,
-        device,
-        cfg_scale,
-        progress,
-        cfg_interval,
-    )
+    cond = [Example([list(c), placeholder]) for c in captions]
+    uncond = [Example([[], placeholder]) for _ in captions] if cfg_scale != 1.0 else []
+    collate = example_collator(model)
+    cond_batch, both_batch = collate(cond).to(device), collate(cond + uncond).to(device)
+
+    def predict(x_in: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
+        return model(both_batch if len(x_in) > len(cond) else cond_batch, x_in, time)[1]
+
+    return denoise(sched, predict, generators(seed, len(captions)), shape, device, cfg_scale, progress, cfg_interval)
 
 
 def denoise(
@@ -135,17 +130,16 @@ def denoise(
     cfg_interval: tuple[float, float] = (0.0, 1.0),
 ) -> torch.Tensor:
     """The sampling loop: ``predict(x_in, time)`` gives the network output for the stacked
-    [cond; uncond] latents (just cond at scale 1); the scheduler steps the guided prediction,
-    guided only at noise levels inside ``cfg_interval`` (:func:`guidance_at`)."""
+    [cond; uncond] latents where guidance applies (noise levels inside ``cfg_interval``,
+    :func:`guidance_at`), and for the conditional latents alone elsewhere: a step outside the
+    interval runs half the rows. The scheduler steps the guided prediction."""
     x = initial_noise(gens, shape, device) * getattr(sched, "init_noise_sigma", 1.0)
     T = sched.config.num_train_timesteps
     for t in progress(sched.timesteps) if progress else sched.timesteps:
-        x_in = torch.cat([x, x]) if cfg_scale != 1.0 else x
+        scale = guidance_at(float(t) / T, cfg_scale, cfg_interval)
+        x_in = torch.cat([x, x]) if scale != 1.0 else x
         time = torch.full((len(x_in),), float(t), device=device)
         pred = predict(x_in, time).float()
-        scale = guidance_at(float(t) / T, cfg_scale, cfg_interval)
-        if cfg_scale != 1.0 and scale == 1.0:
-            pred = pred.chunk(2)[0]
         x = sched.step(guided(pred, scale), t, x, generator=gens).prev_sample
     return x
 
@@ -320,11 +314,13 @@ def sample_latents(
     progress=None,
     context: Context | None = None,
     cfg_interval: tuple[float, float] = (0.0, 1.0),
+    uncond_context: Context | None = None,
 ) -> torch.Tensor:
     """Scaled latents (N, C, H, W), one per caption. The prefix ``<bos> caption <boi>`` (and
     ``<bos> <boi>`` for CFG) runs once into the KV cache; each step runs only the image tokens.
-    ``context`` continues an existing one instead (interleaved generation; rows = images).
-    Guidance applies at noise levels inside ``cfg_interval`` only (:func:`guidance_at`)."""
+    ``context`` (with ``uncond_context`` for CFG) continues existing ones instead (interleaved
+    generation; rows = images). Guidance applies at noise levels inside ``cfg_interval`` only
+    (:func:`guidance_at`); the other steps run the conditional rows alone."""
     if not use_cache:
         return sample_latents_uncached(model, captions, steps, cfg_scale, sampler, seed, progress, cfg_interval)
     cfg = model.config
@@ -334,13 +330,15 @@ def sample_latents(
     sched = build_scheduler(cfg.diffusion, sampler, steps)
     n = len(captions)
     if context is None:
-        rows = [[s.bos, *c, s.boi] for c in captions]
+        context = Context.prefill(model, [[s.bos, *c, s.boi] for c in captions])
         if cfg_scale != 1.0:
-            rows += [[s.bos, s.boi]] * n
-        context = Context.prefill(model, rows)
-    return denoise(
-        sched, context.image_prediction, generators(seed, n), shape, device, cfg_scale, progress, cfg_interval
-    )
+            uncond_context = Context.prefill(model, [[s.bos, s.boi]] * n)
+    both = _stack_contexts(context, uncond_context) if cfg_scale != 1.0 else context
+
+    def predict(x_in: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
+        return (both if len(x_in) > n else context).image_prediction(x_in, time)
+
+    return denoise(sched, predict, generators(seed, n), shape, device, cfg_scale, progress, cfg_interval)
 
 
 @torch.no_grad()
@@ -430,9 +428,18 @@ def _image_in_context(model, ctx: Context, uncond: Context | None, steps, guidan
     """Denoise one image after the context's ``<boi>`` (with a caption-less context for CFG);
     ``guidance`` is (scale, interval)."""
     cfg_scale, interval = guidance
-    context, scale = (ctx, 1.0) if uncond is None else (_stack_contexts(ctx, uncond), cfg_scale)
+    scale = 1.0 if uncond is None else cfg_scale
     return sample_latents(
-        model, [[]], steps, scale, sampler, seed, context=context, progress=progress, cfg_interval=interval
+        model,
+        [[]],
+        steps,
+        scale,
+        sampler,
+        seed,
+        context=ctx,
+        uncond_context=uncond,
+        progress=progress,
+        cfg_interval=interval,
     )
 
 

@@ -149,7 +149,7 @@ def run_probes(model, tokenizer, data: ProbeData, cfg: ProbeConfig, seed: int = 
     try:
         out = diffusion_losses(model, data.head(cfg.val_examples), seed)
         out |= caption_losses(model, data.head(cfg.val_examples))
-        if cfg.binding_scenes and data.judge is not None:
+        if cfg.binding_scenes:  # needs parseable captions, not a judge
             binding = binding_scores(model, tokenizer, data.latents, data.records, cfg.binding_scenes, seed)
             out |= {k: v for k, v in binding.items() if not k.endswith("_se") and "scenes" not in k}
         out |= quick_eval(model, tokenizer, data.head(probe_rows(cfg)), cfg, seed)
