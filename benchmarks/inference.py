@@ -4,8 +4,11 @@
 
 Image sampling: seconds per image for batch 1 and 16 (DDPM, CFG on, i.e. 2 rows per image),
 cached (caption prefix run once, each step runs only the image tokens) vs uncached (each step
-re-runs caption + image). Text: tokens/s decoding with and without the cache. Uses the exported
-model when given (random tiny weights otherwise: speed does not depend on them).
+re-runs caption + image). Text: tokens/s decoding with and without the cache. Guidance in an
+interval: a batch of 64 guided at every noise level (2 rows per image at every step) against
+guided only in the default ``eval.cfg_interval`` (the conditional rows alone elsewhere).
+Uses the exported model when given (random tiny weights otherwise: speed does not depend on
+them).
 """
 
 from __future__ import annotations
@@ -79,7 +82,23 @@ def main() -> None:
         fast = timed(lambda prompts=prompts, kw=kw: generate_text(model, prompts, use_cache=True, **kw))
         n = args.tokens * batch
         print(f"| text decoding (tokens/s) | {batch} | {n / slow:.0f} | {n / fast:.0f} | {slow / fast:.2f}x |")
+    guidance_interval_row(model, caption, 20, sampler)
 
 
 if __name__ == "__main__":
     main()
+
+
+def guidance_interval_row(model, caption: list[int], steps: int, sampler: str) -> None:
+    """Seconds per image guided at every level against guided in the eval's default interval."""
+    from transfusion.config import load_params
+    from transfusion.sampling import sample_latents
+
+    interval = tuple(load_params(Path(__file__).resolve().parents[1] / "params.yaml").eval.cfg_interval)
+    caps = [caption] * 64
+    every = timed(lambda: sample_latents(model, caps, steps, 5.0, sampler, cfg_interval=(0.0, 1.0))) / 64
+    inside = timed(lambda: sample_latents(model, caps, steps, 5.0, sampler, cfg_interval=interval)) / 64
+    print()
+    print(f"| image sampling, batch 64, {steps} steps, CFG 5 | every level | in {list(interval)} | speed-up |")
+    print("|---|---|---|---|")
+    print(f"| s/image | {every:.4f} | {inside:.4f} | {every / inside:.2f}x |")
