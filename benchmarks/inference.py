@@ -44,6 +44,21 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
+def guidance_interval_row(model, caption: list[int], steps: int, sampler: str) -> None:
+    """Seconds per image guided at every level against guided in the eval's default interval."""
+    from transfusion.config import load_params
+    from transfusion.sampling import sample_latents
+
+    interval = tuple(load_params(Path(__file__).resolve().parents[1] / "params.yaml").eval.cfg_interval)
+    caps = [caption] * 64
+    every = timed(lambda: sample_latents(model, caps, steps, 5.0, sampler, cfg_interval=(0.0, 1.0))) / 64
+    inside = timed(lambda: sample_latents(model, caps, steps, 5.0, sampler, cfg_interval=interval)) / 64
+    print()
+    print(f"| image sampling, batch 64, {steps} steps, CFG 5 | every level | in {list(interval)} | speed-up |")
+    print("|---|---|---|---|")
+    print(f"| s/image | {every:.4f} | {inside:.4f} | {every / inside:.2f}x |")
+
+
 def main() -> None:
     from transfusion.sampling import generate_text, sample_latents
 
@@ -87,18 +102,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-
-
-def guidance_interval_row(model, caption: list[int], steps: int, sampler: str) -> None:
-    """Seconds per image guided at every level against guided in the eval's default interval."""
-    from transfusion.config import load_params
-    from transfusion.sampling import sample_latents
-
-    interval = tuple(load_params(Path(__file__).resolve().parents[1] / "params.yaml").eval.cfg_interval)
-    caps = [caption] * 64
-    every = timed(lambda: sample_latents(model, caps, steps, 5.0, sampler, cfg_interval=(0.0, 1.0))) / 64
-    inside = timed(lambda: sample_latents(model, caps, steps, 5.0, sampler, cfg_interval=interval)) / 64
-    print()
-    print(f"| image sampling, batch 64, {steps} steps, CFG 5 | every level | in {list(interval)} | speed-up |")
-    print("|---|---|---|---|")
-    print(f"| s/image | {every:.4f} | {inside:.4f} | {every / inside:.2f}x |")
