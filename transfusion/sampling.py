@@ -333,6 +333,8 @@ def sample_latents(
         context = Context.prefill(model, [[s.bos, *c, s.boi] for c in captions])
         if cfg_scale != 1.0:
             uncond_context = Context.prefill(model, [[s.bos, s.boi]] * n)
+    if cfg_scale != 1.0 and uncond_context is None:
+        raise ValueError("sample_latents: a given context with cfg_scale != 1 needs its uncond_context")
     both = _stack_contexts(context, uncond_context) if cfg_scale != 1.0 else context
 
     def predict(x_in: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
