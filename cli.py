@@ -197,8 +197,7 @@ def generate(
     set_: SetOpt = None,
 ) -> None:
     """Sample images for a caption (the prefix runs once into the KV cache)."""
-    from transfusion.data.scenes import render_grid
-    from transfusion.pipeline import save_png
+    from transfusion.images import render_grid, save_png
 
     if out.is_dir():
         _fail(f"--out {out}: a folder; give the PNG file to write", 2)
@@ -232,7 +231,7 @@ def caption_cmd(
     set_: SetOpt = None,
 ) -> None:
     """Caption images: clean latents in context after <boi> ... <eoi>, then text."""
-    from transfusion.pipeline import read_images
+    from transfusion.images import read_images
 
     pipe = _pipeline(model, params, set_)
     pixels = _guard(lambda: read_images(images, pipe.image_size))
@@ -279,7 +278,7 @@ def interleave(
     """Mixed generation: text until <boi>, an image by diffusion, <eoi>, more text."""
     import numpy as np
 
-    from transfusion.pipeline import save_png
+    from transfusion.images import save_png
 
     if out.exists() and not out.is_dir():
         _fail(f"--out {out}: a file; give the folder to write the images into", 2)

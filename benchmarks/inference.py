@@ -47,12 +47,14 @@ def timed(fn) -> float:
 def guidance_interval_row(model, caption: list[int], steps: int, sampler: str) -> None:
     """Seconds per image guided at every level against guided in the eval's default interval."""
     from transfusion.config import load_params
+    from transfusion.diffusion import build_scheduler
     from transfusion.sampling import sample_latents
 
+    sched = build_scheduler(model.config.diffusion, sampler)
     interval = tuple(load_params(Path(__file__).resolve().parents[1] / "params.yaml").eval.cfg_interval)
     caps = [caption] * 64
-    every = timed(lambda: sample_latents(model, caps, steps, 5.0, sampler, cfg_interval=(0.0, 1.0))) / 64
-    inside = timed(lambda: sample_latents(model, caps, steps, 5.0, sampler, cfg_interval=interval)) / 64
+    every = timed(lambda: sample_latents(model, caps, sched, steps, 5.0, cfg_interval=(0.0, 1.0))) / 64
+    inside = timed(lambda: sample_latents(model, caps, sched, steps, 5.0, cfg_interval=interval)) / 64
     print()
     print(f"| image sampling, batch 64, {steps} steps, CFG 5 | every level | in {list(interval)} | speed-up |")
     print("|---|---|---|---|")
@@ -60,6 +62,7 @@ def guidance_interval_row(model, caption: list[int], steps: int, sampler: str) -
 
 
 def main() -> None:
+    from transfusion.diffusion import build_scheduler
     from transfusion.sampling import generate_text, sample_latents
 
     ap = argparse.ArgumentParser()
@@ -74,21 +77,22 @@ def main() -> None:
     ]
 
     sampler = model.config.diffusion.sampler  # the default model's
+    sched = build_scheduler(model.config.diffusion, sampler)
     print(
         f"threads={torch.get_num_threads()} denoising steps={args.steps} ({sampler}, CFG scale 3) "
         f"text tokens={args.tokens}"
     )
     print("| task | batch | no cache | KV cache | speed-up |")
     print("|---|---|---|---|---|")
-    sample_latents(model, [caption], 2, 3.0, sampler)  # warm-up
+    sample_latents(model, [caption], sched, 2, 3.0)  # warm-up
     for batch in (1, 16):
         caps = [caption] * batch
-        slow = timed(lambda caps=caps: sample_latents(model, caps, args.steps, 3.0, sampler, use_cache=False)) / batch
-        fast = timed(lambda caps=caps: sample_latents(model, caps, args.steps, 3.0, sampler, use_cache=True)) / batch
+        slow = timed(lambda caps=caps: sample_latents(model, caps, sched, args.steps, 3.0, use_cache=False)) / batch
+        fast = timed(lambda caps=caps: sample_latents(model, caps, sched, args.steps, 3.0, use_cache=True)) / batch
         print(f"| image sampling (s/image) | {batch} | {slow:.3f} | {fast:.3f} | {slow / fast:.2f}x |")
     long_context = (prompt * 20)[:200] + caption  # e.g. an interleaved document before the image
-    slow = timed(lambda: sample_latents(model, [long_context] * 4, args.steps, 3.0, sampler, use_cache=False)) / 4
-    fast = timed(lambda: sample_latents(model, [long_context] * 4, args.steps, 3.0, sampler, use_cache=True)) / 4
+    slow = timed(lambda: sample_latents(model, [long_context] * 4, sched, args.steps, 3.0, use_cache=False)) / 4
+    fast = timed(lambda: sample_latents(model, [long_context] * 4, sched, args.steps, 3.0, use_cache=True)) / 4
     print(f"| image sampling after a 200-token context (s/image) | 4 | {slow:.3f} | {fast:.3f} | {slow / fast:.2f}x |")
     for batch in (1, 8):
         prompts = [prompt] * batch

@@ -51,7 +51,7 @@ def caption_split(model, tokenizer, data) -> tuple[float, float, float]:
 @torch.no_grad()
 def bypass(model, data, seed: int = 0) -> list[tuple[float, float]]:
     """(loss as trained, loss with zeroed transformer outputs) at each probe noise level."""
-    diffusion, x0 = model.diffusion, data.latents
+    diffusion, x0 = model.objective, data.latents
     batch = example_collator(model)([caption_to_image(c, z) for z, c in zip(x0, data.captions)])
     rows = []
     for level in BUCKETS:
@@ -77,9 +77,7 @@ def main(args: list[str]) -> None:
         label, folder = arg.split("=", 1)
         pipe = TransfusionPipeline.from_pretrained(Path(folder))
         model, tok = pipe.model.float().eval(), pipe.tokenizer
-        data = load_probe_data(
-            Path(params.paths.latents), tok, N, None, Path(params.paths.vae), params.data.scenes.palette
-        )
+        data = load_probe_data(Path(params.paths.latents), tok, N, None, params.data.scenes.palette)
         d, rest, shuffled = caption_split(model, tok, data)
         cells = [f"{a:.3f} / {b:.3f}" for a, b in bypass(model, data)]
         print(f"| {label} | {d:.2f} | {rest:.2f} | {shuffled:.2f} | " + " | ".join(cells) + " |")

@@ -10,7 +10,7 @@ from transfusion.config import Params
 def run(params: Params) -> dict[str, float]:
     from transfusion import tracking
     from transfusion.data.prepare import prepare_data, save_data
-    from transfusion.data.scenes import render_grid
+    from transfusion.images import render_grid
     from transfusion.io import write_json
 
     paths, cfg = params.paths, params.data

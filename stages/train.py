@@ -20,21 +20,20 @@ def run(params: Params, resume: bool | Path = False, address: str | None = None)
     from transfusion import tracking
     from transfusion.io import atomic_file, write_csv, write_json
     from transfusion.pipeline import TransfusionPipeline
-    from transfusion.train.checkpoint import CheckpointStore, prepare_run
+    from transfusion.train.checkpoint import prepare_run
     from transfusion.train.fit import fit
     from transfusion.train.loop import LoopConfig
 
-    paths, tc = params.paths, params.train
-    store = CheckpointStore.of(params.with_absolute_paths().paths, tc)
-    resume_from, run_id = prepare_run(store, resume)  # the checkpoint and MLflow run to continue
+    paths, run = params.paths, LoopConfig.from_params(params)
+    resume_from, run_id = prepare_run(run.store, resume)  # the checkpoint and MLflow run to continue
     with tracking.stage_run(params, "train", run_id=run_id) as mlrun:
         uri = tracking.tracking_uri(params.tracking)
-        result = fit(LoopConfig.from_params(params, uri, mlrun.run_id, resume_from), address)
+        run = run.model_copy(update={"tracking_uri": uri, "run_id": mlrun.run_id, "resume_from": resume_from})
+        result = fit(run, address)
 
         t_export = time.perf_counter()
         pipe = TransfusionPipeline.from_parts(result.model, paths.tokenizer, paths.vae, paths.latents, mlrun.run_id)
-        grid = paths.runs / "samples" / f"step-{tc.steps:08d}.png"
-        pipe.sample_grid(tc.sample_captions, grid, tc.sample_steps, tc.sample_cfg_scale, tc.seed)
+        grid = run.draw_samples(pipe, params.train.steps)  # the loop draws the grids before the last
         pipe.save_pretrained(paths.model)
         resumed = resume_from is not None or result.metrics["resumed_at_step"] > 0  # --resume or a Ray restart
         metrics = result.metrics | {"export_s": time.perf_counter() - t_export, "resumed": float(resumed)}

@@ -12,7 +12,7 @@ def run(params: Params) -> dict[str, float]:
 
     from transfusion import tracking
     from transfusion.data.prepare import load_image_split
-    from transfusion.data.scenes import render_grid
+    from transfusion.images import render_grid
     from transfusion.io import atomic_dir, atomic_file, write_json
     from transfusion.vae import build_vae, psnr, reconstruct, train_vae
 

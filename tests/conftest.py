@@ -168,15 +168,20 @@ def build_tiny_model(tokenizer, seed=0, diffusion=None, **model_kw):
     return model.eval()
 
 
-@pytest.fixture(scope="session")
-def exported_model(tmp_path_factory, text_tokenizer):
-    """A folder as the training stage exports it (random weights, tiny VAE), saved by the pipeline."""
+def pipeline_around(model, tokenizer):
+    """``model`` in a pipeline with a tiny random VAE (8x8 latents <-> 32x32 images)."""
     from transfusion.pipeline import TransfusionPipeline
     from transfusion.vae import build_vae
 
-    folder = tmp_path_factory.mktemp("export") / "model"
     vae = build_vae(section("vae", block_out_channels=[8, 16, 16], norm_num_groups=8), image_size=32)
-    TransfusionPipeline(build_tiny_model(text_tokenizer), text_tokenizer, vae, 0.5).save_pretrained(folder)
+    return TransfusionPipeline(model, tokenizer, vae, 0.5)
+
+
+@pytest.fixture(scope="session")
+def exported_model(tmp_path_factory, text_tokenizer):
+    """A folder as the training stage exports it (random weights, tiny VAE), saved by the pipeline."""
+    folder = tmp_path_factory.mktemp("export") / "model"
+    pipeline_around(build_tiny_model(text_tokenizer), text_tokenizer).save_pretrained(folder)
     return folder
 
 

@@ -14,12 +14,12 @@ import pytest
 from conftest import section
 from transfusion.config import ArchiveSpec
 from transfusion.data.archives import (
-    DataError,
     UnsafePickleError,
     fetch_archive,
     load_numpy_pickle,
     read_members,
 )
+from transfusion.errors import DataError
 from transfusion.io import sha256_of
 
 MNIST_ARCHIVE = section("data").mnist.archive  # as pinned in params.yaml

@@ -184,7 +184,8 @@ def test_caption_reads_back_what_generate_and_interleave_wrote(exported_model, t
     from PIL import Image
 
     from cli import app
-    from transfusion.pipeline import TransfusionPipeline, read_images
+    from transfusion.images import read_images
+    from transfusion.pipeline import TransfusionPipeline
 
     one = tmp_path / "one.png"
     r = CliRunner().invoke(app, ["generate", "a red 3", "-n", "1", "--steps", "2", "--out", str(one), "-m",

@@ -57,7 +57,7 @@ def test_overrides_parse_yaml_values():
         ("data:\n  scenes:\n    canvas: 30\n    grid: 4\n", "canvas (30) must be divisible by grid (4)"),
         ("data:\n  scenes:\n    canvas: 34\n    grid: 2\n", "does not divide data.scenes.canvas (34)"),
         ("data:\n  scenes:\n    categories: {sculpture: 1}\n", "data.scenes.categories.sculpture"),
-        ("diffusion:\n  objective: ddpm\n", "diffusion: sampler: 'flow_euler' does not fit objective 'ddpm'"),
+        ("diffusion:\n  objective: ddpm\n", "diffusion: sampler 'flow_euler' does not fit a model trained with 'ddpm'"),
         ("vae: [1, 2\n", "not valid YAML (line 2)"),
         ("- just\n- a list\n", "expected a mapping of sections"),
     ],

@@ -7,12 +7,18 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import build_tiny_model, diffusion_config
+from conftest import build_tiny_model, diffusion_config, pipeline_around
+from transfusion.diffusion import build_scheduler
 from transfusion.sampling import caption_latents, generate_interleaved, generate_text, guided, sample_latents
 
 
 def ids(tok, text):
     return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def sample(model, captions, steps, cfg_scale, sampler, **kw):
+    """``sample_latents`` with a fresh scheduler of ``sampler`` for ``model``'s schedule."""
+    return sample_latents(model, captions, build_scheduler(model.config.diffusion, sampler), steps, cfg_scale, **kw)
 
 
 @pytest.mark.parametrize("backbone", ["llama", "qwen2"])
@@ -40,8 +46,8 @@ def test_cached_and_uncached_image_samples_agree(text_tokenizer, patch_encoder, 
     )
     sampler = "flow_euler" if objective == "flow" else "ddpm"
     caps = [ids(text_tokenizer, "a red 4"), ids(text_tokenizer, "a 3 and a 7 to the left of")]
-    cached = sample_latents(model, caps, 12, 3.0, sampler, seed=5, use_cache=True)
-    uncached = sample_latents(model, caps, 12, 3.0, sampler, seed=5, use_cache=False)
+    cached = sample(model, caps, 12, 3.0, sampler, seed=5, use_cache=True)
+    uncached = sample(model, caps, 12, 3.0, sampler, seed=5, use_cache=False)
     assert cached.shape == (2, 4, 8, 8)
     torch.testing.assert_close(cached, uncached, rtol=0, atol=2e-3)
 
@@ -62,10 +68,11 @@ def test_samplers_recover_the_image_from_an_exact_predictor(objective, sampler, 
     sampler must end at x0: the sampling loop, the schedulers' time grids, the prediction type
     and the guidance all agree."""
     from transfusion.diffusion import build_objective
-    from transfusion.sampling import build_scheduler, denoise, generators
+    from transfusion.sampling import denoise, generators
 
     cfg = diffusion_config(objective, prediction_type=prediction)
-    sched = build_scheduler(cfg, sampler, steps)
+    sched = build_scheduler(cfg, sampler)
+    sched.set_timesteps(steps)  # alphas_cumprod below; denoise sets the steps again
     x0 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
 
     def predict(x, time):
@@ -77,7 +84,7 @@ def test_samplers_recover_the_image_from_an_exact_predictor(objective, sampler, 
             return build_objective(cfg.schedule).target(x0.expand_as(x), eps, time.long())
         return eps
 
-    out = denoise(sched, predict, generators(1, 2), (4, 8, 8), "cpu", 1.0)
+    out = denoise(sched, steps, predict, generators(1, 2), (4, 8, 8), "cpu", 1.0)
     # DDIM ends at alphas_cumprod[0] < 1 (set_alpha_to_one=False): a trace of noise, ~0.006 sigma
     torch.testing.assert_close(out, x0, rtol=0, atol=4e-2)
     assert (out - x0).abs().mean() < 1e-2
@@ -86,9 +93,9 @@ def test_samplers_recover_the_image_from_an_exact_predictor(objective, sampler, 
 def test_cfg_scale_one_is_the_conditional_sample(text_tokenizer):
     model = build_tiny_model(text_tokenizer)
     caps = [ids(text_tokenizer, "a red 4")]
-    conditional = sample_latents(model, caps, 10, 1.0, "ddim", seed=2)  # no unconditional rows at all
-    almost_one = sample_latents(model, caps, 10, 1.0 + 1e-6, "ddim", seed=2)  # CFG path, mixed at ~1
-    strong = sample_latents(model, caps, 10, 5.0, "ddim", seed=2)
+    conditional = sample(model, caps, 10, 1.0, "ddim", seed=2)  # no unconditional rows at all
+    almost_one = sample(model, caps, 10, 1.0 + 1e-6, "ddim", seed=2)  # CFG path, mixed at ~1
+    strong = sample(model, caps, 10, 5.0, "ddim", seed=2)
     torch.testing.assert_close(conditional, almost_one, rtol=0, atol=1e-4)
     assert (conditional - strong).abs().max() > 1e-2
     pred = torch.randn(4, 3)
@@ -104,15 +111,15 @@ def test_guidance_interval_guides_only_inside_it(text_tokenizer):
     model = build_tiny_model(text_tokenizer, diffusion=diffusion_config("flow"))
     caps = [ids(text_tokenizer, "a red 4")]
     kw = dict(steps=10, sampler="flow_euler", seed=2)
-    conditional = sample_latents(model, caps, cfg_scale=1.0, **kw)
-    never = sample_latents(model, caps, cfg_scale=4.0, cfg_interval=(2.0, 3.0), **kw)
-    always = sample_latents(model, caps, cfg_scale=4.0, **kw)
-    full = sample_latents(model, caps, cfg_scale=4.0, cfg_interval=(0.0, 1.0), **kw)
-    high = sample_latents(model, caps, cfg_scale=4.0, cfg_interval=(0.5, 1.0), **kw)
+    conditional = sample(model, caps, cfg_scale=1.0, **kw)
+    never = sample(model, caps, cfg_scale=4.0, cfg_interval=(2.0, 3.0), **kw)
+    always = sample(model, caps, cfg_scale=4.0, **kw)
+    full = sample(model, caps, cfg_scale=4.0, cfg_interval=(0.0, 1.0), **kw)
+    high = sample(model, caps, cfg_scale=4.0, cfg_interval=(0.5, 1.0), **kw)
     torch.testing.assert_close(never, conditional, rtol=0, atol=1e-4)
     assert torch.equal(always, full)
     assert (high - always).abs().max() > 1e-3 and (high - conditional).abs().max() > 1e-3
-    uncached = sample_latents(model, caps, cfg_scale=4.0, cfg_interval=(0.5, 1.0), use_cache=False, **kw)
+    uncached = sample(model, caps, cfg_scale=4.0, cfg_interval=(0.5, 1.0), use_cache=False, **kw)
     torch.testing.assert_close(high, uncached, rtol=0, atol=2e-3)
     assert guidance_at(0.7, 4.0, (0.5, 1.0)) == 4.0 and guidance_at(0.3, 4.0, (0.5, 1.0)) == 1.0
 
@@ -125,35 +132,37 @@ def test_steps_outside_the_guidance_interval_run_only_the_conditional_rows():
     from transfusion.sampling import denoise, generators
 
     sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000)
-    sched.set_timesteps(10)
     seen: list[tuple[int, float]] = []
 
     def predict(x, time):
         seen.append((len(x), float(time[0]) / 1000))
         return torch.zeros_like(x)
 
-    denoise(sched, predict, generators(0, 3), (4, 8, 8), "cpu", 4.0, cfg_interval=(0.5, 1.0))
+    denoise(sched, 10, predict, generators(0, 3), (4, 8, 8), "cpu", 4.0, cfg_interval=(0.5, 1.0))
     assert [rows for rows, _ in seen] == [6 if level >= 0.5 else 3 for _, level in seen]
     assert sum(rows == 6 for rows, _ in seen) == 5
 
 
 def test_a_model_samples_with_its_saved_guidance_interval(text_tokenizer):
-    """``sample_images`` without an interval uses the one the model was trained with (what
-    ``transfusion generate`` does without ``--cfg-interval``)."""
+    """The pipeline's ``sample_images`` without an interval uses the one the model was trained
+    with (what ``transfusion generate`` does without ``--cfg-interval``)."""
     model = build_tiny_model(text_tokenizer, diffusion=diffusion_config("flow", cfg_scale=4.0, cfg_interval=(0.5, 1.0)))
+    pipe = pipeline_around(model, text_tokenizer)
     caps = [ids(text_tokenizer, "a red 4")]
-    own = model.sample_images(caps, steps=10, seed=2)
-    assert torch.equal(own, sample_latents(model, caps, 10, 4.0, "flow_euler", seed=2, cfg_interval=(0.5, 1.0)))
-    assert (own - sample_latents(model, caps, 10, 4.0, "flow_euler", seed=2)).abs().max() > 1e-3
+    own = pipe.sample_images(["a red 4"], steps=10, seed=2)
+    saved = pipe.decode_latents(sample(model, caps, 10, 4.0, "flow_euler", seed=2, cfg_interval=(0.5, 1.0)))
+    np.testing.assert_array_equal(own, saved)
+    everywhere = pipe.decode_latents(sample(model, caps, 10, 4.0, "flow_euler", seed=2))
+    assert np.abs(own.astype(int) - everywhere.astype(int)).max() > 0
 
 
 def test_a_batch_equals_one_by_one(text_tokenizer):
     model = build_tiny_model(text_tokenizer)
     caps = [ids(text_tokenizer, t) for t in ("a 7", "a blue 3 and a red 4", "two 5s")]
-    batch = sample_latents(model, caps, 10, 3.0, "ddpm", seed=10)
-    single = torch.cat([sample_latents(model, [c], 10, 3.0, "ddpm", seed=10 + i) for i, c in enumerate(caps)])
+    batch = sample(model, caps, 10, 3.0, "ddpm", seed=10)
+    single = torch.cat([sample(model, [c], 10, 3.0, "ddpm", seed=10 + i) for i, c in enumerate(caps)])
     torch.testing.assert_close(batch, single, rtol=0, atol=1e-4)
-    again = sample_latents(model, caps, 10, 3.0, "ddpm", seed=10)
+    again = sample(model, caps, 10, 3.0, "ddpm", seed=10)
     assert torch.equal(batch, again)  # seeds make it deterministic
 
 
@@ -180,7 +189,7 @@ def test_interleaved_draws_an_image_when_boi_is_forced_and_continues(text_tokeni
         force_image=True,
         min_new_tokens=4,
         cfg_scale=2.0,
-        sampler="ddpm",
+        scheduler=build_scheduler(model.config.diffusion, "ddpm"),
     )
     assert torch.is_tensor(parts[0]) and parts[0].shape == (4, 8, 8)
     assert isinstance(parts[1], list) and len(parts[1]) >= 4

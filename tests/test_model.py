@@ -184,7 +184,7 @@ def test_noise_limit_for_images_before_their_caption(tokenizer, objective):
             for s in range(10)
         ]
     ).view(10, 40)
-    times = model.diffusion.model_time(drawn.flatten()).view(10, 40)  # 0..1000 scale for both
+    times = model.objective.model_time(drawn.flatten()).view(10, 40)  # 0..1000 scale for both
     assert times[:, :20].max() <= 500
     assert times[:, 20:].max() > 700  # uncapped images reach high noise
 
@@ -205,7 +205,7 @@ def test_dropped_captions_train_the_whole_noise_range(tokenizer, objective):
             for s in range(10)
         ]
     ).view(10, 40)
-    times = model.diffusion.model_time(drawn.flatten()).view(10, 40)
+    times = model.objective.model_time(drawn.flatten()).view(10, 40)
     assert times[:, :20].max() > 700  # unconditional images see high noise
     assert times[:, 20:].max() <= 500  # image-first images stay capped
 

@@ -183,8 +183,8 @@ def _folder(root, lines: list[str]):
     ],
 )
 def test_caption_folder_entries_stay_inside_the_folder(tmp_path, entry, expected):
-    from transfusion.data.archives import DataError
     from transfusion.data.sources import load_caption_folder
+    from transfusion.errors import DataError
 
     (tmp_path / "outside.png").write_bytes(b"")  # what an escaping entry would reach
     good = ['{"file": "a.png", "caption": "a"}', '{"file": "b.png", "caption": "b"}']
@@ -197,8 +197,8 @@ def test_caption_folder_entries_stay_inside_the_folder(tmp_path, entry, expected
 
 def test_caption_folder_refuses_a_huge_image_from_its_header(tmp_path):
     from conftest import png_claiming
-    from transfusion.data.archives import DataError
     from transfusion.data.sources import load_caption_folder
+    from transfusion.errors import DataError
 
     folder = _folder(tmp_path / "mine", ['{"file": "a.png", "caption": "a"}', '{"file": "big.png", "caption": "b"}'])
     (folder / "big.png").write_bytes(png_claiming(30000, 30000))

@@ -243,6 +243,21 @@ class ModelConfig(Section):
     max_length: PositiveInt  # tokens per packed training sequence
 
 
+SAMPLERS = ("ddpm", "ddim", "dpmpp", "flow_euler")
+Sampler = Literal[SAMPLERS]  # type: ignore[valid-type]
+
+
+def sampler_misfit(objective: str, sampler: str) -> str | None:
+    """Why ``sampler`` cannot sample a model trained with ``objective`` (None: it can). The one
+    check, used by the params and by every scheduler built for sampling."""
+    if sampler not in SAMPLERS:
+        return f"unknown sampler {sampler!r}: expected one of {', '.join(SAMPLERS)}"
+    if (objective == "flow") != (sampler == "flow_euler"):
+        want = "flow_euler" if objective == "flow" else "ddpm, ddim or dpmpp"
+        return f"sampler {sampler!r} does not fit a model trained with {objective!r} (use {want})"
+    return None
+
+
 Level = Annotated[float, Field(ge=0, le=1)]
 CfgInterval = tuple[Level, Level]
 
@@ -261,7 +276,7 @@ class ScheduleConfig(Section):
     prediction_type: Literal["epsilon", "v_prediction"]  # DDPM: the paper predicts epsilon
     flow_shift: Annotated[float, Field(gt=0)]
     sample_steps: PositiveInt
-    sampler: Literal["ddpm", "ddim", "dpmpp", "flow_euler"]
+    sampler: Sampler
     cfg_scale: Annotated[float, Field(ge=0)]
     # noise levels (0 clean .. 1 pure noise) where guidance applies, the conditional prediction
     # alone elsewhere (Kynkaanniemi et al. 2024; docs/recipe.md: guidance at high noise empties
@@ -270,9 +285,9 @@ class ScheduleConfig(Section):
 
     @model_validator(mode="after")
     def _check(self) -> ScheduleConfig:
-        if (self.objective == "flow") != (self.sampler == "flow_euler"):
-            want = "flow_euler" if self.objective == "flow" else "ddpm, ddim or dpmpp"
-            raise ValueError(f"sampler: {self.sampler!r} does not fit objective {self.objective!r} (use {want})")
+        misfit = sampler_misfit(self.objective, self.sampler)
+        if misfit:
+            raise ValueError(misfit)
         _check_interval(self.cfg_interval)
         return self
 
@@ -399,7 +414,7 @@ class EvalConfig(Section):
     images_per_prompt: PositiveInt  # GenEval uses 4
     prompt_file: FilePath | None  # a GenEval-format evaluation_metadata.jsonl instead
     sample_steps: PositiveInt
-    sampler: Literal["ddpm", "ddim", "dpmpp", "flow_euler"] | None  # None: the model's default
+    sampler: Sampler | None  # None: the model's default
     cfg_scale: Annotated[float, Field(ge=0)]
     cfg_interval: CfgInterval  # noise levels where guidance applies (as diffusion.cfg_interval)
     cfg_sweep: list[Annotated[float, Field(ge=0)]]  # GenEval-style at each scale, the same prompts

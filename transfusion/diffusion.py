@@ -1,6 +1,7 @@
 """Diffusion maths over diffusers' schedulers, kept apart from the network (as in DiT).
 
-Two objectives share one small interface used by ``TransfusionModel.loss``:
+Two objectives share one small interface; ``training_losses(predict, x0, noise, t)`` (DiT's
+name) is the diffusion loss, used by ``TransfusionModel.loss`` and by the probes:
 
 - ``sample_timesteps(capped, noise_limit, generator)``: one training timestep per image; an
   image that precedes its caption (``capped``) draws only from the low-noise part, noise level
@@ -13,28 +14,72 @@ DDPM: ``DDPMScheduler`` with the cosine (``squaredcos_cap_v2``) schedule, 1000 s
 epsilon prediction (the paper) or v-prediction (``prediction_type: v_prediction``; the samplers
 read the same setting). Flow matching: rectified flow ``x_t = (1 - s) x0 + s eps`` on the sigma table
 of ``FlowMatchEulerDiscreteScheduler``, velocity target ``eps - x0``.
+
+``build_scheduler(schedule, sampler)`` is the one scheduler factory: the objectives' training
+schedulers and every sampler's.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+import torch.nn.functional as F
 
-from transfusion.config import ScheduleConfig
+from transfusion.config import ScheduleConfig, sampler_misfit
+from transfusion.errors import BadInput
 
 
-class DDPMObjective:
+def build_scheduler(schedule: ScheduleConfig, sampler: str):
+    """The diffusers scheduler of ``sampler`` for a model trained on ``schedule`` (``ddpm`` or
+    ``flow_euler``: the objective's own); a sampler that does not fit the objective is refused."""
+    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
+
+    misfit = sampler_misfit(schedule.objective, sampler)
+    if misfit:
+        raise BadInput(misfit)
+    T, betas, prediction = schedule.train_steps, schedule.beta_schedule, schedule.prediction_type
+    if sampler == "flow_euler":
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=T, shift=schedule.flow_shift)
+    if sampler == "dpmpp":
+        return DPMSolverMultistepScheduler(
+            num_train_timesteps=T, beta_schedule=betas, prediction_type=prediction, algorithm_type="dpmsolver++"
+        )
+    if sampler == "ddim":
+        return DDIMScheduler(
+            num_train_timesteps=T,
+            beta_schedule=betas,
+            prediction_type=prediction,
+            clip_sample=False,
+            set_alpha_to_one=False,
+        )
+    return DDPMScheduler(num_train_timesteps=T, beta_schedule=betas, prediction_type=prediction, clip_sample=False)
+
+
+Predict = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, model time) -> prediction
+
+
+class Objective:
+    """What both objectives share: the diffusion loss from their own noising and target."""
+
+    cfg: ScheduleConfig
+
+    def training_losses(
+        self, predict: Predict, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, reduction: str = "mean"
+    ) -> torch.Tensor:
+        """MSE of ``predict(x_t, model_time(t))`` against the target, for clean ``x0`` noised with
+        ``noise`` at timesteps ``t`` (N,); ``reduction="none"`` keeps it per element."""
+        x_t = self.add_noise(x0, noise, t)  # (N, C, H, W)
+        pred = predict(x_t, self.model_time(t))
+        return F.mse_loss(pred.float(), self.target(x0, noise, t).float(), reduction=reduction)
+
+
+class DDPMObjective(Objective):
     name = "ddpm"
 
     def __init__(self, cfg: ScheduleConfig) -> None:
-        from diffusers import DDPMScheduler
-
         self.cfg = cfg
-        self.scheduler = DDPMScheduler(
-            num_train_timesteps=cfg.train_steps,
-            beta_schedule=cfg.beta_schedule,
-            prediction_type=cfg.prediction_type,
-            clip_sample=False,
-        )
+        self.scheduler = build_scheduler(cfg, "ddpm")
 
     def sample_timesteps(
         self, capped: torch.Tensor, noise_limit: float, generator: torch.Generator | None = None
@@ -62,14 +107,12 @@ class DDPMObjective:
         return (levels * self.cfg.train_steps).long().clamp(0, self.cfg.train_steps - 1)
 
 
-class FlowMatchingObjective:
+class FlowMatchingObjective(Objective):
     name = "flow"
 
     def __init__(self, cfg: ScheduleConfig) -> None:
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
         self.cfg = cfg
-        self.scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=cfg.train_steps, shift=cfg.flow_shift)
+        self.scheduler = build_scheduler(cfg, "flow_euler")
         self.sigmas = self.scheduler.sigmas[: cfg.train_steps].float()  # descending, 1 -> ~1/T
 
     def sample_timesteps(

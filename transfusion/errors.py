@@ -24,3 +24,7 @@ class MissingInput(UserError, FileNotFoundError):
 
 class BadInput(UserError, ValueError):
     """A file, argument or value is there but cannot be used."""
+
+
+class DataError(UserError):
+    """Raw data is missing, corrupt or unsafe; the message says what to provide."""

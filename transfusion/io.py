@@ -66,11 +66,8 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def write_csv(target: Path, rows: list[dict[str, float]], columns: list[str] | None = None) -> None:
@@ -81,35 +78,3 @@ def write_csv(target: Path, rows: list[dict[str, float]], columns: list[str] | N
         fh.write(",".join(columns) + "\n")
         for row in rows:
             fh.write(",".join(f"{row.get(k, float('nan')):.6g}" for k in columns) + "\n")
-
-
-def open_rgb(path: Path, max_pixels: int, size_ok=None):
-    """The image at ``path`` as an RGB PIL image, decoded only after its header's size passed
-    (at most ``max_pixels``, and ``size_ok(width, height)`` when given): a crafted or huge file
-    is refused before it costs memory. Raises ``MissingInput`` / ``BadInput`` naming the file."""
-    import warnings
-
-    from PIL import Image, UnidentifiedImageError
-
-    from transfusion.errors import BadInput, MissingInput
-
-    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # ours below is stricter, and names the size
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:  # reads the header only
-                w, h = im.size
-                if w * h > max_pixels:
-                    raise BadInput(f"{path}: {w}x{h} pixels, more than the {max_pixels} this reads")
-                if size_ok is not None:
-                    size_ok(w, h)
-                im.load()
-                return im.convert("RGB")
-    except FileNotFoundError:
-        raise MissingInput(f"{path}: no such image file") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise BadInput(f"{path}: refused, too many pixels ({err})") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        raise BadInput(f"{path}: cannot read image ({err})") from None
-    finally:
-        Image.MAX_IMAGE_PIXELS = limit

@@ -42,7 +42,3 @@ class Batch:
 
     def to(self, device: torch.device | str) -> Batch:
         return Batch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
-
-    @property
-    def num_text_targets(self) -> int:
-        return int((self.labels != -100).sum())

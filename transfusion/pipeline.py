@@ -8,47 +8,59 @@
     pipeline.json                    latent scaling factor and shape, the VAE folder, the MLflow
                                      run that trained the model
 
-``from_uri`` also takes an MLflow model URI (``runs:/<run id>/model``). The methods wrap the
-model's: prompts and captions as strings, images as uint8 arrays (N, H, W, 3); sampled latents
-are unscaled and decoded by the VAE.
+``from_uri`` also takes an MLflow model URI (``runs:/<run id>/model``). The pipeline is the one
+inference surface (as in diffusers): prompts and captions as strings, images as uint8 arrays
+(N, H, W, 3); it owns its scheduler (the model's default sampler; another one is built for a
+call that asks for it) and runs ``transfusion.sampling`` on the model, in eval mode for the call
+(a model being trained is put back in training mode after it).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from transfusion import sampling
+from transfusion.diffusion import build_scheduler
 from transfusion.errors import BadInput, MissingInput
 
 PIPELINE_FILE, VAE_FOLDER = "pipeline.json", "vae"
 
 
 class TransfusionPipeline:
-    def __init__(self, model, tokenizer, vae, scaling_factor: float, run_id: str | None = None) -> None:
-        self.model, self.tokenizer, self.vae, self.scaling_factor = model.eval(), tokenizer, vae.eval(), scaling_factor
+    def __init__(self, model, tokenizer, vae, scaling_factor: float, run_id: str | None = None, scheduler=None) -> None:
+        self.model, self.tokenizer, self.vae, self.scaling_factor = model, tokenizer, vae.eval(), scaling_factor
+        schedule = model.config.diffusion
+        self.scheduler = scheduler if scheduler is not None else build_scheduler(schedule, schedule.sampler)
         self.run_id = run_id  # the MLflow run that trained the model, when known
+
+    def with_model(self, model) -> TransfusionPipeline:
+        """The same tokenizer, VAE and scheduler around other weights of the same model (the EMA)."""
+        return TransfusionPipeline(model, self.tokenizer, self.vae, self.scaling_factor, self.run_id, self.scheduler)
 
     def save_pretrained(self, folder: Path) -> None:
         """The pipeline's folder, written atomically (it appears whole or not at all)."""
         from transfusion.io import atomic_dir
 
-        cfg = self.model.config
+        conf = self.model.config
         with atomic_dir(Path(folder)) as tmp:
             self.model.write_files(tmp, self.tokenizer)
             self.vae.save_pretrained(str(tmp / VAE_FOLDER), safe_serialization=True)
             meta = {
                 "scaling_factor": self.scaling_factor,
-                "latent_shape": [cfg.latent_channels, cfg.latent_size, cfg.latent_size],
+                "latent_shape": [conf.latent_channels, conf.latent_size, conf.latent_size],
                 "vae": VAE_FOLDER,
                 "run_id": self.run_id,
             }
             (tmp / PIPELINE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
     @classmethod
-    def from_pretrained(cls, folder: Path, attention: str | None = None) -> TransfusionPipeline:
+    def from_pretrained(cls, folder: Path) -> TransfusionPipeline:
         from transfusion.data.tokenizer import load_tokenizer
         from transfusion.model import TransfusionModel
         from transfusion.vae import load_vae
@@ -66,7 +78,7 @@ class TransfusionPipeline:
             vae_folder, scaling_factor, run_id = meta["vae"], float(meta["scaling_factor"]), meta.get("run_id")
         except (ValueError, KeyError, TypeError) as err:
             raise BadInput(f"{meta_file}: expected JSON with vae and scaling_factor ({err})") from None
-        model = TransfusionModel.from_pretrained(folder, attention=attention)
+        model = TransfusionModel.from_pretrained(folder)
         return cls(model, load_tokenizer(folder), load_vae(folder / vae_folder), scaling_factor, run_id)
 
     @classmethod
@@ -104,6 +116,27 @@ class TransfusionPipeline:
     def _text(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
+    @contextmanager
+    def _eval(self) -> Iterator[None]:
+        """The model in eval mode for one call, its mode restored after it."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            yield
+        finally:
+            self.model.train(was_training)
+
+    def _sampling(self, steps, cfg_scale, sampler, cfg_interval) -> dict:
+        """The sampling arguments of one call: what is given, else the model's defaults."""
+        d = self.model.config.diffusion
+        own = sampler is None or sampler == d.sampler
+        return {
+            "scheduler": self.scheduler if own else build_scheduler(d, sampler),
+            "steps": steps or d.sample_steps,
+            "cfg_scale": d.cfg_scale if cfg_scale is None else cfg_scale,
+            "cfg_interval": tuple(cfg_interval or d.cfg_interval),
+        }
+
     def decode_latents(self, latents: torch.Tensor) -> np.ndarray:
         from transfusion.vae import decode
 
@@ -119,76 +152,76 @@ class TransfusionPipeline:
         device = next(self.model.parameters()).device
         return (encode(self.vae, images) * self.scaling_factor).to(device)
 
-    # -- the four modes ------------------------------------------------------------------------
-    def generate_text(self, prompts: list[str], **kwargs) -> list[str]:
-        return [self._text(ids) for ids in self.model.generate_text([self._ids(p) for p in prompts], **kwargs)]
-
-    def sample_images(self, captions: list[str], **kwargs) -> np.ndarray:
-        ids = [self._ids(c) for c in captions]
+    def _check_fits(self, captions: list[str], ids: list[list[int]]) -> None:
         limit = int(self.model.config.backbone.get("max_position_embeddings", 2048))
-        image = self.model.config.patches_per_image + 3  # <boi> [time] patches <eoi>
+        image = self.model.config.image_tokens
         for caption, row in zip(captions, ids):
             if 1 + len(row) + image > limit:
                 raise BadInput(
                     f"caption of {len(caption)} characters is {len(row)} tokens; with the image "
                     f"({image} tokens) it exceeds the model's {limit} positions"
                 )
-        return self.decode_latents(self.model.sample_images(ids, **kwargs))
 
-    def caption(self, images: np.ndarray, **kwargs) -> list[str]:
-        return [self._text(ids) for ids in self.model.caption(self.encode_images(images), **kwargs)]
+    # -- the four modes ------------------------------------------------------------------------
+    def generate_text(self, prompts: list[str], **kwargs) -> list[str]:
+        """Continue each prompt; options of :func:`transfusion.sampling.generate_text`."""
+        with self._eval():
+            out = sampling.generate_text(self.model, [self._ids(p) for p in prompts], **kwargs)
+        return [self._text(ids) for ids in out]
+
+    def sample_images(
+        self,
+        captions: list[str],
+        steps: int | None = None,
+        cfg_scale: float | None = None,
+        sampler: str | None = None,
+        cfg_interval: tuple[float, float] | None = None,
+        seed: int = 0,
+        use_cache: bool = True,
+        progress=None,
+    ) -> np.ndarray:
+        """One image per caption (N, H, W, 3); image i is drawn from ``seed + i``. Sampling
+        settings not given are the model's (its saved ``diffusion`` section)."""
+        ids = [self._ids(c) for c in captions]
+        self._check_fits(captions, ids)
+        how = self._sampling(steps, cfg_scale, sampler, cfg_interval)
+        with self._eval():
+            latents = sampling.sample_latents(self.model, ids, seed=seed, use_cache=use_cache, progress=progress, **how)
+        return self.decode_latents(latents)
+
+    def caption(self, images: np.ndarray, max_new_tokens: int = 24) -> list[str]:
+        """Greedy captions of uint8 images (N, H, W, 3)."""
+        return self.caption_latents(self.encode_images(images), max_new_tokens)
+
+    def caption_latents(self, latents: torch.Tensor, max_new_tokens: int = 24) -> list[str]:
+        """Greedy captions of clean scaled latents (N, C, h, w) (the probes' val latents)."""
+        device = next(self.model.parameters()).device
+        with self._eval():
+            out = sampling.caption_latents(self.model, latents.to(device), max_new_tokens)
+        return [self._text(ids) for ids in out]
 
     def sample_grid(
         self, captions: list[str], path: Path, steps: int | None = None, cfg_scale: float | None = None, seed: int = 0
     ) -> np.ndarray:
         """One image per caption, drawn as a captioned PNG grid at ``path``; returns the images."""
-        from transfusion.data.scenes import render_grid
+        from transfusion.images import render_grid
 
         images = self.sample_images(list(captions), steps=steps, cfg_scale=cfg_scale, seed=seed)
         render_grid(images, list(captions), Path(path), cols=min(6, len(images)))
         return images
 
-    def generate(self, prompt: str, **kwargs) -> list[str | np.ndarray]:
-        out: list[str | np.ndarray] = []
-        for part in self.model.generate(self._ids(prompt), **kwargs):
-            out.append(self.decode_latents(part[None])[0] if torch.is_tensor(part) else self._text(part))
-        return out
-
-
-MAX_SCALE = 16  # `generate` writes images enlarged 4x; `caption` takes up to 16x back
-
-
-def read_images(files: list[Path], size: int) -> np.ndarray:
-    """PNG/JPEG files -> uint8 (N, size, size, 3). A square image of an integer multiple of
-    ``size`` (up to 16x: what ``generate`` and ``interleave`` write, enlarged) is scaled back
-    down; any other size, a bad file, or a header claiming more pixels is a one-line error,
-    checked before the image is decoded."""
-    from PIL import Image
-
-    from transfusion.io import open_rgb
-
-    def size_ok(w: int, h: int, f: Path) -> None:
-        if w != h or w % size or not 1 <= w // size <= MAX_SCALE:
-            raise BadInput(
-                f"{f}: expected a {size}x{size} image (or a square multiple up to {MAX_SCALE}x), got {w}x{h}"
-            )
-
-    out = []
-    for f in files:
-        rgb = open_rgb(f, (size * MAX_SCALE) ** 2, lambda w, h, f=f: size_ok(w, h, f))
-        if rgb.size != (size, size):
-            rgb = rgb.resize((size, size), Image.BOX)  # the exact inverse of a NEAREST enlargement
-        out.append(np.asarray(rgb, dtype=np.uint8))
-    return np.stack(out)
-
-
-def save_png(image: np.ndarray, path: Path, scale: int = 1) -> None:
-    from PIL import Image
-
-    from transfusion.io import atomic_file
-
-    im = Image.fromarray(image)
-    if scale > 1:
-        im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
-    with atomic_file(Path(path), "wb") as fh:
-        im.save(fh, format="PNG")
+    def generate(
+        self,
+        prompt: str,
+        steps: int | None = None,
+        cfg_scale: float | None = None,
+        sampler: str | None = None,
+        cfg_interval: tuple[float, float] | None = None,
+        **kwargs,
+    ) -> list[str | np.ndarray]:
+        """Interleaved text and images (the paper's inference); options of
+        :func:`transfusion.sampling.generate_interleaved`, sampling defaults the model's."""
+        how = self._sampling(steps, cfg_scale, sampler, cfg_interval)
+        with self._eval():
+            parts = sampling.generate_interleaved(self.model, self._ids(prompt), **how, **kwargs)
+        return [self.decode_latents(part[None])[0] if torch.is_tensor(part) else self._text(part) for part in parts]

@@ -1,8 +1,9 @@
-"""Image sampling with diffusers' schedulers and classifier-free guidance.
+"""Token and latent sampling under the pipeline (``transfusion.pipeline`` is the one surface).
 
-``sample_latents`` denoises one image per caption: DDPM (default), DDIM, DPM-Solver++ (``dpmpp``,
-diffusers' multistep solver: good images in 20-50 steps), or the flow-matching Euler sampler for
-models trained with flow matching. With ``cfg_scale != 1`` every step also runs
+``sample_latents`` denoises one image per caption with the diffusers scheduler it is handed
+(``transfusion.diffusion.build_scheduler``): DDPM, DDIM, DPM-Solver++ (``dpmpp``, diffusers'
+multistep solver: good images in 20-50 steps), or the flow-matching Euler sampler for models
+trained with flow matching. With ``cfg_scale != 1`` every step also runs
 the caption-less sequence (``<bos> <boi> ...``, as in caption-dropout training) and mixes
 ``uncond + scale * (cond - uncond)``. Each image has its own generator (seed + index), so a
 batch of captions gives the same images as the captions sampled one by one.
@@ -12,51 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from transfusion.config import DiffusionConfig
 from transfusion.data.collate import Collator, Example
-from transfusion.errors import BadInput
-
-SAMPLERS = ("ddpm", "ddim", "dpmpp", "flow_euler")
-
-
-def build_scheduler(cfg: DiffusionConfig, sampler: str, steps: int):
-    """A diffusers scheduler matching the training objective, set to ``steps`` steps."""
-    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
-
-    if sampler not in SAMPLERS:
-        raise BadInput(f"unknown sampler {sampler!r}: expected one of {', '.join(SAMPLERS)}")
-    flow = cfg.objective == "flow"
-    if flow != (sampler == "flow_euler"):
-        raise BadInput(
-            f"sampler {sampler!r} does not fit a model trained with {cfg.objective!r} "
-            f"(use {'flow_euler' if flow else 'ddpm, ddim or dpmpp'})"
-        )
-    if sampler == "flow_euler":
-        sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=cfg.train_steps, shift=cfg.flow_shift)
-    elif sampler == "dpmpp":
-        sched = DPMSolverMultistepScheduler(
-            num_train_timesteps=cfg.train_steps,
-            beta_schedule=cfg.beta_schedule,
-            prediction_type=cfg.prediction_type,
-            algorithm_type="dpmsolver++",
-        )
-    elif sampler == "ddim":
-        sched = DDIMScheduler(
-            num_train_timesteps=cfg.train_steps,
-            beta_schedule=cfg.beta_schedule,
-            prediction_type=cfg.prediction_type,
-            clip_sample=False,
-            set_alpha_to_one=False,
-        )
-    else:
-        sched = DDPMScheduler(
-            num_train_timesteps=cfg.train_steps,
-            beta_schedule=cfg.beta_schedule,
-            prediction_type=cfg.prediction_type,
-            clip_sample=False,
-        )
-    sched.set_timesteps(steps)
-    return sched
 
 
 def generators(seed: int, n: int, device: str | torch.device = "cpu") -> list[torch.Generator]:
@@ -86,28 +43,21 @@ def guidance_at(level: float, cfg_scale: float, interval: tuple[float, float]) -
 @torch.no_grad()
 def example_collator(model) -> Collator:
     """A collator laying out ``model``'s examples one per row, unpacked and untruncated."""
-    cfg = model.config
+    conf = model.config
     return Collator(
-        model.special, cfg.patches_per_image, 1 << 30, time_token=cfg.time_conditioning == "token", pack=False
+        model.special, conf.patches_per_image, 1 << 30, time_token=conf.time_conditioning == "token", pack=False
     )
 
 
-def sample_latents_uncached(
-    model,
-    captions: list[list[int]],
-    steps: int,
-    cfg_scale: float,
-    sampler: str,
-    seed: int = 0,
-    progress=None,
-    cfg_interval: tuple[float, float] = (0.0, 1.0),
-) -> torch.Tensor:
-    """Reference sampler: every step re-runs the whole sequence (caption + image)."""
-    cfg = model.config
-    device = next(model.parameters()).device
-    shape = (cfg.latent_channels, cfg.latent_size, cfg.latent_size)
-    sched = build_scheduler(cfg.diffusion, sampler, steps)
-    placeholder = torch.zeros(shape)
+def latent_shape(model) -> tuple[int, int, int]:
+    """(C, H, W) of one scaled latent of ``model``."""
+    conf = model.config
+    return (conf.latent_channels, conf.latent_size, conf.latent_size)
+
+
+def _uncached_predictor(model, captions: list[list[int]], cfg_scale: float, device):
+    """Reference predictor: every step re-runs the whole sequence (caption + image)."""
+    placeholder = torch.zeros(latent_shape(model))
     cond = [Example([list(c), placeholder]) for c in captions]
     uncond = [Example([[], placeholder]) for _ in captions] if cfg_scale != 1.0 else []
     collate = example_collator(model)
@@ -116,11 +66,31 @@ def sample_latents_uncached(
     def predict(x_in: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
         return model(both_batch if len(x_in) > len(cond) else cond_batch, x_in, time)[1]
 
-    return denoise(sched, predict, generators(seed, len(captions)), shape, device, cfg_scale, progress, cfg_interval)
+    return predict
+
+
+def _cached_predictor(model, captions: list[list[int]], cfg_scale: float, context, uncond_context):
+    """The prefixes run once into KV caches (or the contexts given); each call runs the image
+    tokens only, over the conditional context or the stacked [cond; uncond] one."""
+    s = model.special
+    n = len(captions)
+    if context is None:
+        context = Context.prefill(model, [[s.bos, *c, s.boi] for c in captions])
+        if cfg_scale != 1.0:
+            uncond_context = Context.prefill(model, [[s.bos, s.boi]] * n)
+    if cfg_scale != 1.0 and uncond_context is None:
+        raise ValueError("sample_latents: a given context with cfg_scale != 1 needs its uncond_context")
+    both = _stack_contexts(context, uncond_context) if cfg_scale != 1.0 else context
+
+    def predict(x_in: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
+        return (both if len(x_in) > n else context).image_prediction(x_in, time)
+
+    return predict
 
 
 def denoise(
     sched,
+    steps: int,
     predict,
     gens: list[torch.Generator],
     shape: tuple[int, ...],
@@ -132,7 +102,9 @@ def denoise(
     """The sampling loop: ``predict(x_in, time)`` gives the network output for the stacked
     [cond; uncond] latents where guidance applies (noise levels inside ``cfg_interval``,
     :func:`guidance_at`), and for the conditional latents alone elsewhere: a step outside the
-    interval runs half the rows. The scheduler steps the guided prediction."""
+    interval runs half the rows. ``sched`` (reset to ``steps`` steps here, as diffusers' pipelines
+    do) steps the guided prediction."""
+    sched.set_timesteps(steps)
     x = initial_noise(gens, shape, device) * getattr(sched, "init_noise_sigma", 1.0)
     T = sched.config.num_train_timesteps
     for t in progress(sched.timesteps) if progress else sched.timesteps:
@@ -237,19 +209,18 @@ def _ban(logits: torch.Tensor, tokens: list[int]) -> torch.Tensor:
 def _pick(
     logits: torch.Tensor, temperature: float, top_k: int, top_p: float, gens: list[torch.Generator]
 ) -> torch.Tensor:
-    """Next token per row: greedy at temperature 0, else sampled after top-k / top-p filtering."""
+    """Next token per row: greedy at temperature 0, else sampled after transformers' temperature,
+    top-k and top-p warpers."""
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
     if temperature <= 0:
         return logits.argmax(-1)
-    logits = logits.float() / temperature
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature)])
     if top_k > 0:
-        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        warpers.append(TopKLogitsWarper(top_k))
     if top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) > top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = logits.softmax(-1).cpu()
+        warpers.append(TopPLogitsWarper(top_p))
+    probs = warpers(None, logits.float()).softmax(-1).cpu()
     return torch.stack([torch.multinomial(p, 1, generator=g)[0] for p, g in zip(probs, gens)]).to(logits.device)
 
 
@@ -306,9 +277,9 @@ def generate_text(
 def sample_latents(
     model,
     captions: list[list[int]],
+    scheduler,
     steps: int,
     cfg_scale: float,
-    sampler: str,
     seed: int = 0,
     use_cache: bool = True,
     progress=None,
@@ -316,31 +287,20 @@ def sample_latents(
     cfg_interval: tuple[float, float] = (0.0, 1.0),
     uncond_context: Context | None = None,
 ) -> torch.Tensor:
-    """Scaled latents (N, C, H, W), one per caption. The prefix ``<bos> caption <boi>`` (and
-    ``<bos> <boi>`` for CFG) runs once into the KV cache; each step runs only the image tokens.
-    ``context`` (with ``uncond_context`` for CFG) continues existing ones instead (interleaved
-    generation; rows = images). Guidance applies at noise levels inside ``cfg_interval`` only
+    """Scaled latents (N, C, H, W), one per caption, denoised in ``steps`` steps of ``scheduler``
+    (``transfusion.diffusion.build_scheduler``). The prefix ``<bos> caption <boi>`` (and
+    ``<bos> <boi>`` for CFG) runs once into the KV cache; each step runs only the image tokens
+    (``use_cache=False``: the whole sequence, the reference). ``context`` (with
+    ``uncond_context`` for CFG) continues existing ones instead (interleaved generation; rows =
+    images). Guidance applies at noise levels inside ``cfg_interval`` only
     (:func:`guidance_at`); the other steps run the conditional rows alone."""
-    if not use_cache:
-        return sample_latents_uncached(model, captions, steps, cfg_scale, sampler, seed, progress, cfg_interval)
-    cfg = model.config
-    s = model.special
     device = next(model.parameters()).device
-    shape = (cfg.latent_channels, cfg.latent_size, cfg.latent_size)
-    sched = build_scheduler(cfg.diffusion, sampler, steps)
-    n = len(captions)
-    if context is None:
-        context = Context.prefill(model, [[s.bos, *c, s.boi] for c in captions])
-        if cfg_scale != 1.0:
-            uncond_context = Context.prefill(model, [[s.bos, s.boi]] * n)
-    if cfg_scale != 1.0 and uncond_context is None:
-        raise ValueError("sample_latents: a given context with cfg_scale != 1 needs its uncond_context")
-    both = _stack_contexts(context, uncond_context) if cfg_scale != 1.0 else context
-
-    def predict(x_in: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
-        return (both if len(x_in) > n else context).image_prediction(x_in, time)
-
-    return denoise(sched, predict, generators(seed, n), shape, device, cfg_scale, progress, cfg_interval)
+    if use_cache:
+        predict = _cached_predictor(model, captions, cfg_scale, context, uncond_context)
+    else:
+        predict = _uncached_predictor(model, captions, cfg_scale, device)
+    gens = generators(seed, len(captions))
+    return denoise(scheduler, steps, predict, gens, latent_shape(model), device, cfg_scale, progress, cfg_interval)
 
 
 @torch.no_grad()
@@ -371,9 +331,9 @@ def generate_interleaved(
     model,
     prompt: list[int],
     *,
+    scheduler,
     steps: int,
     cfg_scale: float,
-    sampler: str,
     cfg_interval: tuple[float, float] = (0.0, 1.0),
     max_new_tokens: int = 64,
     max_images: int = 2,
@@ -383,11 +343,11 @@ def generate_interleaved(
     min_new_tokens: int = 0,
     progress=None,
 ) -> list[list[int] | torch.Tensor]:
-    """Text until ``<boi>``, then an image by diffusion, ``<eoi>``, then more text: the paper's
-    inference. Returns the parts in order: token-id lists and scaled latents (C, H, W).
-    ``force_image`` starts with ``<boi>`` right after the prompt; ``<eos>`` is suppressed for
-    the first ``min_new_tokens`` text tokens, ``<boi>`` once ``max_images`` are drawn, and
-    ``<eoi>`` always (the model closes its images itself)."""
+    """Text until ``<boi>``, then an image by diffusion (``steps`` steps of ``scheduler``),
+    ``<eoi>``, then more text: the paper's inference. Returns the parts in order: token-id lists
+    and scaled latents (C, H, W). ``force_image`` starts with ``<boi>`` right after the prompt;
+    ``<eos>`` is suppressed for the first ``min_new_tokens`` text tokens, ``<boi>`` once
+    ``max_images`` are drawn, and ``<eoi>`` always (the model closes its images itself)."""
     s = model.special
     device = next(model.parameters()).device
     ctx = Context.prefill(model, [[s.bos, *prompt]])
@@ -405,44 +365,41 @@ def generate_interleaved(
         tok = int(nxt[0])
         if tok == s.eos:
             break
-        if tok == s.boi:
-            if text:
-                parts.append(text)
-                text = []
+        if tok != s.boi:
+            text.append(tok)
+            n_text += 1
             ctx.append_tokens(nxt)
-            latent = _image_in_context(
-                model, ctx, uncond, steps, (cfg_scale, cfg_interval), sampler, seed + images, progress
-            )
-            ctx.image_prediction(latent, torch.zeros(1, device=device), keep=True)
-            ctx.append_tokens(torch.tensor([s.eoi], device=device))
-            parts.append(latent[0])
-            images += 1
             continue
-        text.append(tok)
-        n_text += 1
+        parts += [text] if text else []
+        text = []
         ctx.append_tokens(nxt)
-    if text:
-        parts.append(text)
-    return parts
+        denoise_args = (scheduler, steps, cfg_scale, seed + images, progress, cfg_interval)
+        parts.append(_image_in_context(model, ctx, uncond, *denoise_args))
+        images += 1
+    return parts + ([text] if text else [])
 
 
-def _image_in_context(model, ctx: Context, uncond: Context | None, steps, guidance, sampler, seed, progress):
-    """Denoise one image after the context's ``<boi>`` (with a caption-less context for CFG);
-    ``guidance`` is (scale, interval)."""
-    cfg_scale, interval = guidance
-    scale = 1.0 if uncond is None else cfg_scale
-    return sample_latents(
+def _image_in_context(
+    model, ctx: Context, uncond: Context | None, scheduler, steps, cfg_scale, seed, progress, interval
+):
+    """Denoise one image after the context's ``<boi>`` (with a caption-less context for CFG),
+    then close it in the context (the image at time 0, ``<eoi>``); returns its latent (C, H, W)."""
+    latent = sample_latents(
         model,
         [[]],
+        scheduler,
         steps,
-        scale,
-        sampler,
+        1.0 if uncond is None else cfg_scale,
         seed,
         context=ctx,
         uncond_context=uncond,
         progress=progress,
         cfg_interval=interval,
     )
+    device = latent.device
+    ctx.image_prediction(latent, torch.zeros(1, device=device), keep=True)
+    ctx.append_tokens(torch.tensor([model.special.eoi], device=device))
+    return latent[0]
 
 
 def _stack_contexts(a: Context, b: Context) -> Context:

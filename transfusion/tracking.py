@@ -69,30 +69,63 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-class StageRun:
-    """A thin handle on the active MLflow run of a stage."""
+class NullLogger:
+    """The logger interface, dropping everything: a run that tracks nothing (tests, a training
+    loop started without an MLflow run)."""
 
-    def __init__(self, mlflow, run) -> None:
-        self._mlflow = mlflow
-        self.run_id: str = run.info.run_id
-        self.experiment_id: str = run.info.experiment_id
+    run_id: str | None = None
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+        pass
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        pass
 
     def last_step(self, key: str) -> int:
         """The highest step at which ``key`` was logged in this run (0: never)."""
-        return max((m.step for m in self.client.get_metric_history(self.run_id, key)), default=0)
+        return 0
+
+
+class RunLogger(NullLogger):
+    """Logs into an existing MLflow run by id (no active run needed: a training worker)."""
+
+    def __init__(self, tracking_uri_: str, run_id: str) -> None:
+        from mlflow import MlflowClient
+
+        self.client = MlflowClient(tracking_uri=tracking_uri_)
+        self.run_id = run_id
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+        self.client.log_batch(self.run_id, metrics=batch)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         path = Path(path)
         if path.is_dir():
-            self._mlflow.log_artifacts(str(path), artifact_path=artifact_path or path.name)
+            self.client.log_artifacts(self.run_id, str(path), artifact_path or path.name)
         else:
-            self._mlflow.log_artifact(str(path), artifact_path=artifact_path)
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def last_step(self, key: str) -> int:
+        return max((m.step for m in self.client.get_metric_history(self.run_id, key)), default=0)
+
+
+class StageRun(RunLogger):
+    """The MLflow run of a stage (opened by :func:`stage_run`): a :class:`RunLogger` with its
+    experiment and tags."""
+
+    def __init__(self, tracking_uri_: str, run) -> None:
+        super().__init__(tracking_uri_, run.info.run_id)
+        self.experiment_id: str = run.info.experiment_id
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
-        self._mlflow.set_tags(dict(tags))
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, value)
 
 
 def artifact_location(cfg: TrackingConfig, uri: str) -> str | None:
@@ -159,7 +192,7 @@ def stage_run(params: Params, stage: str, run_id: str | None = None) -> Iterator
             for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
                 mlflow.log_params(dict(items[i : i + 100]))
         try:
-            yield StageRun(mlflow, run)
+            yield StageRun(uri, run)
         except KeyboardInterrupt:  # stopped by the user, not failed
             mlflow.end_run("KILLED")
             raise
@@ -195,36 +228,6 @@ def find_runs(cfg: TrackingConfig, stage: str | None = None) -> list[dict[str, A
         }
         for r in runs
     ]
-
-
-class RunLogger:
-    """Logs into an existing run by id (from a training worker; no active run needed)."""
-
-    def __init__(self, tracking_uri_: str, run_id: str) -> None:
-        from mlflow import MlflowClient
-
-        self.client = MlflowClient(tracking_uri=tracking_uri_)
-        self.run_id = run_id
-
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        import time
-
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        self.client.log_batch(self.run_id, metrics=batch)
-
-    def last_step(self, key: str) -> int:
-        """The highest step at which ``key`` was logged in this run (0: never)."""
-        return max((m.step for m in self.client.get_metric_history(self.run_id, key)), default=0)
-
-    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        path = Path(path)
-        if path.is_dir():
-            self.client.log_artifacts(self.run_id, str(path), artifact_path or path.name)
-        else:
-            self.client.log_artifact(self.run_id, str(path), artifact_path)
 
 
 def download_artifacts(uri: str, tracking_uri_: str) -> Path:

@@ -141,26 +141,29 @@ def train_vae(
 # ---------------------------------------------------------------------------------------------
 # inference
 # ---------------------------------------------------------------------------------------------
+def _in_batches(fn, items, batch_size: int, bf16: bool) -> list:
+    """``fn`` over ``items`` in slices of ``batch_size`` (under bf16 autocast when asked)."""
+    out = []
+    for start in range(0, len(items), batch_size):
+        with autocast(bf16):
+            out.append(fn(items[start : start + batch_size]))
+    return out
+
+
 @torch.no_grad()
 def encode(vae, images: np.ndarray, batch_size: int = 256, bf16: bool = False) -> torch.Tensor:
     """uint8 images (N, H, W, 3) -> posterior means (N, C, h, w) float32."""
     vae.eval()
-    out = []
-    for start in range(0, len(images), batch_size):
-        with autocast(bf16):
-            out.append(vae.encode(to_tensor(images[start : start + batch_size])).latent_dist.mean.float())
-    return torch.cat(out)
+    posterior_mean = lambda x: vae.encode(to_tensor(x)).latent_dist.mean.float()  # noqa: E731
+    return torch.cat(_in_batches(posterior_mean, images, batch_size, bf16))
 
 
 @torch.no_grad()
 def decode(vae, latents: torch.Tensor, batch_size: int = 256, bf16: bool = False) -> np.ndarray:
     """Unscaled latents (N, C, h, w) -> uint8 images (N, H, W, 3)."""
     vae.eval()
-    out = []
-    for start in range(0, len(latents), batch_size):
-        with autocast(bf16):
-            out.append(to_uint8(vae.decode(latents[start : start + batch_size].float()).sample))
-    return np.concatenate(out)
+    pixels = lambda z: to_uint8(vae.decode(z.float()).sample)  # noqa: E731
+    return np.concatenate(_in_batches(pixels, latents, batch_size, bf16))
 
 
 def reconstruct(vae, images: np.ndarray, batch_size: int = 256) -> np.ndarray:

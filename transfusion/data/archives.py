@@ -25,12 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from transfusion.config import ArchiveSpec
-from transfusion.errors import UserError
+from transfusion.errors import DataError
 from transfusion.io import sha256_of
-
-
-class DataError(UserError):
-    """Raw data is missing, corrupt or unsafe; the message says what to provide."""
 
 
 class UnsafePickleError(DataError):

@@ -89,11 +89,6 @@ class Collator:
         raw = np.frombuffer(base64.b64decode(state), dtype=np.uint8).copy()
         self.generator.set_state(torch.from_numpy(raw))
 
-    @property
-    def image_length(self) -> int:
-        """Tokens one image occupies: <boi> [time] patches <eoi>."""
-        return self.patches + 2 + int(self.time_token)
-
     # -- one example -> token rows ---------------------------------------------------------
     def _segment(self, example: Example) -> tuple[dict[str, list], list[torch.Tensor], list[bool], list[bool]]:
         s = self.special
@@ -137,57 +132,54 @@ class Collator:
 
     # -- examples -> packed batch ----------------------------------------------------------
     def __call__(self, examples: list[Example]) -> Batch:
-        rows: list[list[tuple]] = [[]]
-        used = [0]
-        for ex in examples:
-            seg = self._segment(ex)
-            n = len(seg[0]["ids"])
-            if (not self.pack or used[-1] + n > self.max_length) and rows[-1]:
-                rows.append([])
-                used.append(0)
-            rows[-1].append(seg)
-            used[-1] += n
+        return self._batch(self._pack([self._segment(ex) for ex in examples]))
 
-        B, L = len(rows), max(used)
-        input_ids = torch.full((B, L), self.special.pad, dtype=torch.long)
-        modality = torch.full((B, L), PAD, dtype=torch.long)
-        image_block = torch.full((B, L), -1, dtype=torch.long)
-        patch_index = torch.full((B, L), -1, dtype=torch.long)
-        document = torch.full((B, L), -1, dtype=torch.long)
-        position_ids = torch.zeros((B, L), dtype=torch.long)
+    def _pack(self, segments: list[tuple]) -> list[list[tuple]]:
+        """Segments into rows of at most ``max_length`` tokens, greedily in order (one per row
+        without packing)."""
+        rows: list[list[tuple]] = [[]]
+        used = 0
+        for seg in segments:
+            n = len(seg[0]["ids"])
+            if (not self.pack or used + n > self.max_length) and rows[-1]:
+                rows.append([])
+                used = 0
+            rows[-1].append(seg)
+            used += n
+        return rows
+
+    def _batch(self, rows: list[list[tuple]]) -> Batch:
+        """The :class:`Batch` of packed rows, with next-text-token labels."""
+        B, L = len(rows), max(sum(len(seg["ids"]) for seg, *_ in row) for row in rows)
+        fill = {"input_ids": self.special.pad, "modality": PAD, "image_block": -1, "patch_index": -1, "document": -1}
+        t = {name: torch.full((B, L), value, dtype=torch.long) for name, value in fill.items()}  # (B, L) each
+        t["position_ids"] = torch.zeros((B, L), dtype=torch.long)
         images, image_first, drops = [], [], []
         for b, row in enumerate(rows):
             at = 0
             for d, (seg, imgs, first, dropped) in enumerate(row):
                 n = len(seg["ids"])
                 sl = slice(at, at + n)
-                input_ids[b, sl] = torch.tensor(seg["ids"])
-                modality[b, sl] = torch.tensor(seg["mod"])
+                t["input_ids"][b, sl] = torch.tensor(seg["ids"])
+                t["modality"][b, sl] = torch.tensor(seg["mod"])
                 local = torch.tensor(seg["img"])
-                image_block[b, sl] = torch.where(local >= 0, local + len(images), local)
-                patch_index[b, sl] = torch.tensor(seg["patch"])
-                document[b, sl] = d
-                position_ids[b, sl] = torch.arange(n)
+                t["image_block"][b, sl] = torch.where(local >= 0, local + len(images), local)
+                t["patch_index"][b, sl] = torch.tensor(seg["patch"])
+                t["document"][b, sl] = d
+                t["position_ids"][b, sl] = torch.arange(n)
                 images += imgs
                 image_first += first
                 drops += dropped
                 at += n
-
-        valid = modality != PAD
+        modality, document, input_ids = t["modality"], t["document"], t["input_ids"]
         labels = torch.full((B, L), -100, dtype=torch.long)
         nxt_text = (modality[:, 1:] == TEXT) & (document[:, 1:] == document[:, :-1])
         labels[:, :-1] = torch.where(nxt_text, input_ids[:, 1:], labels[:, :-1])
-        stacked = torch.stack(images) if images else torch.zeros(0)
         return Batch(
-            input_ids=input_ids,
+            **t,
             labels=labels,
-            position_ids=position_ids,
-            modality=modality,
-            image_block=image_block,
-            patch_index=patch_index,
-            document=document,
-            valid=valid,
-            images=stacked,
+            valid=modality != PAD,
+            images=torch.stack(images) if images else torch.zeros(0),
             image_first=torch.tensor(image_first, dtype=torch.bool),
             caption_dropped=torch.tensor(drops, dtype=torch.bool),
         )

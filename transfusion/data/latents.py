@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from transfusion.data.archives import DataError
+from transfusion.errors import DataError
 from transfusion.data.prepare import ImageSplit
 from transfusion.data.shards import iter_shards, num_shards, write_shards
 from transfusion.data.sources import SPLITS

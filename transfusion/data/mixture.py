@@ -58,10 +58,6 @@ class ExampleStream:
         for _ in range(target):
             self._draw(materialise=False)
 
-    def __iter__(self) -> Iterator[Example]:
-        while True:
-            yield self._draw()
-
     def take(self, n: int) -> list[Example]:
         return [self._draw() for _ in range(n)]
 

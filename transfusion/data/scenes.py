@@ -225,39 +225,3 @@ def compose_scenes(
             content["relation"] = prompt.relation
         records.append({"caption": prompt.caption(), "content": content, "mnist_index": sources})
     return images, records
-
-
-# ---------------------------------------------------------------------------------------------
-# a picture for people
-# ---------------------------------------------------------------------------------------------
-def render_grid(images: np.ndarray, captions: list[str], path: Path, cols: int = 4, scale: int = 4) -> None:
-    """A PNG grid of ``images`` (N, H, W, 3) uint8, each upscaled, its caption below it."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    from transfusion.io import atomic_file
-
-    n, h, w, _ = images.shape
-    cols = min(cols, n)
-    rows = -(-n // cols)
-    cw, ch, text_h = w * scale, h * scale, 28
-    font = ImageFont.load_default()
-    sheet = Image.new("RGB", (cols * (cw + 8) + 8, rows * (ch + text_h + 8) + 8), (24, 24, 24))
-    draw = ImageDraw.Draw(sheet)
-    for i in range(n):
-        x, y = 8 + (i % cols) * (cw + 8), 8 + (i // cols) * (ch + text_h + 8)
-        tile = Image.fromarray(images[i]).resize((cw, ch), Image.NEAREST)
-        sheet.paste(tile, (x, y))
-        draw.text((x, y + ch + 4), _wrap(captions[i], cw // 6), fill=(235, 235, 235), font=font)
-    with atomic_file(Path(path), "wb") as fh:
-        sheet.save(fh, format="PNG")
-
-
-def _wrap(text: str, width: int) -> str:
-    words, lines, line = text.split(), [], ""
-    for word in words:
-        if line and len(line) + 1 + len(word) > width:
-            lines.append(line)
-            line = word
-        else:
-            line = f"{line} {word}".strip()
-    return "\n".join(lines + [line])

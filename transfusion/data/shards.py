@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from transfusion.data.archives import DataError
+from transfusion.errors import DataError
 from transfusion.io import read_jsonl, write_jsonl
 
 INDEX = "index.jsonl"

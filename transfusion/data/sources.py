@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from transfusion.config import MnistConfig, TextConfig
-from transfusion.data.archives import DataError, fetch_archive, load_numpy_pickle, read_members
+from transfusion.data.archives import fetch_archive, load_numpy_pickle, read_members
+from transfusion.errors import DataError
 
 SPLITS = ("train", "val", "test")
 
@@ -171,7 +172,7 @@ def load_caption_folder(folder: Path, canvas: int) -> tuple[np.ndarray, list[dic
     from PIL import Image
 
     from transfusion.errors import UserError
-    from transfusion.io import open_rgb
+    from transfusion.images import open_rgb
 
     index = folder / "captions.jsonl"
     if not index.is_file():

@@ -86,19 +86,19 @@ def diffusion_mse(
     """Diffusion MSE of each image under its caption at each noise level  (K, N); the noise is
     drawn from ``seed`` so two calls with other captions see the same noisy images."""
     device = next(model.parameters()).device
-    diffusion = model.diffusion
+    objective = model.objective
     K, N = len(levels), len(latents)
     x0 = latents.repeat(K, 1, 1, 1)  # (K*N, C, h, w)
-    t = diffusion.timesteps_at(torch.tensor(levels).repeat_interleave(N))
+    t = objective.timesteps_at(torch.tensor(levels).repeat_interleave(N))
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
-    x_t, target = diffusion.add_noise(x0, noise, t), diffusion.target(x0, noise, t)
     out = []
     for s in range(0, K * N, batch_size):
         sl = slice(s, s + batch_size)
         rows = [caption_to_image(captions[i % N], x0[i]) for i in range(s, min(s + batch_size, K * N))]
         batch = example_collator(model)(rows).to(device)
-        _, pred = model(batch, x_t[sl].to(device), diffusion.model_time(t[sl]).to(device))
-        out.append((pred.float().cpu() - target[sl].float()).pow(2).flatten(1).mean(1))
+        predict = lambda x_t, time, batch=batch: model(batch, x_t.to(device), time.to(device))[1].cpu()  # noqa: E731
+        mse = objective.training_losses(predict, x0[sl], noise[sl], t[sl], reduction="none")  # (n, C, h, w)
+        out.append(mse.flatten(1).mean(1))
     return torch.cat(out).view(K, N)
 
 

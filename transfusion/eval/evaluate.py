@@ -74,17 +74,14 @@ class EvalResult:
 
 def evaluate(pipe, cfg: EvalConfig, inputs: EvalInputs, progress=None) -> EvalResult:
     """Score ``pipe`` (a TransfusionPipeline) as the module docstring says."""
-    from transfusion.data.mixture import tokenize_corpus
-    from transfusion.data.prepare import load_image_split, read_text_split
-    from transfusion.eval import geneval
-    from transfusion.eval.captioning import caption_scores, text_caption_scores
+    from transfusion.data.prepare import load_image_split
     from transfusion.eval.judge import Judge
-    from transfusion.eval.text import bits_per_byte
 
     bar = progress or (lambda it, desc: it)
     judge_ok = inputs.judge_accuracy >= inputs.judge_min_accuracy
     judge = Judge.load(inputs.judge_path) if judge_ok else None
     test = load_image_split(inputs.scenes, "test")
+    has_content = all(r.get("content") for r in test.records)
     metrics: dict[str, float] = {"judge_scene_exact_match": inputs.judge_accuracy, "judge_ok": float(judge_ok)}
 
     def sample(
@@ -95,7 +92,24 @@ def evaluate(pipe, cfg: EvalConfig, inputs: EvalInputs, progress=None) -> EvalRe
             cfg_interval=tuple(cfg.cfg_interval), batch_size=cfg.batch_size, progress=bar,
         )  # fmt: skip
 
-    # 1. GenEval-style: N images per prompt, judged; real scenes; the guidance sweep
+    # 1. GenEval-style: N images per prompt, judged; real scenes; the guidance sweep; binding
+    result = _geneval(cfg, inputs, test, judge, sample, metrics)
+    if has_content:  # teacher-forced on real scenes: no judge needed
+        metrics |= _binding(pipe, cfg, test)
+    # 2. FID / KID against real test scenes; real train vs real test as the floor
+    metrics |= _fid(cfg, inputs, test, judge_ok, lambda captions: sample(captions, cfg.seed + SEED_FID))
+    # 3. captioning real test scenes
+    metrics |= _captioning(pipe, cfg, inputs, test, has_content, result, bar)
+    # 4. text: bits per byte and perplexity on the held-out works
+    metrics |= _text(pipe, cfg, inputs)
+    return result
+
+
+def _geneval(cfg: EvalConfig, inputs: EvalInputs, test, judge, sample, metrics: dict) -> EvalResult:
+    """Images for the GenEval-style prompts, judged into ``metrics``; real test scenes judged as
+    prompts; the guidance sweep (the same prompts and noise at each scale)."""
+    from transfusion.eval import geneval
+
     k = cfg.images_per_prompt
     has_content = all(r.get("content") for r in test.records)
     if cfg.prompt_file:
@@ -107,43 +121,49 @@ def evaluate(pipe, cfg: EvalConfig, inputs: EvalInputs, progress=None) -> EvalRe
     captions = [p.caption() for p in prompts for _ in range(k)]  # k images per prompt
     images = sample(captions, cfg.seed + SEED_GENEVAL)
     result = EvalResult(metrics, prompts, [images[i * k : (i + 1) * k] for i in range(len(prompts))])
-    if judge_ok and has_content:
-        read = judge.read(images)
-        metrics |= judged(read, prompts, k)
-        result.passed = [geneval.geneval_correct(c, geneval.metadata(prompts[i // k])) for i, c in enumerate(read)]
-        n_real = min(cfg.real_scenes, len(test.images))
-        real = judged(judge.read(test.images[:n_real]), [_prompt(r) for r in test.records[:n_real]], 1)
-        metrics["geneval_real_test_scenes"] = real["geneval_overall"]
-        metrics["scene_match_real_test_scenes"] = real["scene_match_overall"]
-        for scale in cfg.cfg_sweep:
-            if (scale, cfg.sweep_sample_steps) == (cfg.cfg_scale, cfg.sample_steps):
-                got = metrics  # the headline run: same prompts, noise, scale and steps
-            else:
-                got = judged(
-                    judge.read(sample(captions, cfg.seed + SEED_GENEVAL, scale, cfg.sweep_sample_steps)), prompts, k
-                )
-            result.sweep.append({"cfg_scale": scale} | {key: got[key] for key in SWEEP_COLUMNS[1:]})
-    if has_content:  # teacher-forced on real scenes: no judge needed
-        metrics |= _binding(pipe, cfg, test)
+    if judge is None or not has_content:
+        return result
+    read = judge.read(images)
+    metrics |= judged(read, prompts, k)
+    result.passed = [geneval.geneval_correct(c, geneval.metadata(prompts[i // k])) for i, c in enumerate(read)]
+    n_real = min(cfg.real_scenes, len(test.images))
+    real = judged(judge.read(test.images[:n_real]), [_prompt(r) for r in test.records[:n_real]], 1)
+    metrics["geneval_real_test_scenes"] = real["geneval_overall"]
+    metrics["scene_match_real_test_scenes"] = real["scene_match_overall"]
+    for scale in cfg.cfg_sweep:
+        if (scale, cfg.sweep_sample_steps) == (cfg.cfg_scale, cfg.sample_steps):
+            got = metrics  # the headline run: same prompts, noise, scale and steps
+        else:
+            got = judged(
+                judge.read(sample(captions, cfg.seed + SEED_GENEVAL, scale, cfg.sweep_sample_steps)), prompts, k
+            )
+        result.sweep.append({"cfg_scale": scale} | {key: got[key] for key in SWEEP_COLUMNS[1:]})
+    return result
 
-    # 2. FID / KID against real test scenes; real train vs real test as the floor
-    metrics |= _fid(cfg, inputs, test, judge_ok, lambda captions: sample(captions, cfg.seed + SEED_FID))
 
-    # 3. captioning real test scenes
+def _captioning(pipe, cfg: EvalConfig, inputs: EvalInputs, test, has_content: bool, result, bar) -> dict:
+    """Greedy captions of ``caption_samples`` real test scenes, scored (kept in ``result``)."""
+    from transfusion.eval.captioning import caption_scores, text_caption_scores
+
     n = min(cfg.caption_samples, len(test.images))
     texts: list[str] = []
     for start in bar(range(0, n, cfg.batch_size), "captioning"):
         texts += pipe.caption(test.images[start : min(n, start + cfg.batch_size)])
     truths = [r["caption"] for r in test.records[:n]]
-    metrics |= caption_scores(test.records[:n], texts, inputs.palette) if has_content else {}
-    metrics |= text_caption_scores(truths, texts)
     result.captions = [(r["caption"], t) for r, t in zip(test.records[:n], texts)]
+    scores = caption_scores(test.records[:n], texts, inputs.palette) if has_content else {}
+    return scores | text_caption_scores(truths, texts)
 
-    # 4. text: bits per byte and perplexity on the held-out works
+
+def _text(pipe, cfg: EvalConfig, inputs: EvalInputs) -> dict:
+    """Bits per byte and perplexity of the held-out works, in chunks of the training length."""
+    from transfusion.data.mixture import tokenize_corpus
+    from transfusion.data.prepare import read_text_split
+    from transfusion.eval.text import bits_per_byte
+
     ids = tokenize_corpus(pipe.tokenizer, read_text_split(inputs.text, "test"))[: cfg.text_max_tokens].tolist()
     n_bytes = len(pipe.tokenizer.decode(ids).encode("utf-8"))
-    metrics |= bits_per_byte(pipe.model, ids, n_bytes, inputs.text_length)
-    return result
+    return bits_per_byte(pipe.model, ids, n_bytes, inputs.text_length)
 
 
 def sample_many(
@@ -210,8 +230,8 @@ def write_outputs(result: EvalResult, cfg: EvalConfig, paths: PathsConfig) -> No
     """Metrics, GenEval's folder layout, the per-category and sweep CSVs (DVC plots), a grid per
     category, the README's picture (first image of ``grid_prompts`` prompts per category with
     GenEval's verdict), and ``caption_examples`` captions beside their truth."""
-    from transfusion.data.scenes import render_grid
     from transfusion.eval import geneval
+    from transfusion.images import render_grid
     from transfusion.io import atomic_file, write_csv, write_json
 
     k, metrics, prompts = cfg.images_per_prompt, result.metrics, result.prompts

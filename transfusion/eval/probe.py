@@ -13,7 +13,8 @@ On held-out (``val``) latents, for any weights (the training stage probes raw an
    colour-swapped twin, reading (caption NLL) and writing (diffusion loss per noise bucket)?
    (``binding_read_<category>``, ``binding_write_<category>[_b<k>]``; chance is 0.5.)
 4. **A quick evaluation.** ``prompts_per_category`` prompts of each GenEval category from val
-   captions, one image each with a fast sampler, read by the judge (``quick_geneval_*`` by
+   captions, one image each through the pipeline (``TransfusionPipeline.sample_images``), read
+   by the judge (``quick_geneval_*`` by
    GenEval's rule, ``quick_scene_match_overall``), and greedy captions of ``captions`` val
    scenes (``quick_caption_exact``). Needs scenes with structured content and a judge.
 
@@ -42,8 +43,6 @@ class ProbeData:
     records: list[dict]
     captions: list[list[int]]  # token ids per record
     judge: object | None  # transfusion.eval.judge.Judge, or None: no quick evaluation
-    vae: object | None
-    scaling_factor: float
     palette: dict
 
     def head(self, n: int) -> ProbeData:
@@ -51,13 +50,10 @@ class ProbeData:
         return replace(self, latents=self.latents[:n], records=self.records[:n], captions=self.captions[:n])
 
 
-def load_probe_data(
-    latents_root: Path, tokenizer, n: int, judge_path: Path | None, vae_path: Path, palette: dict
-) -> ProbeData:
-    """The first ``n`` val latents; the judge and VAE when the scenes carry structured content."""
-    from transfusion.data.latents import LatentReader, load_meta
+def load_probe_data(latents_root: Path, tokenizer, n: int, judge_path: Path | None, palette: dict) -> ProbeData:
+    """The first ``n`` val latents; the judge when the scenes carry structured content."""
+    from transfusion.data.latents import LatentReader
     from transfusion.eval.judge import Judge
-    from transfusion.vae import load_vae
 
     reader = LatentReader(latents_root, "val", shuffle=False, repeat=False)
     rows = []
@@ -78,8 +74,6 @@ def load_probe_data(
         records=records,
         captions=captions,
         judge=Judge.load(judge_path) if judged else None,
-        vae=load_vae(vae_path) if judged else None,
-        scaling_factor=float(load_meta(latents_root)["scaling_factor"]),
         palette=dict(palette),
     )
 
@@ -113,23 +107,21 @@ def caption_losses(model, data: ProbeData) -> dict[str, float]:
 
 
 @torch.no_grad()
-def quick_eval(model, tokenizer, data: ProbeData, cfg: ProbeConfig, seed: int = 0) -> dict[str, float]:
-    """A small GenEval-style run and captioning accuracy, judged."""
+def quick_eval(pipe, data: ProbeData, cfg: ProbeConfig, seed: int = 0) -> dict[str, float]:
+    """A small GenEval-style run and captioning accuracy through the pipeline, judged."""
     from transfusion.eval import geneval
     from transfusion.eval.captioning import caption_scores
-    from transfusion.vae import decode
 
     if data.judge is None:
         return {}
     prompts = geneval.prompts_from_records(data.records, cfg.prompts_per_category, seed)
-    ids = [tokenizer(p.caption(), add_special_tokens=False)["input_ids"] for p in prompts]
-    latents = model.sample_images(ids, steps=cfg.sample_steps, cfg_scale=cfg.cfg_scale, seed=seed)  # model's sampler
-    images = decode(data.vae, latents.float().cpu() / data.scaling_factor)
+    images = pipe.sample_images(
+        [p.caption() for p in prompts], steps=cfg.sample_steps, cfg_scale=cfg.cfg_scale, seed=seed
+    )
     scores = geneval.score([[c] for c in data.judge.read(images)], prompts)
     out = {f"quick_{k}": v for k, v in scores.items() if k.startswith("geneval_") or k == "scene_match_overall"}
     n = min(cfg.captions, len(data.latents))
-    device = next(model.parameters()).device
-    texts = [tokenizer.decode(c, skip_special_tokens=True) for c in model.caption(data.latents[:n].to(device))]
+    texts = pipe.caption_latents(data.latents[:n])
     out["quick_caption_exact"] = caption_scores(data.records[:n], texts, data.palette)["caption_exact"]
     return out
 
@@ -139,20 +131,21 @@ def probe_rows(cfg: ProbeConfig) -> int:
     return max(cfg.val_examples, cfg.captions)
 
 
-def run_probes(model, tokenizer, data: ProbeData, cfg: ProbeConfig, seed: int = 0) -> dict[str, float]:
-    """All four probes on ``model`` (put in eval mode for the duration) as ``cfg`` (the
+def run_probes(pipe, data: ProbeData, cfg: ProbeConfig, seed: int = 0) -> dict[str, float]:
+    """All four probes on ``pipe.model`` (put in eval mode for the duration) as ``cfg`` (the
     ``train.probe`` section) says; the loss probes read the first ``val_examples`` rows of
     ``data``, binding every row it holds (``load_probe_data`` with ``n`` of at least
     :func:`probe_rows`)."""
+    model = pipe.model
     was_training = model.training
     model.eval()
     try:
         out = diffusion_losses(model, data.head(cfg.val_examples), seed)
         out |= caption_losses(model, data.head(cfg.val_examples))
         if cfg.binding_scenes:  # needs parseable captions, not a judge
-            binding = binding_scores(model, tokenizer, data.latents, data.records, cfg.binding_scenes, seed)
+            binding = binding_scores(model, pipe.tokenizer, data.latents, data.records, cfg.binding_scenes, seed)
             out |= {k: v for k, v in binding.items() if not k.endswith("_se") and "scenes" not in k}
-        out |= quick_eval(model, tokenizer, data.head(probe_rows(cfg)), cfg, seed)
+        out |= quick_eval(pipe, data.head(probe_rows(cfg)), cfg, seed)
     finally:
         model.train(was_training)
     return out

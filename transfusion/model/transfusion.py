@@ -6,7 +6,8 @@
 
 The constructor's argument is the saved config (``config.json``); ``save_pretrained`` writes it
 with safetensors weights and the tokenizer, ``from_pretrained`` rebuilds the same model. The
-diffusion maths live in ``transfusion.diffusion``; ``loss`` wires the two together.
+diffusion maths live in ``transfusion.diffusion`` (``self.objective``); ``loss`` wires the two
+together. Inference (text, images, captions, interleaved) is ``transfusion.pipeline``'s.
 """
 
 from __future__ import annotations
@@ -56,6 +57,11 @@ class TransfusionConfig(BaseModel):
     def patches_per_image(self) -> int:
         return (self.latent_size // self.patch_size) ** 2
 
+    @property
+    def image_tokens(self) -> int:
+        """Tokens one image occupies in a sequence: <boi> [time token] patches <eoi>."""
+        return self.patches_per_image + 2 + int(self.time_conditioning == "token")
+
 
 @dataclass
 class LossOutput:
@@ -85,7 +91,7 @@ class TransfusionModel(nn.Module):
             config.unet_skips,
         )
         self.patch_pos = PatchPositions(config.patch_positions, D, config.latent_size // config.patch_size)
-        self.diffusion = build_objective(config.diffusion)
+        self.objective = build_objective(config.diffusion)  # the training objective over the saved schedule
         if config.freeze_text:
             self.backbone.requires_grad_(False)
 
@@ -184,85 +190,30 @@ class TransfusionModel(nn.Module):
         """LM cross-entropy on text targets + ``loss_weight`` (lambda) * diffusion MSE on every
         image; an image before its caption draws noise levels <= ``noise_limit`` only."""
         # 1. one timestep and noise per image; images before their caption get capped noise
-        t = self.diffusion.sample_timesteps(batch.image_first.cpu(), noise_limit, generator)
+        t = self.objective.sample_timesteps(batch.image_first.cpu(), noise_limit, generator)
         x0 = batch.images
         noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
-        x_t = self.diffusion.add_noise(x0, noise, t) if len(t) else x0
-        # 2. one pass of the transformer
-        hidden, pred = self(batch, x_t, self.diffusion.model_time(t))
-        # 3. the two losses (LM only where there is a text target)
+        hidden = None
+
+        def predict(x_t: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
+            nonlocal hidden
+            hidden, pred = self(batch, x_t, time)  # 2. one pass of the transformer
+            return pred
+
+        # 3. the diffusion loss (the objective's) and the LM loss where there is a text target
+        if len(x0):
+            diff = self.objective.training_losses(predict, x0, noise, t)
+        else:
+            predict(x0, self.objective.model_time(t))
+            diff = hidden.sum() * 0.0
         targets = batch.labels != -100
         if targets.any():
             logits = self.text_logits(hidden[targets]).float()
             lm = F.cross_entropy(logits, batch.labels[targets])
         else:
             lm = hidden.sum() * 0.0
-        if len(x0):
-            diff = F.mse_loss(pred.float(), self.diffusion.target(x0, noise, t).float())
-        else:
-            diff = hidden.sum() * 0.0
         total = lm + loss_weight * diff
         return LossOutput(total, lm.detach(), diff.detach(), t)
-
-    # ------------------------------------------------------------------------------------------
-    # inference (token ids and scaled latents; transfusion.pipeline adds text and pixels)
-    # ------------------------------------------------------------------------------------------
-    def generate_text(self, prompts: list[list[int]], **kwargs):
-        """Continue each prompt; see :func:`transfusion.sampling.generate_text`."""
-        from transfusion.sampling import generate_text
-
-        return generate_text(self, prompts, **kwargs)
-
-    def sample_images(
-        self,
-        captions: list[list[int]],
-        steps: int | None = None,
-        cfg_scale: float | None = None,
-        sampler: str | None = None,
-        cfg_interval: tuple[float, float] | None = None,
-        **kwargs,
-    ) -> torch.Tensor:
-        """Scaled latents (N, C, H, W), one per caption; defaults from the diffusion config."""
-        from transfusion.sampling import sample_latents
-
-        d = self.config.diffusion
-        return sample_latents(
-            self,
-            captions,
-            steps or d.sample_steps,
-            d.cfg_scale if cfg_scale is None else cfg_scale,
-            sampler or d.sampler,
-            cfg_interval=tuple(cfg_interval or d.cfg_interval),
-            **kwargs,
-        )
-
-    def caption(self, latents: torch.Tensor, **kwargs) -> list[list[int]]:
-        from transfusion.sampling import caption_latents
-
-        return caption_latents(self, latents, **kwargs)
-
-    def generate(
-        self,
-        prompt: list[int],
-        steps: int | None = None,
-        cfg_scale: float | None = None,
-        sampler: str | None = None,
-        **kwargs,
-    ):
-        """Interleaved text and images; see :func:`transfusion.sampling.generate_interleaved`.
-        Diffusion defaults from the diffusion config, as :meth:`sample_images`."""
-        from transfusion.sampling import generate_interleaved
-
-        d = self.config.diffusion
-        return generate_interleaved(
-            self,
-            prompt,
-            steps=steps or d.sample_steps,
-            sampler=sampler or d.sampler,
-            cfg_scale=d.cfg_scale if cfg_scale is None else cfg_scale,
-            cfg_interval=tuple(kwargs.pop("cfg_interval", None) or d.cfg_interval),
-            **kwargs,
-        )
 
     # ------------------------------------------------------------------------------------------
     # building, saving, loading
@@ -320,7 +271,7 @@ class TransfusionModel(nn.Module):
             tokenizer.save_pretrained(str(folder))
 
     @classmethod
-    def from_pretrained(cls, directory: Path, attention: str | None = None) -> TransfusionModel:
+    def from_pretrained(cls, directory: Path) -> TransfusionModel:
         from safetensors.torch import load_model
 
         directory = Path(directory)
@@ -328,10 +279,7 @@ class TransfusionModel(nn.Module):
             if not (directory / name).is_file():
                 raise MissingInput(f"{directory}: not a saved Transfusion model (no {name})")
         try:
-            data = json.loads((directory / CONFIG_NAME).read_text())
-            if attention is not None:
-                data["attention"] = attention
-            config = TransfusionConfig.model_validate(data)
+            config = TransfusionConfig.model_validate(json.loads((directory / CONFIG_NAME).read_text()))
         except ValidationError as err:
             first = err.errors()[0]
             field = ".".join(map(str, first["loc"])) or "(top level)"

@@ -25,8 +25,8 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 
 from transfusion.errors import UserError
 from transfusion.io import atomic_dir, sha256_of
+from transfusion.storage import MANIFEST
 
-MANIFEST = "manifest.json"
 PREFIX = "step-"
 
 
@@ -56,9 +56,14 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+def checkpoint_name(step: int) -> str:
+    """The folder name of step ``step``'s checkpoint (``step-00001234``; sorts by step)."""
+    return f"{PREFIX}{step:08d}"
+
+
 def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, ema, trainer_state: dict, keep: int) -> Path:
     """Write ``root/step-XXXXXXXX`` atomically, then keep only the newest ``keep``."""
-    target = Path(root) / f"{PREFIX}{step:08d}"
+    target = Path(root) / checkpoint_name(step)
     with atomic_dir(target) as tmp:
         save_model(model, str(tmp / "model.safetensors"))
         if ema is not None:

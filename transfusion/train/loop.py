@@ -5,9 +5,13 @@ wrapped for data parallelism); the Ray wrapper passes its own,
 tests and ``train.use_ray: false`` use the default. The loop trains; it writes nothing but
 checkpoints and the MLflow run (the training stage writes the outputs):
 
+The run itself is a :class:`LoopConfig`: its params sections with absolute paths, its MLflow
+run, its checkpoint store, and how its checkpoints and sample grids are named and drawn (the
+training stage and the Ray wrapper use the same object). The loop:
+
 1. builds a :class:`TrainState`: tokenizer, tokenized corpus, this rank's share of the latents,
    the mixture stream, the collator, the model, AdamW, warm-up + cosine schedule, the EMA;
-2. resumes from a checkpoint of its :class:`~transfusion.train.checkpoint.CheckpointStore`: the
+2. resumes from a checkpoint of the run's :class:`~transfusion.train.checkpoint.CheckpointStore`: the
    one Ray Train hands a restarted worker (``ray.train.get_checkpoint()``), else the one the
    training stage chose (``resume_from``: ``--resume``), else none (a fresh run);
 3. trains ``train.steps`` optimizer steps (gradient accumulation, clipping, bf16 autocast where
@@ -17,7 +21,7 @@ checkpoints and the MLflow run (the training stage writes the outputs):
    resumed run repeats the uninterrupted run's losses);
 4. on rank 0 (:class:`_Watch`): logs metrics to the MLflow run, runs the conditioning probes
    (``transfusion.eval.probe``) on raw and EMA weights every ``eval_every`` steps and draws a
-   sample grid every ``sample_every`` steps;
+   sample grid every ``sample_every`` steps (the last one at the end: :meth:`LoopConfig.draw_samples`);
 5. returns its final metrics (Ray hands rank 0's to the driver). :func:`load_trained` reads the
    final checkpoint back as a :class:`TrainResult` (EMA weights, loss and probe rows) for the
    stage to export.
@@ -29,6 +33,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -43,7 +48,8 @@ WINDOW = ("loss", "lm", "diffusion", "tokens", "images", "n", "grad_norm")  # su
 
 
 class LoopConfig(BaseModel):
-    """What a worker needs: its params sections, absolute paths, and the MLflow run to log into."""
+    """One training run: its params sections with absolute paths, the MLflow run to log into,
+    where its checkpoints live and how they and its sample grids are named."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -58,13 +64,9 @@ class LoopConfig(BaseModel):
     resume_from: str | None = None  # a checkpoint name in the store (``--resume``), None: fresh
 
     @classmethod
-    def from_params(
-        cls,
-        params: Params,
-        tracking_uri: str | None = None,
-        run_id: str | None = None,
-        resume_from: str | None = None,
-    ) -> LoopConfig:
+    def from_params(cls, params: Params) -> LoopConfig:
+        """The run of ``params`` (every path made absolute: workers run in other folders); the
+        stage adds the MLflow run and the checkpoint to resume from (``model_copy``)."""
         p = params.with_absolute_paths()
         return cls(
             paths=p.paths,
@@ -73,15 +75,30 @@ class LoopConfig(BaseModel):
             mixture=p.mixture,
             train=p.train,
             palette=dict(p.data.scenes.palette),
-            tracking_uri=tracking_uri,
-            run_id=run_id,
-            resume_from=resume_from,
         )
 
+    @cached_property
     def store(self):
+        """The run's :class:`~transfusion.train.checkpoint.CheckpointStore`."""
         from transfusion.train.checkpoint import CheckpointStore
 
         return CheckpointStore.of(self.paths, self.train)
+
+    @property
+    def final_checkpoint(self) -> str:
+        from transfusion.train.checkpoint import checkpoint_name
+
+        return checkpoint_name(self.train.steps)
+
+    def draw_samples(self, pipe, step: int) -> Path:
+        """The ``train.sample_captions`` drawn by ``pipe`` at step ``step``, as a captioned grid
+        under ``paths.runs/samples``; returns its path."""
+        from transfusion.train.checkpoint import checkpoint_name
+
+        tc = self.train
+        path = self.paths.runs / "samples" / f"{checkpoint_name(step)}.png"
+        pipe.sample_grid(tc.sample_captions, path, tc.sample_steps, tc.sample_cfg_scale, tc.seed)
+        return path
 
 
 class TrainingDiverged(UserError):
@@ -141,20 +158,23 @@ def resolve_precision(setting: str, device: torch.device) -> bool:
 
 
 def ema_update(decay: float, warmup: bool):
-    """``AveragedModel``'s multi_avg_fn: exponential moving average; with ``warmup`` the decay
-    after n updates is min(decay, (1 + n) / (10 + n)), so early averages follow the weights
-    instead of lagging ~1/(1 - decay) steps behind from the random init."""
+    """``AveragedModel``'s multi_avg_fn: exponential moving average; with ``warmup`` the decay is
+    diffusers' ``EMAModel`` schedule, min(decay, (1 + n) / (10 + n)) after n updates, so early
+    averages follow the weights instead of lagging ~1/(1 - decay) steps behind the random init."""
+    from diffusers.training_utils import EMAModel
+
+    schedule = EMAModel([], decay=decay)  # the schedule only: no parameters to shadow
 
     def update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged) -> None:
-        n = int(num_averaged)
-        d = min(decay, (1 + n) / (10 + n)) if warmup else decay
+        d = schedule.get_decay(int(num_averaged) + 1) if warmup else decay  # optimisation step n + 1
         torch._foreach_lerp_(averaged, current, 1.0 - d)
 
     return update
 
 
 class TrainState:
-    """What one rank trains with: data, model, optimizer, schedule, EMA (built by :func:`setup`)."""
+    """What one rank trains with: data, model, optimizer, schedule, EMA; its step, loss and probe
+    history and images seen (restored by :meth:`resume`)."""
 
     def __init__(self, cfg: LoopConfig, rt: Runtime) -> None:
         from transfusion.data.collate import Collator
@@ -228,40 +248,29 @@ class TrainState:
         return self.stream.state() | {"collate": self.collate.state()}
 
 
-def train_loop(config: dict | LoopConfig, runtime: Runtime | None = None) -> dict:
-    """Train per ``config`` (a :class:`LoopConfig` or its dict) and return rank 0's final
-    metrics; the trained weights are the final checkpoint (:func:`load_trained` reads them)."""
-    cfg = config if isinstance(config, LoopConfig) else LoopConfig.model_validate(config)
+def train_loop(cfg: LoopConfig, runtime: Runtime | None = None) -> dict:
+    """Train the run ``cfg`` and return rank 0's final metrics; the trained weights are the
+    final checkpoint (:func:`load_trained` reads them)."""
     tc = cfg.train
     rt = runtime or Runtime(tc.use_gpu)
     is_main = rt.rank == 0
     torch.manual_seed(tc.seed + rt.rank)
     t_setup = time.perf_counter()
 
-    # 1. data, model, optimizer; what rank 0 watches with
+    # 1. data, model, optimizer; resumed where a checkpoint says; what rank 0 watches with
     st = TrainState(cfg, rt)
-    store = cfg.store()
+    start = _resume(st, cfg, rt)
+    watch = _Watch(cfg, st) if is_main else None
 
-    # 2. resume: the checkpoint Ray hands a restarted worker (unless ``--resume PATH`` removed
-    # it since), else the stage's choice
-    name = rt.restored()
-    if name is None or name not in store.names():
-        name = cfg.resume_from
-    if name is not None:
-        st.resume(store.fetch(name, rt.rank), rt.rank)
-        _say(is_main, f"resumed from {store.describe(name)} at step {st.step}")
-    start = st.step
-    watch = _Watch(cfg, st.tokenizer) if is_main else None
-
-    # 3. steps
+    # 2. steps
     window = dict.fromkeys(WINDOW, 0.0)
     t_window = t_start = time.perf_counter()
     setup = t_start - t_setup
     for step in range(start + 1, tc.steps + 1):
         _inject_faults(tc.fault, step, start, rt)
-        grad_norm = _optimizer_step(st, cfg, rt, step, window, store)
+        for key, value in _optimizer_step(st, cfg, rt, step).items():
+            window[key] += value
         st.step = step
-        window["grad_norm"] += float(grad_norm)
         window["n"] += 1
         if step % tc.log_every == 0 or step == tc.steps:
             st.history.append(_log_row(window, step, st.scheduler.get_last_lr()[0], time.perf_counter() - t_window))
@@ -271,15 +280,28 @@ def train_loop(config: dict | LoopConfig, runtime: Runtime | None = None) -> dic
         if is_main and (step % tc.eval_every == 0 or step == tc.steps):
             st.probes.append(watch.probe(st))
         if step % tc.checkpoint_every == 0 or step == tc.steps:
-            _checkpoint(st, cfg, rt, store)
+            _checkpoint(st, cfg, rt)
         if is_main and step % tc.sample_every == 0 and step < tc.steps:  # the final grid: the training stage
-            watch.sample_grid(st.trained, step)
+            watch.sample_grid(st, step)
 
-    # 4. the run's metrics (Ray hands rank 0's to the driver)
+    # 3. the run's metrics (Ray hands rank 0's to the driver)
     metrics = _final_metrics(st.history, time.perf_counter() - t_start, tc.steps - start)
     metrics |= {"images_seen": st.seen, "setup_s": setup, "resumed_at_step": start}
     metrics |= {k: v for k, v in (st.probes[-1] if st.probes else {}).items() if k not in ("step", "images_seen")}
     return metrics
+
+
+def _resume(st: TrainState, cfg: LoopConfig, rt: Runtime) -> int:
+    """Restore the checkpoint Ray hands a restarted worker (unless ``--resume PATH`` removed it
+    since), else the stage's choice, else none; returns the step training continues after."""
+    store = cfg.store
+    name = rt.restored()
+    if name is None or name not in store.names():
+        name = cfg.resume_from
+    if name is not None:
+        st.resume(store.fetch(name, rt.rank), rt.rank)
+        _say(rt.rank == 0, f"resumed from {store.describe(name)} at step {st.step}")
+    return st.step
 
 
 def _inject_faults(fault, step: int, start: int, rt: Runtime) -> None:
@@ -296,9 +318,11 @@ def _inject_faults(fault, step: int, start: int, rt: Runtime) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _optimizer_step(st: TrainState, cfg: LoopConfig, rt: Runtime, step: int, window: dict, store) -> torch.Tensor:
-    """One optimizer step over ``grad_accum`` micro-batches; stops before a non-finite update."""
+def _optimizer_step(st: TrainState, cfg: LoopConfig, rt: Runtime, step: int) -> dict[str, float]:
+    """One optimizer step over ``grad_accum`` micro-batches; stops before a non-finite update.
+    Returns the step's sums for the log window (losses, tokens, images, gradient norm)."""
     tc = cfg.train
+    sums = dict.fromkeys(("loss", "lm", "diffusion", "tokens", "images"), 0.0)
     st.step_module.train()
     for micro in range(tc.grad_accum):
         batch = st.collate(st.stream.take(tc.batch_size)).to(rt.device)
@@ -308,24 +332,24 @@ def _optimizer_step(st: TrainState, cfg: LoopConfig, rt: Runtime, step: int, win
         if tc.fault.nan_at_step == step:
             total = total * float("nan")
         (total / tc.grad_accum).backward()
-        window["loss"] += total.item() / tc.grad_accum
-        window["lm"] += lm.item() / tc.grad_accum
-        window["diffusion"] += diff.item() / tc.grad_accum
-        window["tokens"] += int(batch.valid.sum()) * rt.world_size
-        window["images"] += len(batch.images) * rt.world_size
+        sums["loss"] += total.item() / tc.grad_accum
+        sums["lm"] += lm.item() / tc.grad_accum
+        sums["diffusion"] += diff.item() / tc.grad_accum
+        sums["tokens"] += int(batch.valid.sum()) * rt.world_size
+        sums["images"] += len(batch.images) * rt.world_size
         st.seen += len(batch.images) * rt.world_size
     grad_norm = torch.nn.utils.clip_grad_norm_(st.params, tc.grad_clip)
     if not math.isfinite(total.item()) or not torch.isfinite(grad_norm):
         raise TrainingDiverged(
             f"non-finite loss or gradient at step {step} (loss {total.item()}, grad norm {float(grad_norm)}); "
-            f"last good checkpoint: {store.describe(store.latest())}"
+            f"last good checkpoint: {cfg.store.describe(cfg.store.latest())}"
         )
     st.optimizer.step()
     st.scheduler.step()
     st.optimizer.zero_grad(set_to_none=True)
     if st.ema is not None:
         st.ema.update_parameters(st.model)
-    return grad_norm
+    return sums | {"grad_norm": float(grad_norm)}
 
 
 def _log_row(window: dict, step: int, lr: float, dt: float) -> dict:
@@ -342,7 +366,7 @@ def _log_row(window: dict, step: int, lr: float, dt: float) -> dict:
     }
 
 
-def _checkpoint(st: TrainState, cfg: LoopConfig, rt: Runtime, store) -> None:
+def _checkpoint(st: TrainState, cfg: LoopConfig, rt: Runtime) -> None:
     """Rank 0 stages the checkpoint (every rank's data state gathered), the runtime stores it."""
     data_states = _gather_data_states(st.data_state(), rt)
     staged = None
@@ -354,8 +378,8 @@ def _checkpoint(st: TrainState, cfg: LoopConfig, rt: Runtime, store) -> None:
             "probes": st.probes,
             "images_seen": st.seen,
         }
-        staged = store.save(st.step, st.model, st.optimizer, st.scheduler, st.ema, trainer_state)
-    rt.commit(store, staged, st.step)
+        staged = cfg.store.save(st.step, st.model, st.optimizer, st.scheduler, st.ema, trainer_state)
+    rt.commit(cfg.store, staged, st.step)
 
 
 @dataclass
@@ -376,8 +400,7 @@ def load_trained(cfg: LoopConfig, metrics: dict) -> TrainResult:
     from transfusion.model import TransfusionModel
     from transfusion.train.checkpoint import CheckpointError, load_weights
 
-    store = cfg.store()
-    name = f"step-{cfg.train.steps:08d}"
+    store, name = cfg.store, cfg.final_checkpoint
     final = store.fetch(name) if name in store.names() else None
     model = TransfusionModel.from_params(
         cfg.model,
@@ -403,21 +426,11 @@ def _say(enabled: bool, message: str) -> None:
 
 
 def _logger(cfg: LoopConfig):
-    """The MLflow run to log into (``transfusion.tracking``), or a logger that drops everything."""
-    from transfusion.tracking import RunLogger
-
-    class _Null:
-        def log_metrics(self, *a, **k):
-            pass
-
-        def last_step(self, key: str) -> int:
-            return 0
-
-        def log_artifact(self, *a, **k):
-            pass
+    """The MLflow run to log into (``transfusion.tracking``), or one that drops everything."""
+    from transfusion.tracking import NullLogger, RunLogger
 
     if cfg.run_id is None or cfg.tracking_uri is None:
-        return _Null()
+        return NullLogger()
     return RunLogger(cfg.tracking_uri, cfg.run_id)
 
 
@@ -463,25 +476,25 @@ PROBE_HEADLINE = (
 
 
 class _Watch:
-    """Rank 0's view of the run: metrics and sample grids into the MLflow run, the probes."""
+    """Rank 0's view of the run: metrics and sample grids into the MLflow run, the probes; one
+    pipeline (tokenizer, VAE, scheduler) around the raw or the EMA weights."""
 
-    def __init__(self, cfg: LoopConfig, tokenizer) -> None:
+    def __init__(self, cfg: LoopConfig, st: TrainState) -> None:
         from transfusion.data.latents import load_meta
         from transfusion.eval.probe import load_probe_data, probe_rows
+        from transfusion.pipeline import TransfusionPipeline
         from transfusion.vae import load_vae
 
-        self.cfg, self.tokenizer = cfg, tokenizer
+        self.cfg = cfg
         self.logger = _logger(cfg)
         # a resumed run recomputes the steps between its checkpoint and the interruption, which
         # the run already logged: each step goes to MLflow once
         self.logged = {"loss": self.logger.last_step("loss"), "probe": self.logger.last_step("caption_loss")}
         pc = cfg.train.probe
         rows = max(probe_rows(pc), 7 * pc.binding_scenes)  # a sixth of val per category, with slack
-        self.probe_data = load_probe_data(
-            cfg.paths.latents, tokenizer, rows, cfg.paths.judge, cfg.paths.vae, cfg.palette
-        )
-        self.vae = load_vae(cfg.paths.vae)
-        self.scaling_factor = float(load_meta(cfg.paths.latents)["scaling_factor"])
+        self.probe_data = load_probe_data(cfg.paths.latents, st.tokenizer, rows, cfg.paths.judge, cfg.palette)
+        scaling_factor = float(load_meta(cfg.paths.latents)["scaling_factor"])
+        self.pipe = TransfusionPipeline(st.model, st.tokenizer, load_vae(cfg.paths.vae), scaling_factor)
 
     def log(self, row: dict) -> None:
         if row["step"] > self.logged["loss"]:
@@ -499,28 +512,13 @@ class _Watch:
         row: dict = {"step": st.step, "images_seen": st.seen}
         for prefix, net in (("", st.model), ("ema_", st.ema.module if st.ema is not None else None)):
             if net is not None:
-                out = run_probes(net, self.tokenizer, self.probe_data, self.cfg.train.probe, seed=self.cfg.train.seed)
+                out = run_probes(self.pipe.with_model(net), self.probe_data, self.cfg.train.probe, self.cfg.train.seed)
                 row |= {prefix + k: v for k, v in out.items()}
         if st.step > self.logged["probe"]:
             self.logger.log_metrics({k: v for k, v in row.items() if k != "step"}, st.step)
         _say(True, "probe " + ", ".join(f"{k} {row[k]:.3f}" for k in PROBE_HEADLINE if k in row))
         return row
 
-    def sample_grid(self, model: nn.Module, step: int) -> None:
-        """The sample captions drawn by ``model``, into the MLflow run (``samples/step-N.png``)."""
-        from transfusion.pipeline import TransfusionPipeline
-
-        was_training = model.training
-        try:
-            pipe = TransfusionPipeline(model, self.tokenizer, self.vae, self.scaling_factor)
-            path = self.cfg.paths.runs / "samples" / f"step-{step:08d}.png"
-            pipe.sample_grid(
-                self.cfg.train.sample_captions,
-                path,
-                self.cfg.train.sample_steps,
-                self.cfg.train.sample_cfg_scale,
-                self.cfg.train.seed,
-            )
-            self.logger.log_artifact(path, "samples")
-        finally:
-            model.train(was_training)
+    def sample_grid(self, st: TrainState, step: int) -> None:
+        """The sample captions drawn by the trained (EMA) weights, into the MLflow run."""
+        self.logger.log_artifact(self.cfg.draw_samples(self.pipe.with_model(st.trained), step), "samples")

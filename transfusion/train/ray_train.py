@@ -51,13 +51,15 @@ class RayRuntime(Runtime):
         """Every rank reports (a barrier); rank 0's staged checkpoint is uploaded into the store."""
         import ray.train
 
+        from transfusion.train.checkpoint import checkpoint_name
+
         def upload(checkpoint, name: str):
             return ray.train.Checkpoint(store.commit(Path(checkpoint.path)), filesystem=store.store.fs)
 
         ray.train.report(
             {"step": step},
             checkpoint=ray.train.Checkpoint.from_directory(str(staged)) if staged is not None else None,
-            checkpoint_dir_name=f"step-{step:08d}",
+            checkpoint_dir_name=checkpoint_name(step),
             checkpoint_upload_fn=upload,
             delete_local_checkpoint_after_upload=False,
         )
@@ -134,9 +136,8 @@ def fit_on_ray(config: LoopConfig, address: str | None = None) -> dict:
         publish(paths, tc.storage)
     # Ray Train's run folder is the checkpoint store itself (Ray accepts only checkpoints inside
     # its run folder); its state from an earlier fit there is dropped: resuming is the loop's
-    checkpoints = config.store()
-    checkpoints.forget_runtime_state()
-    store = checkpoints.store
+    config.store.forget_runtime_state()
+    store = config.store.store
     parent, name = store.root.rstrip("/").rsplit("/", 1)
     ensure_ray(address or tc.address, paths.runs / "ray", num_cpus=max(cpus, os.cpu_count() or 1))
     config = config.model_copy(update={"tracking_uri": worker_tracking_uri(config.tracking_uri)})
