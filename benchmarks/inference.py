@@ -6,7 +6,7 @@ Image sampling: seconds per image for batch 1 and 16 (DDPM, CFG on, i.e. 2 rows 
 cached (caption prefix run once, each step runs only the image tokens) vs uncached (each step
 re-runs caption + image). Text: tokens/s decoding with and without the cache. Guidance in an
 interval: a batch of 64 guided at every noise level (2 rows per image at every step) against
-guided only in the default ``eval.cfg_interval`` (the conditional rows alone elsewhere).
+guided only in the default ``sampling.cfg_interval`` (the conditional rows alone elsewhere).
 Uses the exported model when given (random tiny weights otherwise: speed does not depend on
 them).
 """
@@ -35,7 +35,7 @@ def load(model_dir: str | None):
     )
     torch.manual_seed(0)
     p = load_params(Path(__file__).resolve().parents[1] / "params.yaml")  # the default model
-    return TransfusionModel.from_params(p.model, p.diffusion, tok, (4, 8, 8)).eval(), tok
+    return TransfusionModel.from_params(p.model, p.diffusion, p.sampling, tok, (4, 8, 8)).eval(), tok
 
 
 def timed(fn) -> float:
@@ -51,7 +51,7 @@ def guidance_interval_row(model, caption: list[int], steps: int, sampler: str) -
     from transfusion.sampling import sample_latents
 
     sched = build_scheduler(model.config.diffusion, sampler)
-    interval = tuple(load_params(Path(__file__).resolve().parents[1] / "params.yaml").eval.cfg_interval)
+    interval = tuple(load_params(Path(__file__).resolve().parents[1] / "params.yaml").sampling.cfg_interval)
     caps = [caption] * 64
     every = timed(lambda: sample_latents(model, caps, sched, steps, 5.0, cfg_interval=(0.0, 1.0))) / 64
     inside = timed(lambda: sample_latents(model, caps, sched, steps, 5.0, cfg_interval=interval)) / 64
@@ -76,7 +76,7 @@ def main() -> None:
         "input_ids"
     ]
 
-    sampler = model.config.diffusion.sampler  # the default model's
+    sampler = model.config.sampling.sampler  # the default model's
     sched = build_scheduler(model.config.diffusion, sampler)
     print(
         f"threads={torch.get_num_threads()} denoising steps={args.steps} ({sampler}, CFG scale 3) "

@@ -40,7 +40,7 @@ def main() -> None:
                     "train.log_every=10",
                     f"train.checkpoint_every={args.steps}",
                     f"train.sample_every={args.steps}",
-                    "train.sample_steps=2",
+                    "train.sampling.steps=2",
                     f"paths.checkpoints={root}/ck",
                     f"paths.model={root}/model",
                     f"paths.runs={root}/runs",

@@ -79,7 +79,7 @@ def main() -> None:
         levels = DEFAULTS.model.patch_size.bit_length() - 1  # a U-Net level per halving: patch 4 -> 2
         unet = {"unet_channels": [64] * levels} if patch_encoder == "unet" else {}
         model_cfg = DEFAULTS.model.model_copy(update={"patch_encoder": patch_encoder, **unet})
-        model = TransfusionModel.from_params(model_cfg, DEFAULTS.diffusion, tok, (4, 8, 8))
+        model = TransfusionModel.from_params(model_cfg, DEFAULTS.diffusion, DEFAULTS.sampling, tok, (4, 8, 8))
         model.to(args.device).train()
         batch = make_batch(model, tok, args.batch, args.max_length).to(args.device)
         tokens, images = int(batch.valid.sum()), len(batch.images)

@@ -59,12 +59,11 @@ def main() -> None:
     cats = list(geneval.TAGS)
     print(f"{len(prompts)} prompts x {k} images; GenEval's rule per category, overall +- se, blank rate")
     print(f"{'setting':32s} " + " ".join(f"{c[:8]:>8s}" for c in cats) + "  overall     se   blank  wall")
+    sampling = params.sampling_for("eval.sampling")
     for text in args.settings:
-        s = parse_setting(text, cfg.sample_steps)
+        how = sampling.model_copy(update=parse_setting(text, sampling.steps))
         start = time.perf_counter()
-        images = sample_many(
-            pipe, captions, cfg.seed + SEED_GENEVAL, sampler=cfg.sampler, batch_size=cfg.batch_size, **s
-        )
+        images = sample_many(pipe, captions, cfg.seed + SEED_GENEVAL, how, batch_size=cfg.batch_size)
         wall = time.perf_counter() - start
         got = judged(judge.read(images), prompts, k)
         row = " ".join(f"{got[f'geneval_{c}']:8.3f}" for c in cats)

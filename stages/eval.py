@@ -31,7 +31,8 @@ def run(params: Params) -> dict[str, float]:
     )
     with tracking.stage_run(params, "eval") as run:
         run.set_tags({"train_run_id": pipe.run_id or "unknown"})
-        result = evaluate(pipe, cfg, inputs, progress=lambda it, desc: tqdm(it, desc=desc, unit="batch"))
+        sampling = params.sampling_for("eval.sampling")
+        result = evaluate(pipe, cfg, sampling, inputs, progress=lambda it, desc: tqdm(it, desc=desc, unit="batch"))
         write_outputs(result, cfg, paths)
         run.log_metrics(result.metrics)
         for path in (paths.eval_plots, paths.geneval_plot, paths.cfg_sweep_plot):

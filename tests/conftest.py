@@ -144,11 +144,16 @@ def section(name: str, **changes):
 
 
 def diffusion_config(objective: str, **kw):
-    """The diffusion section for ``objective`` with its own sampler (flow_euler or ddpm)."""
-    return section("diffusion", objective=objective, sampler="flow_euler" if objective == "flow" else "ddpm", **kw)
+    """The diffusion section for ``objective``."""
+    return section("diffusion", objective=objective, **kw)
 
 
-def build_tiny_model(tokenizer, seed=0, diffusion=None, **model_kw):
+def sampling_config(objective: str, **kw):
+    """The sampling section with ``objective``'s own sampler (flow_euler or ddpm)."""
+    return section("sampling", sampler="flow_euler" if objective == "flow" else "ddpm", **kw)
+
+
+def build_tiny_model(tokenizer, seed=0, diffusion=None, sampling=None, **model_kw):
     """A tiny model whose zero-initialised output layers are made random, so that image
     predictions depend on their inputs (property tests would pass vacuously otherwise)."""
     import torch
@@ -158,8 +163,9 @@ def build_tiny_model(tokenizer, seed=0, diffusion=None, **model_kw):
     torch.manual_seed(seed)
     # the paper's layout (patch 2: 16 patches, DDPM) unless a test asks otherwise
     diffusion = diffusion or diffusion_config("ddpm")
+    sampling = sampling or sampling_config(diffusion.objective)
     model = TransfusionModel.from_params(
-        section("model", **{"patch_size": 2, **model_kw}), diffusion, tokenizer, LATENT
+        section("model", **{"patch_size": 2, **model_kw}), diffusion, sampling, tokenizer, LATENT
     )
     with torch.no_grad():
         for p in model.patch_out.parameters():

@@ -26,8 +26,8 @@ def test_params_yaml_is_the_one_source_of_values(tmp_path):
     assert isinstance(load_params(REPO / "params.yaml"), Params)
     with pytest.raises(ParamsError, match=r"missing keys paths, tracking, data, .*, eval \(start from params.yaml\)"):
         load_params(write(tmp_path, ""))
-    del full["train"]["probe"]["cfg_scale"], full["eval"]["seed"]
-    with pytest.raises(ParamsError, match=r"missing keys train.probe.cfg_scale, eval.seed"):
+    del full["train"]["probe"]["sampling"]["cfg_scale"], full["eval"]["seed"]
+    with pytest.raises(ParamsError, match=r"missing keys train.probe.sampling.cfg_scale, eval.seed"):
         load_params(write(tmp_path, yaml.safe_dump(full)))
     preset = load_params([REPO / "params.yaml", REPO / "pipelines" / "cpu-tiny.yaml"])
     assert preset.train.steps != load_params(REPO / "params.yaml").train.steps
@@ -57,7 +57,11 @@ def test_overrides_parse_yaml_values():
         ("data:\n  scenes:\n    canvas: 30\n    grid: 4\n", "canvas (30) must be divisible by grid (4)"),
         ("data:\n  scenes:\n    canvas: 34\n    grid: 2\n", "does not divide data.scenes.canvas (34)"),
         ("data:\n  scenes:\n    categories: {sculpture: 1}\n", "data.scenes.categories.sculpture"),
-        ("diffusion:\n  objective: ddpm\n", "diffusion: sampler 'flow_euler' does not fit a model trained with 'ddpm'"),
+        ("diffusion:\n  objective: ddpm\n", "sampling: sampler 'flow_euler' does not fit a model trained with 'ddpm'"),
+        (
+            "eval:\n  sampling: {sampler: ddim}\n",
+            "eval.sampling: sampler 'ddim' does not fit a model trained with 'flow'",
+        ),
         ("vae: [1, 2\n", "not valid YAML (line 2)"),
         ("- just\n- a list\n", "expected a mapping of sections"),
     ],
@@ -86,6 +90,20 @@ def test_missing_file_and_bad_override(tmp_path):
         load_params(REPO / "params.yaml", ["nosuch.key=1"])
     with pytest.raises(ParamsError, match="vae.lr is not a section"):
         load_params(REPO / "params.yaml", ["vae.lr.x=1"])
+
+
+def test_sampling_is_written_once_and_overridden_by_key():
+    """``eval.sampling`` / ``train.probe.sampling`` / ``train.sampling`` change only what they
+    set; null keys read ``sampling``."""
+    p = load_params(
+        REPO / "params.yaml", ["sampling.cfg_scale=3.5", "eval.sampling.steps=7", "train.sampling.steps=null"]
+    )
+    ev = p.sampling_for("eval.sampling")
+    assert ev.steps == 7 and p.sampling.steps != 7
+    assert (ev.sampler, ev.cfg_scale, ev.cfg_interval) == (p.sampling.sampler, 3.5, p.sampling.cfg_interval)
+    assert p.sampling_for("train.sampling") == p.sampling and p.sampling_for("sampling") is p.sampling
+    moved = load_params(REPO / "params.yaml", ["sampling.cfg_interval=[0.1, 0.9]"])
+    assert moved.sampling_for("train.probe.sampling").cfg_interval == (0.1, 0.9)
 
 
 def test_digest_follows_values():

@@ -110,15 +110,16 @@ def test_quick_eval_is_judged_and_skipped_without_a_judge(judged, tiny_pipeline,
     tok = load_tokenizer(p.paths.tokenizer)
     data = load_probe_data(p.paths.latents, tok, 12, p.paths.judge, dict(p.data.scenes.palette))
     assert data.judge is not None and len(data.latents) == len(data.records) == 12
-    model = TransfusionModel.from_params(p.model, p.diffusion, tok, tuple(data.latents.shape[1:]))
+    model = TransfusionModel.from_params(p.model, p.diffusion, p.sampling, tok, tuple(data.latents.shape[1:]))
     pipe = TransfusionPipeline.from_parts(model, p.paths.tokenizer, p.paths.vae, p.paths.latents)
-    probe = p.train.probe.model_copy(update={"prompts_per_category": 1, "captions": 6, "sample_steps": 2})
-    out = quick_eval(pipe, data, probe)
+    probe = p.train.probe.model_copy(update={"prompts_per_category": 1, "captions": 6})
+    sampling = p.sampling.model_copy(update={"steps": 2})
+    out = quick_eval(pipe, data, probe, sampling)
     assert {"quick_geneval_overall", "quick_scene_match_overall", "quick_caption_exact"} <= set(out)
     assert all(0.0 <= v <= 1.0 for v in out.values())
     assert out["quick_scene_match_overall"] <= out["quick_geneval_overall"]  # the exact scene is the stricter rule
     unjudged = load_probe_data(p.paths.latents, tok, 12, tmp_path / "none", {})
-    assert unjudged.judge is None and quick_eval(pipe, unjudged, probe) == {}
+    assert unjudged.judge is None and quick_eval(pipe, unjudged, probe, sampling) == {}
 
 
 def test_overall_is_the_mean_of_categories():

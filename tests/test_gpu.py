@@ -19,7 +19,9 @@ def test_flex_attention_matches_dense_sdpa(patch_encoder):
     tok = train_bpe(["a red 4 and a blue 3 to the left of a 7", "to be or not to be"] * 50, vocab_size=300)
     torch.manual_seed(0)
     dense = (
-        TransfusionModel.from_params(section("model", patch_encoder=patch_encoder), section("diffusion"), tok, LATENT)
+        TransfusionModel.from_params(
+            section("model", patch_encoder=patch_encoder), section("diffusion"), section("sampling"), tok, LATENT
+        )
         .cuda()
         .eval()
     )

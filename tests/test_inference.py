@@ -7,7 +7,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import build_tiny_model, diffusion_config, pipeline_around
+from conftest import build_tiny_model, diffusion_config, pipeline_around, sampling_config
 from transfusion.diffusion import build_scheduler
 from transfusion.sampling import caption_latents, generate_interleaved, generate_text, guided, sample_latents
 
@@ -146,7 +146,8 @@ def test_steps_outside_the_guidance_interval_run_only_the_conditional_rows():
 def test_a_model_samples_with_its_saved_guidance_interval(text_tokenizer):
     """The pipeline's ``sample_images`` without an interval uses the one the model was trained
     with (what ``transfusion generate`` does without ``--cfg-interval``)."""
-    model = build_tiny_model(text_tokenizer, diffusion=diffusion_config("flow", cfg_scale=4.0, cfg_interval=(0.5, 1.0)))
+    sampling = sampling_config("flow", cfg_scale=4.0, cfg_interval=(0.5, 1.0))
+    model = build_tiny_model(text_tokenizer, diffusion=diffusion_config("flow"), sampling=sampling)
     pipe = pipeline_around(model, text_tokenizer)
     caps = [ids(text_tokenizer, "a red 4")]
     own = pipe.sample_images(["a red 4"], steps=10, seed=2)

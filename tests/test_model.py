@@ -8,10 +8,11 @@ import itertools
 import pytest
 import torch
 
-from conftest import LATENT, build_tiny_model, diffusion_config, section
+from conftest import LATENT, build_tiny_model, diffusion_config, sampling_config, section
 from conftest import MODEL_CORPUS as CORPUS
 from transfusion.data.collate import Collator, caption_to_image, image_to_caption, text_example
 from transfusion.data.tokenizer import build_tokenizer
+from transfusion.errors import BadInput
 from transfusion.layout import PATCH
 from transfusion.model import TransfusionModel
 from transfusion.model.mask import hybrid_mask
@@ -24,8 +25,8 @@ def tokenizer(text_tokenizer):
     return text_tokenizer
 
 
-def make_model(tokenizer, seed=0, diffusion=None, **model_kw) -> TransfusionModel:
-    return build_tiny_model(tokenizer, seed, diffusion, **model_kw)
+def make_model(tokenizer, seed=0, diffusion=None, sampling=None, **model_kw) -> TransfusionModel:
+    return build_tiny_model(tokenizer, seed, diffusion, sampling, **model_kw)
 
 
 def collator(model: TransfusionModel, **kw) -> Collator:
@@ -357,6 +358,32 @@ def test_a_model_saved_before_patch_positions_loads_without_them(tokenizer, tmp_
     assert not list(loaded.patch_pos.parameters())
 
 
+def test_a_model_saved_with_sampling_in_its_diffusion_section_loads(tokenizer, tmp_path):
+    """config.json of models saved before the ``sampling`` section kept the sampler, steps and
+    guidance in ``diffusion`` (and, before ``cfg_interval``, guided at every level)."""
+    import json
+
+    model = make_model(tokenizer, diffusion=diffusion_config("flow"), sampling=sampling_config("flow", steps=7))
+    model.save_pretrained(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    sampling = config.pop("sampling")
+    assert sampling == {"sampler": "flow_euler", "steps": 7, "cfg_scale": 5.0, "cfg_interval": [0.0, 0.6]}
+    old = {"sampler": "flow_euler", "sample_steps": 7, "cfg_scale": 3.0}  # no cfg_interval yet
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config | {"diffusion": config["diffusion"] | old}))
+    loaded = TransfusionModel.from_pretrained(tmp_path / "m").config
+    assert loaded.sampling.model_dump() == {
+        "sampler": "flow_euler",
+        "steps": 7,
+        "cfg_scale": 3.0,
+        "cfg_interval": (0.0, 1.0),
+    }
+    assert loaded.diffusion == model.config.diffusion
+    wrong = config | {"sampling": sampling | {"sampler": "ddim"}}  # a DDPM sampler for a flow model
+    (tmp_path / "m" / "config.json").write_text(json.dumps(wrong))
+    with pytest.raises(BadInput, match=r"config.json: .*sampler 'ddim' does not fit a model trained with 'flow'"):
+        TransfusionModel.from_pretrained(tmp_path / "m")
+
+
 def test_load_refuses_missing_or_truncated_files(tokenizer, tmp_path):
     with pytest.raises(FileNotFoundError, match="not a saved Transfusion model"):
         TransfusionModel.from_pretrained(tmp_path)
@@ -401,7 +428,7 @@ def test_pretrained_backbone_through_params(tokenizer, tmp_path, kind):
     tok = build_tokenizer(section("tokenizer", pretrained=tmp_path / "lm"), [])
     assert len(tok) == len(base_tok) + 3  # <boi>, <eoi>, <pad>
     model = TransfusionModel.from_params(
-        section("model", pretrained=tmp_path / "lm"), section("diffusion"), tok, LATENT
+        section("model", pretrained=tmp_path / "lm"), section("diffusion"), section("sampling"), tok, LATENT
     )
     emb = model.backbone.get_input_embeddings().weight
     assert emb.shape[0] == len(tok) and model.backbone.config.model_type == kind

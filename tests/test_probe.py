@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import build_tiny_model, diffusion_config, pipeline_around, section
+from conftest import build_tiny_model, diffusion_config, pipeline_around, sampling_config, section
 from transfusion.eval.probe import BUCKETS, ProbeData, caption_losses, diffusion_losses
 
 
@@ -86,8 +86,8 @@ def test_loss_probes_read_only_val_examples_rows(text_tokenizer):
     model = build_tiny_model(text_tokenizer, diffusion=diffusion_config("flow"))
     latents = torch.randn(6, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     data = probe_data(text_tokenizer, latents, ["a red 4", "a 7", "two 5s", "a 1", "a 2", "a 3"])
-    probe = section("train").probe.model_copy(update={"val_examples": 2, "prompts_per_category": 1, "sample_steps": 2})
-    out = run_probes(pipeline_around(model, text_tokenizer), data, probe)
+    probe = section("train").probe.model_copy(update={"val_examples": 2, "prompts_per_category": 1})
+    out = run_probes(pipeline_around(model, text_tokenizer), data, probe, sampling_config("flow", steps=2))
     head = diffusion_losses(model, data.head(2)) | caption_losses(model, data.head(2))
     assert out == head  # no judge: no quick evaluation, only the two loss probes over 2 rows
     assert out != diffusion_losses(model, data) | caption_losses(model, data)
@@ -104,8 +104,11 @@ def test_binding_probes_run_without_a_judge(text_tokenizer):
     data = probe_data(text_tokenizer, latents, captions)
     assert data.judge is None
     probe = section("train").probe.model_copy(update={"val_examples": 4, "binding_scenes": 10})
-    out = run_probes(pipeline_around(model, text_tokenizer), data, probe)
+    sampling = sampling_config("flow", steps=2)
+    out = run_probes(pipeline_around(model, text_tokenizer), data, probe, sampling)
     assert 0.0 <= out["binding_read_position"] <= 1.0 and 0.0 <= out["binding_write_color_attr"] <= 1.0
     assert "quick_geneval_overall" not in out
-    off = run_probes(pipeline_around(model, text_tokenizer), data, probe.model_copy(update={"binding_scenes": 0}))
+    off = run_probes(
+        pipeline_around(model, text_tokenizer), data, probe.model_copy(update={"binding_scenes": 0}), sampling
+    )
     assert not any(k.startswith("binding_") for k in off)

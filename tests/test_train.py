@@ -111,7 +111,7 @@ def test_nan_stops_the_run_and_keeps_a_loadable_checkpoint(tiny_pipeline, tmp_pa
         train_loop(LoopConfig.from_params(p))
     last = latest_checkpoint(p.paths.checkpoints)
     assert last.name == "step-00000004" and str(last) in str(err.value)
-    model = TransfusionModel.from_params(p.model, p.diffusion, load_tokenizer(p.paths.tokenizer), (4, 8, 8))
+    model = TransfusionModel.from_params(p.model, p.diffusion, p.sampling, load_tokenizer(p.paths.tokenizer), (4, 8, 8))
     state = load_checkpoint(last, model)
     assert state["step"] == 4
     assert all(torch.isfinite(q).all() for q in model.parameters())

@@ -1,7 +1,8 @@
 """Typed schema of ``params.yaml``: one pydantic model per section, loading and overrides.
 
 ``params.yaml`` is the one place where values are written (DVC tracks only what it holds): the
-models here carry types and validation, no defaults. Every key is required and unknown keys are
+models here carry types and validation, and no defaults (the one exception: ``VAEConfig.bf16``,
+which params files written before it lack). Every key is required and unknown keys are
 refused; a preset under ``pipelines/`` is an overlay on ``params.yaml`` that lists only what it
 changes. ``load_params`` merges one or more YAML files in order, applies ``section.key=value``
 overrides, validates, and turns any problem into a single :class:`ParamsError` line naming the
@@ -268,27 +269,57 @@ def _check_interval(interval: tuple[float, float]) -> None:
 
 
 class ScheduleConfig(Section):
-    """The diffusion process and its default sampler: what a saved model keeps (config.json)."""
+    """The diffusion process: what a saved model keeps of the ``diffusion`` section (config.json)."""
 
     objective: Literal["ddpm", "flow"]
     train_steps: PositiveInt
     beta_schedule: Literal["squaredcos_cap_v2", "linear", "scaled_linear"]
     prediction_type: Literal["epsilon", "v_prediction"]  # DDPM: the paper predicts epsilon
     flow_shift: Annotated[float, Field(gt=0)]
-    sample_steps: PositiveInt
-    sampler: Sampler
+
+
+class SamplingConfig(Section):
+    """How images are sampled (the ``sampling`` section): the sampler, its steps and classifier-
+    free guidance. A saved model keeps it as its defaults; the evaluation, the probes and the
+    training's sample grids change what their own ``sampling`` overrides name."""
+
+    sampler: Sampler  # flow_euler for flow models; ddpm, ddim or dpmpp for DDPM models
+    steps: PositiveInt
     cfg_scale: Annotated[float, Field(ge=0)]
     # noise levels (0 clean .. 1 pure noise) where guidance applies, the conditional prediction
     # alone elsewhere (Kynkaanniemi et al. 2024; docs/recipe.md: guidance at high noise empties
-    # canvases). params.yaml always sets it; the default only lets models saved before it load.
-    cfg_interval: CfgInterval = (0.0, 1.0)
+    # canvases)
+    cfg_interval: CfgInterval
 
     @model_validator(mode="after")
-    def _check(self) -> ScheduleConfig:
-        misfit = sampler_misfit(self.objective, self.sampler)
-        if misfit:
-            raise ValueError(misfit)
+    def _check(self) -> SamplingConfig:
         _check_interval(self.cfg_interval)
+        return self
+
+    def overridden(self, override: SamplingOverride) -> SamplingConfig:
+        """These settings with what ``override`` sets (its non-null keys)."""
+        changes = {k: v for k, v in override.model_dump().items() if v is not None}
+        return SamplingConfig(**(self.model_dump() | changes))
+
+    def fits(self, objective: str, where: str) -> None:
+        """Raise if the sampler cannot sample an ``objective`` model (``where``: the key)."""
+        misfit = sampler_misfit(objective, self.sampler)
+        if misfit:
+            raise ValueError(f"{where}: {misfit}")
+
+
+class SamplingOverride(Section):
+    """A section's changes to ``sampling`` (null: as ``sampling`` says)."""
+
+    sampler: Sampler | None
+    steps: PositiveInt | None
+    cfg_scale: Annotated[float, Field(ge=0)] | None
+    cfg_interval: CfgInterval | None
+
+    @model_validator(mode="after")
+    def _check(self) -> SamplingOverride:
+        if self.cfg_interval is not None:
+            _check_interval(self.cfg_interval)
         return self
 
 
@@ -341,8 +372,7 @@ class ProbeConfig(Section):
     val_examples: PositiveInt  # val scenes for the diffusion / caption losses
     prompts_per_category: PositiveInt  # quick GenEval-style run: one image per prompt
     captions: Annotated[int, Field(ge=0)]  # val scenes captioned greedily
-    sample_steps: PositiveInt  # with the model's sampler (diffusion.sampler)
-    cfg_scale: Annotated[float, Field(ge=0)]
+    sampling: SamplingOverride  # the quick run's changes to ``sampling``
     # val scenes per compositional category for the binding rankings (0: off); the probe reads
     # this many rows of val more than the others (all of them, at most val's size)
     binding_scenes: Annotated[int, Field(ge=0)]
@@ -381,8 +411,7 @@ class TrainConfig(Section):
     keep_checkpoints: PositiveInt
     sample_every: PositiveInt
     sample_captions: list[str]
-    sample_steps: PositiveInt
-    sample_cfg_scale: Annotated[float, Field(ge=0)]
+    sampling: SamplingOverride  # the sample grids' changes to ``sampling``
     eval_every: PositiveInt  # conditioning probes on raw and EMA weights (and at the end)
     probe: ProbeConfig
     fault: FaultConfig
@@ -413,10 +442,7 @@ class EvalConfig(Section):
     prompts_per_category: PositiveInt
     images_per_prompt: PositiveInt  # GenEval uses 4
     prompt_file: FilePath | None  # a GenEval-format evaluation_metadata.jsonl instead
-    sample_steps: PositiveInt
-    sampler: Sampler | None  # None: the model's default
-    cfg_scale: Annotated[float, Field(ge=0)]
-    cfg_interval: CfgInterval  # noise levels where guidance applies (as diffusion.cfg_interval)
+    sampling: SamplingOverride  # the evaluation's changes to ``sampling``
     cfg_sweep: list[Annotated[float, Field(ge=0)]]  # GenEval-style at each scale, the same prompts
     sweep_sample_steps: PositiveInt  # sampling steps of the sweep (fewer: shown equal in docs/recipe.md)
     binding_scenes: Annotated[int, Field(ge=0)]  # real test scenes per compositional category (binding)
@@ -431,11 +457,6 @@ class EvalConfig(Section):
     caption_examples: Annotated[int, Field(ge=0)]  # captions written beside their truth
     seed: int
 
-    @model_validator(mode="after")
-    def _check(self) -> EvalConfig:
-        _check_interval(self.cfg_interval)
-        return self
-
 
 # ---------------------------------------------------------------------------------------------
 # the whole file
@@ -449,6 +470,7 @@ class Params(Section):
     latents: LatentsConfig
     model: ModelConfig
     diffusion: DiffusionConfig
+    sampling: SamplingConfig
     mixture: MixtureConfig
     train: TrainConfig
     judge: JudgeConfig
@@ -456,6 +478,8 @@ class Params(Section):
 
     @model_validator(mode="after")
     def _check(self) -> Params:
+        for where in ("sampling", "eval.sampling", "train.sampling", "train.probe.sampling"):
+            self.sampling_for(where).fits(self.diffusion.objective, where)
         canvas, down = self.data.scenes.canvas, self.vae.downsample
         if canvas % down:
             raise ValueError(
@@ -476,6 +500,14 @@ class Params(Section):
                 f"{2 ** len(self.model.unet_channels)}, which must equal model.patch_size ({p})"
             )
         return self
+
+    def sampling_for(self, where: str) -> SamplingConfig:
+        """The sampling settings of ``where`` (``eval.sampling``, ``train.probe.sampling`` ...):
+        the ``sampling`` section with that override's changes."""
+        override = self
+        for key in where.split("."):
+            override = getattr(override, key)
+        return self.sampling if override is self.sampling else self.sampling.overridden(override)
 
     def with_absolute_paths(self) -> Params:
         """The same params with every path absolute (for workers that run in another folder)."""

@@ -35,8 +35,8 @@ PIPELINE_FILE, VAE_FOLDER = "pipeline.json", "vae"
 class TransfusionPipeline:
     def __init__(self, model, tokenizer, vae, scaling_factor: float, run_id: str | None = None, scheduler=None) -> None:
         self.model, self.tokenizer, self.vae, self.scaling_factor = model, tokenizer, vae.eval(), scaling_factor
-        schedule = model.config.diffusion
-        self.scheduler = scheduler if scheduler is not None else build_scheduler(schedule, schedule.sampler)
+        conf = model.config
+        self.scheduler = scheduler if scheduler is not None else build_scheduler(conf.diffusion, conf.sampling.sampler)
         self.run_id = run_id  # the MLflow run that trained the model, when known
 
     def with_model(self, model) -> TransfusionPipeline:
@@ -127,14 +127,16 @@ class TransfusionPipeline:
             self.model.train(was_training)
 
     def _sampling(self, steps, cfg_scale, sampler, cfg_interval) -> dict:
-        """The sampling arguments of one call: what is given, else the model's defaults."""
-        d = self.model.config.diffusion
-        own = sampler is None or sampler == d.sampler
+        """The sampling arguments of one call: what is given, else the model's saved ``sampling``."""
+        own = self.model.config.sampling
+        sampler = sampler or own.sampler
         return {
-            "scheduler": self.scheduler if own else build_scheduler(d, sampler),
-            "steps": steps or d.sample_steps,
-            "cfg_scale": d.cfg_scale if cfg_scale is None else cfg_scale,
-            "cfg_interval": tuple(cfg_interval or d.cfg_interval),
+            "scheduler": self.scheduler
+            if sampler == own.sampler
+            else build_scheduler(self.model.config.diffusion, sampler),
+            "steps": steps or own.steps,
+            "cfg_scale": own.cfg_scale if cfg_scale is None else cfg_scale,
+            "cfg_interval": tuple(cfg_interval or own.cfg_interval),
         }
 
     def decode_latents(self, latents: torch.Tensor) -> np.ndarray:
@@ -200,13 +202,12 @@ class TransfusionPipeline:
             out = sampling.caption_latents(self.model, latents.to(device), max_new_tokens)
         return [self._text(ids) for ids in out]
 
-    def sample_grid(
-        self, captions: list[str], path: Path, steps: int | None = None, cfg_scale: float | None = None, seed: int = 0
-    ) -> np.ndarray:
-        """One image per caption, drawn as a captioned PNG grid at ``path``; returns the images."""
+    def sample_grid(self, captions: list[str], path: Path, sampling=None, seed: int = 0) -> np.ndarray:
+        """One image per caption (``sampling``: a ``SamplingConfig``, None: the model's), drawn as
+        a captioned PNG grid at ``path``; returns the images."""
         from transfusion.images import render_grid
 
-        images = self.sample_images(list(captions), steps=steps, cfg_scale=cfg_scale, seed=seed)
+        images = self.sample_images(list(captions), seed=seed, **sampling_kwargs(sampling))
         render_grid(images, list(captions), Path(path), cols=min(6, len(images)))
         return images
 
@@ -225,3 +226,16 @@ class TransfusionPipeline:
         with self._eval():
             parts = sampling.generate_interleaved(self.model, self._ids(prompt), **how, **kwargs)
         return [self.decode_latents(part[None])[0] if torch.is_tensor(part) else self._text(part) for part in parts]
+
+
+def sampling_kwargs(sampling) -> dict:
+    """A ``SamplingConfig`` as the keyword arguments of :meth:`TransfusionPipeline.sample_images`
+    (None: none, the model's own)."""
+    if sampling is None:
+        return {}
+    return {
+        "steps": sampling.steps,
+        "cfg_scale": sampling.cfg_scale,
+        "sampler": sampling.sampler,
+        "cfg_interval": tuple(sampling.cfg_interval),
+    }

@@ -1,4 +1,4 @@
-"""The evaluation stage's function: ``evaluate(cfg, inputs)`` scores an exported pipeline.
+"""The evaluation stage's function: ``evaluate(pipe, cfg, sampling, inputs)`` scores an exported pipeline.
 
 1. **GenEval-style**: ``images_per_prompt`` images for each of ``prompts_per_category``
    prompts per category (drawn to cover digits, colours, relations and counts evenly,
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from transfusion.config import EvalConfig, PathsConfig
+from transfusion.config import EvalConfig, PathsConfig, SamplingConfig
 
 # Independent random streams of one evaluation: each draw starts from cfg.seed + its offset.
 SEED_GENEVAL, SEED_FID, SEED_BINDING = 0, 100_000, 300_000
@@ -72,8 +72,9 @@ class EvalResult:
     captions: list[tuple[str, str]] = field(default_factory=list)  # (truth, generated) per captioned scene
 
 
-def evaluate(pipe, cfg: EvalConfig, inputs: EvalInputs, progress=None) -> EvalResult:
-    """Score ``pipe`` (a TransfusionPipeline) as the module docstring says."""
+def evaluate(pipe, cfg: EvalConfig, sampling: SamplingConfig, inputs: EvalInputs, progress=None) -> EvalResult:
+    """Score ``pipe`` (a TransfusionPipeline) as the module docstring says, sampling as
+    ``sampling`` says (``params.sampling_for("eval.sampling")``)."""
     from transfusion.data.prepare import load_image_split
     from transfusion.eval.judge import Judge
 
@@ -84,16 +85,12 @@ def evaluate(pipe, cfg: EvalConfig, inputs: EvalInputs, progress=None) -> EvalRe
     has_content = all(r.get("content") for r in test.records)
     metrics: dict[str, float] = {"judge_scene_exact_match": inputs.judge_accuracy, "judge_ok": float(judge_ok)}
 
-    def sample(
-        captions: list[str], seed: int, cfg_scale: float = cfg.cfg_scale, steps: int = cfg.sample_steps
-    ) -> np.ndarray:
-        return sample_many(
-            pipe, captions, seed, steps=steps, cfg_scale=cfg_scale, sampler=cfg.sampler,
-            cfg_interval=tuple(cfg.cfg_interval), batch_size=cfg.batch_size, progress=bar,
-        )  # fmt: skip
+    def sample(captions: list[str], seed: int, **changes) -> np.ndarray:
+        how = sampling.model_copy(update=changes)  # the sweep changes the scale and the steps
+        return sample_many(pipe, captions, seed, how, batch_size=cfg.batch_size, progress=bar)
 
     # 1. GenEval-style: N images per prompt, judged; real scenes; the guidance sweep; binding
-    result = _geneval(cfg, inputs, test, judge, sample, metrics)
+    result = _geneval(cfg, sampling, inputs, test, judge, sample, metrics)
     if has_content:  # teacher-forced on real scenes: no judge needed
         metrics |= _binding(pipe, cfg, test)
     # 2. FID / KID against real test scenes; real train vs real test as the floor
@@ -105,7 +102,7 @@ def evaluate(pipe, cfg: EvalConfig, inputs: EvalInputs, progress=None) -> EvalRe
     return result
 
 
-def _geneval(cfg: EvalConfig, inputs: EvalInputs, test, judge, sample, metrics: dict) -> EvalResult:
+def _geneval(cfg: EvalConfig, sampling, inputs: EvalInputs, test, judge, sample, metrics: dict) -> EvalResult:
     """Images for the GenEval-style prompts, judged into ``metrics``; real test scenes judged as
     prompts; the guidance sweep (the same prompts and noise at each scale)."""
     from transfusion.eval import geneval
@@ -131,12 +128,11 @@ def _geneval(cfg: EvalConfig, inputs: EvalInputs, test, judge, sample, metrics: 
     metrics["geneval_real_test_scenes"] = real["geneval_overall"]
     metrics["scene_match_real_test_scenes"] = real["scene_match_overall"]
     for scale in cfg.cfg_sweep:
-        if (scale, cfg.sweep_sample_steps) == (cfg.cfg_scale, cfg.sample_steps):
+        if (scale, cfg.sweep_sample_steps) == (sampling.cfg_scale, sampling.steps):
             got = metrics  # the headline run: same prompts, noise, scale and steps
         else:
-            got = judged(
-                judge.read(sample(captions, cfg.seed + SEED_GENEVAL, scale, cfg.sweep_sample_steps)), prompts, k
-            )
+            swept = sample(captions, cfg.seed + SEED_GENEVAL, cfg_scale=scale, steps=cfg.sweep_sample_steps)
+            got = judged(judge.read(swept), prompts, k)
         result.sweep.append({"cfg_scale": scale} | {key: got[key] for key in SWEEP_COLUMNS[1:]})
     return result
 
@@ -166,25 +162,16 @@ def _text(pipe, cfg: EvalConfig, inputs: EvalInputs) -> dict:
     return bits_per_byte(pipe.model, ids, n_bytes, inputs.text_length)
 
 
-def sample_many(
-    pipe, captions: list[str], seed: int, *, steps: int, cfg_scale: float, sampler: str | None,
-    cfg_interval: tuple[float, float], batch_size: int, progress=None,
-) -> np.ndarray:  # fmt: skip
-    """One image per caption (N, H, W, 3) uint8, in batches; image i is drawn from ``seed + i``
-    whatever the batch size."""
+def sample_many(pipe, captions: list[str], seed: int, sampling, batch_size: int, progress=None) -> np.ndarray:
+    """One image per caption (N, H, W, 3) uint8, sampled as ``sampling`` (a ``SamplingConfig``)
+    says, in batches; image i is drawn from ``seed + i`` whatever the batch size."""
+    from transfusion.pipeline import sampling_kwargs
+
     bar = progress or (lambda it, desc: it)
     out = [np.zeros((0, pipe.image_size, pipe.image_size, 3), np.uint8)]
     for start in bar(range(0, len(captions), batch_size), "sampling"):
-        out.append(
-            pipe.sample_images(
-                captions[start : start + batch_size],
-                steps=steps,
-                cfg_scale=cfg_scale,
-                sampler=sampler,
-                seed=seed + start,
-                cfg_interval=cfg_interval,
-            )
-        )
+        batch = captions[start : start + batch_size]
+        out.append(pipe.sample_images(batch, seed=seed + start, **sampling_kwargs(sampling)))
     return np.concatenate(out)
 
 

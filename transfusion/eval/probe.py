@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from transfusion.config import ProbeConfig
+from transfusion.config import ProbeConfig, SamplingConfig
 from transfusion.data.collate import image_to_caption
 from transfusion.eval.binding import BUCKETS, binding_scores, diffusion_mse
 from transfusion.sampling import example_collator
@@ -107,17 +107,17 @@ def caption_losses(model, data: ProbeData) -> dict[str, float]:
 
 
 @torch.no_grad()
-def quick_eval(pipe, data: ProbeData, cfg: ProbeConfig, seed: int = 0) -> dict[str, float]:
-    """A small GenEval-style run and captioning accuracy through the pipeline, judged."""
+def quick_eval(pipe, data: ProbeData, cfg: ProbeConfig, sampling: SamplingConfig, seed: int = 0) -> dict[str, float]:
+    """A small GenEval-style run sampled as ``sampling`` says and captioning accuracy, through
+    the pipeline, judged."""
     from transfusion.eval import geneval
     from transfusion.eval.captioning import caption_scores
+    from transfusion.pipeline import sampling_kwargs
 
     if data.judge is None:
         return {}
     prompts = geneval.prompts_from_records(data.records, cfg.prompts_per_category, seed)
-    images = pipe.sample_images(
-        [p.caption() for p in prompts], steps=cfg.sample_steps, cfg_scale=cfg.cfg_scale, seed=seed
-    )
+    images = pipe.sample_images([p.caption() for p in prompts], seed=seed, **sampling_kwargs(sampling))
     scores = geneval.score([[c] for c in data.judge.read(images)], prompts)
     out = {f"quick_{k}": v for k, v in scores.items() if k.startswith("geneval_") or k == "scene_match_overall"}
     n = min(cfg.captions, len(data.latents))
@@ -131,11 +131,11 @@ def probe_rows(cfg: ProbeConfig) -> int:
     return max(cfg.val_examples, cfg.captions)
 
 
-def run_probes(pipe, data: ProbeData, cfg: ProbeConfig, seed: int = 0) -> dict[str, float]:
+def run_probes(pipe, data: ProbeData, cfg: ProbeConfig, sampling: SamplingConfig, seed: int = 0) -> dict[str, float]:
     """All four probes on ``pipe.model`` (put in eval mode for the duration) as ``cfg`` (the
-    ``train.probe`` section) says; the loss probes read the first ``val_examples`` rows of
-    ``data``, binding every row it holds (``load_probe_data`` with ``n`` of at least
-    :func:`probe_rows`)."""
+    ``train.probe`` section) says, the quick evaluation sampled as ``sampling``. The loss probes
+    read the first ``val_examples`` rows of ``data``, binding every row it holds
+    (``load_probe_data`` with ``n`` of at least :func:`probe_rows`)."""
     model = pipe.model
     was_training = model.training
     model.eval()
@@ -145,7 +145,7 @@ def run_probes(pipe, data: ProbeData, cfg: ProbeConfig, seed: int = 0) -> dict[s
         if cfg.binding_scenes:  # needs parseable captions, not a judge
             binding = binding_scores(model, pipe.tokenizer, data.latents, data.records, cfg.binding_scenes, seed)
             out |= {k: v for k, v in binding.items() if not k.endswith("_se") and "scenes" not in k}
-        out |= quick_eval(pipe, data.head(probe_rows(cfg)), cfg, seed)
+        out |= quick_eval(pipe, data.head(probe_rows(cfg)), cfg, sampling, seed)
     finally:
         model.train(was_training)
     return out

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from torch import nn
 
-from transfusion.config import DiffusionConfig, ScheduleConfig
+from transfusion.config import DiffusionConfig, SamplingConfig, ScheduleConfig, sampler_misfit
 from transfusion.diffusion import build_objective
 from transfusion.errors import BadInput, MissingInput
 from transfusion.layout import PATCH, TIME, Batch, SpecialIds
@@ -51,7 +51,27 @@ class TransfusionConfig(BaseModel):
     attention: str = "sdpa"
     freeze_text: bool = False
     special: dict[str, int]  # bos, eos, pad, boi, eoi
-    diffusion: ScheduleConfig  # the diffusion process and the default sampler
+    diffusion: ScheduleConfig  # the diffusion process
+    sampling: SamplingConfig  # how the pipeline samples by default (the ``sampling`` section)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sampling_from_older_configs(cls, data):
+        """Models saved before the ``sampling`` section kept its keys in ``diffusion``."""
+        if isinstance(data, dict) and "sampling" not in data and isinstance(data.get("diffusion"), dict):
+            diffusion = dict(data["diffusion"])
+            sampling = {"sampler": diffusion.pop("sampler", None), "steps": diffusion.pop("sample_steps", None)}
+            sampling |= {"cfg_scale": diffusion.pop("cfg_scale", None)}
+            sampling["cfg_interval"] = diffusion.pop("cfg_interval", (0.0, 1.0))  # before it: guided everywhere
+            data = data | {"diffusion": diffusion, "sampling": sampling}
+        return data
+
+    @model_validator(mode="after")
+    def _sampler_fits(self) -> TransfusionConfig:
+        misfit = sampler_misfit(self.diffusion.objective, self.sampling.sampler)
+        if misfit:
+            raise ValueError(f"sampling: {misfit}")
+        return self
 
     @property
     def patches_per_image(self) -> int:
@@ -219,8 +239,11 @@ class TransfusionModel(nn.Module):
     # building, saving, loading
     # ------------------------------------------------------------------------------------------
     @classmethod
-    def from_params(cls, model_cfg, diffusion_cfg: DiffusionConfig, tokenizer, latent_shape) -> TransfusionModel:
-        """A new model from the ``model`` / ``diffusion`` params sections and the tokenizer."""
+    def from_params(
+        cls, model_cfg, diffusion_cfg: DiffusionConfig, sampling: SamplingConfig, tokenizer, latent_shape
+    ) -> TransfusionModel:
+        """A new model from the ``model`` / ``diffusion`` / ``sampling`` params sections and the
+        tokenizer."""
         special = SpecialIds.from_tokenizer(tokenizer)
         channels, size, _ = latent_shape
         if model_cfg.pretrained is not None:
@@ -250,6 +273,7 @@ class TransfusionModel(nn.Module):
             freeze_text=model_cfg.freeze_text,
             special=dict(special.__dict__),
             diffusion=diffusion_cfg.schedule,
+            sampling=sampling,
         )
         return cls(config, backbone)
 

@@ -40,7 +40,16 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-from transfusion.config import RGB, DiffusionConfig, MixtureConfig, ModelConfig, Params, PathsConfig, TrainConfig
+from transfusion.config import (
+    RGB,
+    DiffusionConfig,
+    MixtureConfig,
+    ModelConfig,
+    Params,
+    PathsConfig,
+    SamplingConfig,
+    TrainConfig,
+)
 from transfusion.errors import UserError
 from transfusion.optim import warmup_cosine
 
@@ -56,6 +65,9 @@ class LoopConfig(BaseModel):
     paths: PathsConfig
     model: ModelConfig
     diffusion: DiffusionConfig
+    sampling: SamplingConfig  # what the model keeps as its defaults
+    probe_sampling: SamplingConfig  # the probes' quick evaluation (train.probe.sampling applied)
+    grid_sampling: SamplingConfig  # the sample grids (train.sampling applied)
     mixture: MixtureConfig
     train: TrainConfig
     palette: dict[str, RGB]  # the scene colours (the probes score captions)
@@ -72,6 +84,9 @@ class LoopConfig(BaseModel):
             paths=p.paths,
             model=p.model,
             diffusion=p.diffusion,
+            sampling=p.sampling,
+            probe_sampling=p.sampling_for("train.probe.sampling"),
+            grid_sampling=p.sampling_for("train.sampling"),
             mixture=p.mixture,
             train=p.train,
             palette=dict(p.data.scenes.palette),
@@ -95,9 +110,8 @@ class LoopConfig(BaseModel):
         under ``paths.runs/samples``; returns its path."""
         from transfusion.train.checkpoint import checkpoint_name
 
-        tc = self.train
         path = self.paths.runs / "samples" / f"{checkpoint_name(step)}.png"
-        pipe.sample_grid(tc.sample_captions, path, tc.sample_steps, tc.sample_cfg_scale, tc.seed)
+        pipe.sample_grid(self.train.sample_captions, path, self.grid_sampling, self.train.seed)
         return path
 
 
@@ -188,7 +202,8 @@ class TrainState:
         self.tokenizer = load_tokenizer(paths.tokenizer)
         meta = load_meta(paths.latents)
         text_ids = tokenize_corpus(self.tokenizer, read_text_split(paths.text, "train"))
-        self.model = TransfusionModel.from_params(cfg.model, cfg.diffusion, self.tokenizer, tuple(meta["latent_shape"]))
+        shape = tuple(meta["latent_shape"])
+        self.model = TransfusionModel.from_params(cfg.model, cfg.diffusion, cfg.sampling, self.tokenizer, shape)
         self.stream = ExampleStream(
             paths.latents,
             text_ids,
@@ -405,6 +420,7 @@ def load_trained(cfg: LoopConfig, metrics: dict) -> TrainResult:
     model = TransfusionModel.from_params(
         cfg.model,
         cfg.diffusion,
+        cfg.sampling,
         load_tokenizer(cfg.paths.tokenizer),
         tuple(load_meta(cfg.paths.latents)["latent_shape"]),
     )
@@ -512,7 +528,8 @@ class _Watch:
         row: dict = {"step": st.step, "images_seen": st.seen}
         for prefix, net in (("", st.model), ("ema_", st.ema.module if st.ema is not None else None)):
             if net is not None:
-                out = run_probes(self.pipe.with_model(net), self.probe_data, self.cfg.train.probe, self.cfg.train.seed)
+                pipe, pc = self.pipe.with_model(net), self.cfg.train.probe
+                out = run_probes(pipe, self.probe_data, pc, self.cfg.probe_sampling, self.cfg.train.seed)
                 row |= {prefix + k: v for k, v in out.items()}
         if st.step > self.logged["probe"]:
             self.logger.log_metrics({k: v for k, v in row.items() if k != "step"}, st.step)
