@@ -182,9 +182,12 @@ def generate(
     caption: Annotated[str, typer.Argument(help="What to draw, e.g. 'a red 3 to the left of a blue 7'.")],
     n: Annotated[int, typer.Option("-n", min=1, max=256, help="Images to sample.")] = 4,
     out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write (a grid when n > 1).")] = Path("generated.png"),
-    steps: Annotated[int | None, typer.Option(min=1, help="Denoising steps (default: the model's sampling.steps).")] = None,
+    steps: Annotated[
+        int | None, typer.Option(min=1, help="Denoising steps (default: the model's sampling.steps).")
+    ] = None,
     cfg_scale: Annotated[
-        float | None, typer.Option(min=0.0, help="Classifier-free guidance scale (default: the model's sampling.cfg_scale).")
+        float | None,
+        typer.Option(min=0.0, help="Classifier-free guidance scale (default: the model's sampling.cfg_scale)."),
     ] = None,
     sampler: Annotated[
         str | None, typer.Option(help="ddpm | ddim | dpmpp | flow_euler (default: the model's).")

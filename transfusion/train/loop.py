@@ -186,6 +186,15 @@ def ema_update(decay: float, warmup: bool):
     return update
 
 
+def adamw(params: list[nn.Parameter], tc: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over ``params`` as ``train`` says; weight decay on tensors of 2 or more dimensions
+    only (not on norms and biases)."""
+    decay = [q for q in params if q.dim() >= 2]
+    no_decay = [q for q in params if q.dim() < 2]
+    groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=tc.lr, betas=tc.betas, eps=tc.eps)
+
+
 class TrainState:
     """What one rank trains with: data, model, optimizer, schedule, EMA; its step, loss and probe
     history and images seen (restored by :meth:`resume`)."""
@@ -225,14 +234,7 @@ class TrainState:
         self.model.to(rt.device)
         self.step_module = rt.prepare(_LossStep(self.model, cfg.diffusion))
         self.params = [q for q in self.model.parameters() if q.requires_grad]
-        decay = [q for q in self.params if q.dim() >= 2]
-        no_decay = [q for q in self.params if q.dim() < 2]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=tc.lr,
-            betas=tc.betas,
-            eps=tc.eps,
-        )
+        self.optimizer = adamw(self.params, tc)
         self.scheduler = warmup_cosine(self.optimizer, tc.warmup_steps, tc.steps, tc.min_lr_ratio)
         self.ema = None
         if tc.ema_decay > 0:
