@@ -55,7 +55,7 @@ def main() -> None:
     prompts = geneval.balanced_prompts(
         args.prompts or cfg.prompts_per_category, list(params.data.scenes.palette), cfg.seed, params.data.scenes.grid
     )
-    captions = [p.caption() for p in prompts for _ in range(k)]
+    captions = [p.text() for p in prompts for _ in range(k)]
     cats = list(geneval.TAGS)
     print(f"{len(prompts)} prompts x {k} images; GenEval's rule per category, overall +- se, blank rate")
     print(f"{'setting':32s} " + " ".join(f"{c[:8]:>8s}" for c in cats) + "  overall     se   blank  wall")

@@ -44,7 +44,7 @@ def ids(tok, text):
 def test_the_twin_caption_is_one_swap_away_and_false_of_the_scene(record, want):
     prompt = parse_caption(record["caption"])
     twin = flipped(prompt)
-    assert twin.caption() == want
+    assert twin.text() == want
     assert satisfies(record["content"], prompt) and not satisfies(record["content"], twin)
     assert sorted(twin.digits) == sorted(prompt.digits) and sorted(twin.colors) == sorted(prompt.colors)
     assert flipped(flipped(prompt)) == prompt

@@ -162,7 +162,7 @@ def test_balanced_prompts_cover_every_factor_evenly_and_are_valid():
     by = {c: [p for p in prompts if p.category == c] for c in geneval.TAGS}
     assert all(len(v) == 40 for v in by.values())
     for category, ps in by.items():
-        assert all(parse_caption(p.caption(), dict.fromkeys(palette)) == p for p in ps)  # templates round-trip
+        assert all(parse_caption(p.text(), dict.fromkeys(palette)) == p for p in ps)  # templates round-trip
         for slot in range(len(ps[0].digits[:2])):
             counts = np.bincount([p.digits[slot] for p in ps], minlength=10)
             assert counts.max() - counts.min() <= 1, (category, slot, counts)
@@ -202,7 +202,7 @@ def test_geneval_prompt_file_and_folder_layout(tmp_path):
     path = tmp_path / "evaluation_metadata.jsonl"
     path.write_text("\n".join(json.dumps(line) for line in GENEVAL_LINES) + "\n")
     prompts = geneval.read_prompt_file(path)
-    assert [p.caption() for p in prompts] == [line["prompt"] for line in GENEVAL_LINES]
+    assert [p.text() for p in prompts] == [line["prompt"] for line in GENEVAL_LINES]
     assert [geneval.TAGS[p.category] for p in prompts] == [line["tag"] for line in GENEVAL_LINES]
     assert [geneval.metadata(p) for p in prompts] == GENEVAL_LINES  # GenEval's own metadata, field for field
 

@@ -38,7 +38,7 @@ def test_every_category_drawn_and_caption_round_trips(scenes):
         prompt = parse_caption(r["caption"], cfg.palette)
         assert prompt is not None, r["caption"]
         assert prompt.category == r["content"]["category"]
-        assert prompt.caption() == r["caption"]
+        assert prompt.text() == r["caption"]
 
 
 def test_captions_match_structured_content(scenes):
@@ -152,7 +152,7 @@ def test_category_weights_and_palette_from_params(digits):
 )
 def test_every_template_parses_back(caption):
     prompt = parse_caption(caption)
-    assert isinstance(prompt, Prompt) and prompt.caption() == caption
+    assert isinstance(prompt, Prompt) and prompt.text() == caption
 
 
 def test_unknown_captions_do_not_parse():

@@ -52,7 +52,8 @@ class Prompt:
     colors: tuple[str | None, ...] = field(default=())  # per object; None = any colour
     relation: str | None = None  # position: objects[0] <relation> objects[1]
 
-    def caption(self) -> str:
+    def text(self) -> str:
+        """The prompt in words: the caption a scene satisfying it is written with."""
         d, c = self.digits, self.colors or (None,) * len(self.digits)
         match self.category:
             case "single_object":
@@ -140,7 +141,7 @@ def true_captions(content: dict) -> list[str]:
             prompts.append(Prompt("two_objects", (a["digit"], b["digit"])))
             prompts.append(Prompt("color_attr", (a["digit"], b["digit"]), (a["color"], b["color"])))
             prompts += [Prompt("position", (a["digit"], b["digit"]), (), rel) for rel in RELATIONS]
-    return [p.caption() for p in prompts if satisfies(content, p)]
+    return [p.text() for p in prompts if satisfies(content, p)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,5 +224,5 @@ def compose_scenes(
         content = {"category": category, "objects": objects}
         if prompt.relation:
             content["relation"] = prompt.relation
-        records.append({"caption": prompt.caption(), "content": content, "mnist_index": sources})
+        records.append({"caption": prompt.text(), "content": content, "mnist_index": sources})
     return images, records

@@ -55,7 +55,7 @@ def pairs(records: list[dict], per_category: int) -> dict[str, list[tuple[int, s
             continue
         flip = flipped(prompt)
         if flip is not None:
-            out[prompt.category].append((i, prompt.caption(), flip.caption()))
+            out[prompt.category].append((i, prompt.text(), flip.text()))
     return out
 
 

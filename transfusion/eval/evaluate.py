@@ -115,7 +115,7 @@ def _geneval(cfg: EvalConfig, sampling, inputs: EvalInputs, test, judge, sample,
         prompts = geneval.balanced_prompts(cfg.prompts_per_category, list(inputs.palette), cfg.seed, inputs.grid)
     else:
         prompts = []  # free-form captions: no GenEval prompts to draw
-    captions = [p.caption() for p in prompts for _ in range(k)]  # k images per prompt
+    captions = [p.text() for p in prompts for _ in range(k)]  # k images per prompt
     images = sample(captions, cfg.seed + SEED_GENEVAL)
     result = EvalResult(metrics, prompts, [images[i * k : (i + 1) * k] for i in range(len(prompts))])
     if judge is None or not has_content:
@@ -237,7 +237,7 @@ def write_outputs(result: EvalResult, cfg: EvalConfig, paths: PathsConfig) -> No
         idx = [i for i, p in enumerate(prompts) if p.category == category][: cfg.grid_prompts]
         render_grid(
             np.concatenate([result.images[i] for i in idx]),
-            [prompts[i].caption() for i in idx for _ in range(k)],
+            [prompts[i].text() for i in idx for _ in range(k)],
             paths.eval_plots / f"geneval_{category}.png",
             cols=k,
         )
@@ -247,7 +247,7 @@ def write_outputs(result: EvalResult, cfg: EvalConfig, paths: PathsConfig) -> No
         ]
         render_grid(
             np.stack([result.images[i][0] for i in pick]),
-            [f"{prompts[i].caption()} ({'pass' if result.passed[i * k] else 'fail'})" for i in pick],
+            [f"{prompts[i].text()} ({'pass' if result.passed[i * k] else 'fail'})" for i in pick],
             paths.eval_plots / "samples_by_category.png",
             cols=cfg.grid_prompts,
         )

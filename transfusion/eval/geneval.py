@@ -69,7 +69,7 @@ def metadata(prompt: Prompt) -> dict:
             if prompt.colors:
                 item["color"] = prompt.colors[k]
             meta["include"].append(item)
-    meta["prompt"] = prompt.caption()
+    meta["prompt"] = prompt.text()
     return meta
 
 

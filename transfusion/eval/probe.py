@@ -117,7 +117,7 @@ def quick_eval(pipe, data: ProbeData, cfg: ProbeConfig, sampling: SamplingConfig
     if data.judge is None:
         return {}
     prompts = geneval.prompts_from_records(data.records, cfg.prompts_per_category, seed)
-    images = pipe.sample_images([p.caption() for p in prompts], seed=seed, **sampling_kwargs(sampling))
+    images = pipe.sample_images([p.text() for p in prompts], seed=seed, **sampling_kwargs(sampling))
     scores = geneval.score([[c] for c in data.judge.read(images)], prompts)
     out = {f"quick_{k}": v for k, v in scores.items() if k.startswith("geneval_") or k == "scene_match_overall"}
     n = min(cfg.captions, len(data.latents))
