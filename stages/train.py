@@ -22,9 +22,9 @@ def run(params: Params, resume: bool | Path = False, address: str | None = None)
     from transfusion.pipeline import TransfusionPipeline
     from transfusion.train.checkpoint import prepare_run
     from transfusion.train.fit import fit
-    from transfusion.train.loop import LoopConfig
+    from transfusion.train.run import TrainRun
 
-    paths, run = params.paths, LoopConfig.from_params(params)
+    paths, run = params.paths, TrainRun.from_params(params)
     resume_from, run_id = prepare_run(run.store, resume)  # the checkpoint and MLflow run to continue
     with tracking.stage_run(params, "train", run_id=run_id) as mlrun:
         uri = tracking.tracking_uri(params.tracking)

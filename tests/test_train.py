@@ -50,7 +50,8 @@ def test_plain_loop_lowers_the_loss_and_writes_only_checkpoints(tiny_pipeline, t
     from torch.optim.swa_utils import AveragedModel
 
     from transfusion.model import TransfusionModel
-    from transfusion.train.loop import LoopConfig, load_trained, train_loop
+    from transfusion.train.loop import load_trained, train_loop
+    from transfusion.train.run import TrainRun
 
     p = train_params(
         tiny_pipeline,
@@ -65,7 +66,7 @@ def test_plain_loop_lowers_the_loss_and_writes_only_checkpoints(tiny_pipeline, t
         warmup_steps=5,
         eval_every=25,
     )
-    cfg = LoopConfig.from_params(p)
+    cfg = TrainRun.from_params(p)
     metrics = train_loop(cfg)
     assert metrics["steps"] == 60 and metrics["tokens_per_s"] > 0 and metrics["images_per_s"] > 0
     assert [c.name for c in list_checkpoints(p.paths.checkpoints)] == ["step-00000030", "step-00000060"]
@@ -97,7 +98,8 @@ def test_plain_loop_lowers_the_loss_and_writes_only_checkpoints(tiny_pipeline, t
 def test_nan_stops_the_run_and_keeps_a_loadable_checkpoint(tiny_pipeline, tmp_path):
     from transfusion.data.tokenizer import load_tokenizer
     from transfusion.model import TransfusionModel
-    from transfusion.train.loop import LoopConfig, TrainingDiverged, train_loop
+    from transfusion.train.loop import TrainingDiverged, train_loop
+    from transfusion.train.run import TrainRun
 
     p = train_params(
         tiny_pipeline,
@@ -108,7 +110,7 @@ def test_nan_stops_the_run_and_keeps_a_loadable_checkpoint(tiny_pipeline, tmp_pa
         fault=FAULT.model_copy(update={"nan_at_step": 7}),
     )
     with pytest.raises(TrainingDiverged, match="at step 7") as err:
-        train_loop(LoopConfig.from_params(p))
+        train_loop(TrainRun.from_params(p))
     last = latest_checkpoint(p.paths.checkpoints)
     assert last.name == "step-00000004" and str(last) in str(err.value)
     model = TransfusionModel.from_params(p.model, p.diffusion, p.sampling, load_tokenizer(p.paths.tokenizer), (4, 8, 8))
@@ -118,10 +120,11 @@ def test_nan_stops_the_run_and_keeps_a_loadable_checkpoint(tiny_pipeline, tmp_pa
 
 
 def test_bad_checkpoints_are_refused(tiny_pipeline, tmp_path):
-    from transfusion.train.loop import LoopConfig, train_loop
+    from transfusion.train.loop import train_loop
+    from transfusion.train.run import TrainRun
 
     p = train_params(tiny_pipeline, tmp_path, use_ray=False, steps=4, checkpoint_every=4, sample_every=4)
-    train_loop(LoopConfig.from_params(p))
+    train_loop(TrainRun.from_params(p))
     ck = latest_checkpoint(p.paths.checkpoints)
     verify_checkpoint(ck)
 
@@ -158,7 +161,8 @@ def test_resume_from_the_final_checkpoint_finishes_and_exports(tiny_pipeline, tm
     """Interrupted after the last checkpoint but before the outputs: --resume exports them."""
     from stages import train
     from transfusion.pipeline import TransfusionPipeline
-    from transfusion.train.loop import LoopConfig, train_loop
+    from transfusion.train.loop import train_loop
+    from transfusion.train.run import TrainRun
 
     p = train_params(
         tiny_pipeline,
@@ -171,7 +175,7 @@ def test_resume_from_the_final_checkpoint_finishes_and_exports(tiny_pipeline, tm
         log_every=2,
         warmup_steps=1,
     )
-    train_loop(LoopConfig.from_params(p))  # the loop finished; no stage outputs yet
+    train_loop(TrainRun.from_params(p))  # the loop finished; no stage outputs yet
     assert not p.paths.model.exists()
     metrics = train.run(p, resume=True)
     assert metrics["steps"] == 4 and metrics["steps_this_run"] == 0 and metrics["resumed_at_step"] == 4

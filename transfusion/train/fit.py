@@ -3,10 +3,11 @@ then the finished run read back from its final checkpoint."""
 
 from __future__ import annotations
 
-from transfusion.train.loop import LoopConfig, TrainResult, load_trained, train_loop
+from transfusion.train.loop import TrainResult, load_trained, train_loop
+from transfusion.train.run import TrainRun
 
 
-def fit(config: LoopConfig, address: str | None = None) -> TrainResult:
+def fit(config: TrainRun, address: str | None = None) -> TrainResult:
     """Train per ``config``; ``address``: a Ray cluster (default ``train.address`` / RAY_ADDRESS)."""
     if config.train.use_ray:
         from transfusion.train.ray_train import fit_on_ray

@@ -5,9 +5,9 @@ wrapped for data parallelism); the Ray wrapper passes its own,
 tests and ``train.use_ray: false`` use the default. The loop trains; it writes nothing but
 checkpoints and the MLflow run (the training stage writes the outputs):
 
-The run itself is a :class:`LoopConfig`: its params sections with absolute paths, its MLflow
-run, its checkpoint store, and how its checkpoints and sample grids are named and drawn (the
-training stage and the Ray wrapper use the same object). The loop:
+The run itself is a :class:`~transfusion.train.run.TrainRun` (its params sections, MLflow run,
+checkpoint store, checkpoint names and sample grids), the same object the training stage and
+the Ray wrapper hold. The loop:
 
 1. builds a :class:`TrainState`: tokenizer, tokenized corpus, this rank's share of the latents,
    the mixture stream, the collator, the model, AdamW, warm-up + cosine schedule, the EMA;
@@ -21,7 +21,8 @@ training stage and the Ray wrapper use the same object). The loop:
    resumed run repeats the uninterrupted run's losses);
 4. on rank 0 (:class:`_Watch`): logs metrics to the MLflow run, runs the conditioning probes
    (``transfusion.eval.probe``) on raw and EMA weights every ``eval_every`` steps and draws a
-   sample grid every ``sample_every`` steps (the last one at the end: :meth:`LoopConfig.draw_samples`);
+   sample grid every ``sample_every`` steps (``TrainRun.draw_samples``; the training stage draws
+   the final one with it, from the exported weights);
 5. returns its final metrics (Ray hands rank 0's to the driver). :func:`load_trained` reads the
    final checkpoint back as a :class:`TrainResult` (EMA weights, loss and probe rows) for the
    stage to export.
@@ -33,86 +34,17 @@ import math
 import sys
 import time
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-from transfusion.config import (
-    RGB,
-    DiffusionConfig,
-    MixtureConfig,
-    ModelConfig,
-    Params,
-    PathsConfig,
-    SamplingConfig,
-    TrainConfig,
-)
+from transfusion.config import DiffusionConfig, TrainConfig
 from transfusion.errors import UserError
 from transfusion.optim import warmup_cosine
+from transfusion.train.run import TrainRun
 
 WINDOW = ("loss", "lm", "diffusion", "tokens", "images", "n", "grad_norm")  # sums between log lines
-
-
-class LoopConfig(BaseModel):
-    """One training run: its params sections with absolute paths, the MLflow run to log into,
-    where its checkpoints live and how they and its sample grids are named."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    paths: PathsConfig
-    model: ModelConfig
-    diffusion: DiffusionConfig
-    sampling: SamplingConfig  # what the model keeps as its defaults
-    probe_sampling: SamplingConfig  # the probes' quick evaluation (train.probe.sampling applied)
-    grid_sampling: SamplingConfig  # the sample grids (train.sampling applied)
-    mixture: MixtureConfig
-    train: TrainConfig
-    palette: dict[str, RGB]  # the scene colours (the probes score captions)
-    tracking_uri: str | None = None
-    run_id: str | None = None
-    resume_from: str | None = None  # a checkpoint name in the store (``--resume``), None: fresh
-
-    @classmethod
-    def from_params(cls, params: Params) -> LoopConfig:
-        """The run of ``params`` (every path made absolute: workers run in other folders); the
-        stage adds the MLflow run and the checkpoint to resume from (``model_copy``)."""
-        p = params.with_absolute_paths()
-        return cls(
-            paths=p.paths,
-            model=p.model,
-            diffusion=p.diffusion,
-            sampling=p.sampling,
-            probe_sampling=p.sampling_for("train.probe.sampling"),
-            grid_sampling=p.sampling_for("train.sampling"),
-            mixture=p.mixture,
-            train=p.train,
-            palette=dict(p.data.scenes.palette),
-        )
-
-    @cached_property
-    def store(self):
-        """The run's :class:`~transfusion.train.checkpoint.CheckpointStore`."""
-        from transfusion.train.checkpoint import CheckpointStore
-
-        return CheckpointStore.of(self.paths, self.train)
-
-    @property
-    def final_checkpoint(self) -> str:
-        from transfusion.train.checkpoint import checkpoint_name
-
-        return checkpoint_name(self.train.steps)
-
-    def draw_samples(self, pipe, step: int) -> Path:
-        """The ``train.sample_captions`` drawn by ``pipe`` at step ``step``, as a captioned grid
-        under ``paths.runs/samples``; returns its path."""
-        from transfusion.train.checkpoint import checkpoint_name
-
-        path = self.paths.runs / "samples" / f"{checkpoint_name(step)}.png"
-        pipe.sample_grid(self.train.sample_captions, path, self.grid_sampling, self.train.seed)
-        return path
 
 
 class TrainingDiverged(UserError):
@@ -199,7 +131,7 @@ class TrainState:
     """What one rank trains with: data, model, optimizer, schedule, EMA; its step, loss and probe
     history and images seen (restored by :meth:`resume`)."""
 
-    def __init__(self, cfg: LoopConfig, rt: Runtime) -> None:
+    def __init__(self, cfg: TrainRun, rt: Runtime) -> None:
         from transfusion.data.collate import Collator
         from transfusion.data.latents import load_meta
         from transfusion.data.mixture import ExampleStream, tokenize_corpus
@@ -265,7 +197,7 @@ class TrainState:
         return self.stream.state() | {"collate": self.collate.state()}
 
 
-def train_loop(cfg: LoopConfig, runtime: Runtime | None = None) -> dict:
+def train_loop(cfg: TrainRun, runtime: Runtime | None = None) -> dict:
     """Train the run ``cfg`` and return rank 0's final metrics; the trained weights are the
     final checkpoint (:func:`load_trained` reads them)."""
     tc = cfg.train
@@ -308,7 +240,7 @@ def train_loop(cfg: LoopConfig, runtime: Runtime | None = None) -> dict:
     return metrics
 
 
-def _resume(st: TrainState, cfg: LoopConfig, rt: Runtime) -> int:
+def _resume(st: TrainState, cfg: TrainRun, rt: Runtime) -> int:
     """Restore the checkpoint Ray hands a restarted worker (unless ``--resume PATH`` removed it
     since), else the stage's choice, else none; returns the step training continues after."""
     store = cfg.store
@@ -335,7 +267,7 @@ def _inject_faults(fault, step: int, start: int, rt: Runtime) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _optimizer_step(st: TrainState, cfg: LoopConfig, rt: Runtime, step: int) -> dict[str, float]:
+def _optimizer_step(st: TrainState, cfg: TrainRun, rt: Runtime, step: int) -> dict[str, float]:
     """One optimizer step over ``grad_accum`` micro-batches; stops before a non-finite update.
     Returns the step's sums for the log window (losses, tokens, images, gradient norm)."""
     tc = cfg.train
@@ -383,7 +315,7 @@ def _log_row(window: dict, step: int, lr: float, dt: float) -> dict:
     }
 
 
-def _checkpoint(st: TrainState, cfg: LoopConfig, rt: Runtime) -> None:
+def _checkpoint(st: TrainState, cfg: TrainRun, rt: Runtime) -> None:
     """Rank 0 stages the checkpoint (every rank's data state gathered), the runtime stores it."""
     data_states = _gather_data_states(st.data_state(), rt)
     staged = None
@@ -410,7 +342,7 @@ class TrainResult:
     probes: list[dict]
 
 
-def load_trained(cfg: LoopConfig, metrics: dict) -> TrainResult:
+def load_trained(cfg: TrainRun, metrics: dict) -> TrainResult:
     """The final checkpoint of the run ``cfg`` describes, as a :class:`TrainResult`."""
     from transfusion.data.latents import load_meta
     from transfusion.data.tokenizer import load_tokenizer
@@ -443,7 +375,7 @@ def _say(enabled: bool, message: str) -> None:
         sys.stderr.flush()
 
 
-def _logger(cfg: LoopConfig):
+def _logger(cfg: TrainRun):
     """The MLflow run to log into (``transfusion.tracking``), or one that drops everything."""
     from transfusion.tracking import NullLogger, RunLogger
 
@@ -497,7 +429,7 @@ class _Watch:
     """Rank 0's view of the run: metrics and sample grids into the MLflow run, the probes; one
     pipeline (tokenizer, VAE, scheduler) around the raw or the EMA weights."""
 
-    def __init__(self, cfg: LoopConfig, st: TrainState) -> None:
+    def __init__(self, cfg: TrainRun, st: TrainState) -> None:
         from transfusion.data.latents import load_meta
         from transfusion.eval.probe import load_probe_data, probe_rows
         from transfusion.pipeline import TransfusionPipeline

@@ -19,7 +19,8 @@ import os
 from pathlib import Path, PurePosixPath
 
 from transfusion import env
-from transfusion.train.loop import LoopConfig, Runtime, TrainingDiverged, TrainingFailed, train_loop
+from transfusion.train.loop import Runtime, TrainingDiverged, TrainingFailed, train_loop
+from transfusion.train.run import TrainRun
 
 env.apply()  # before ray is imported: no usage stats, Train V2
 
@@ -69,7 +70,7 @@ def _worker(config: dict) -> dict:
     """What each Ray worker runs; rank 0's return value reaches the driver as
     ``Result.return_value`` (Train V2 fills ``Result.metrics`` only for reported checkpoints).
     A divergence comes back as a value, so that Ray does not retry it."""
-    cfg = LoopConfig.model_validate(config)
+    cfg = TrainRun.model_validate(config)
     if cfg.train.storage:  # a cluster: the inputs come from storage, scratch is this node's
         from transfusion.train.inputs import fetch
 
@@ -119,7 +120,7 @@ def short_temp_dir(wanted: Path, limit: int = 36) -> Path:
     return Path(tempfile.gettempdir()) / f"ray-{tag}"
 
 
-def fit_on_ray(config: LoopConfig, address: str | None = None) -> dict:
+def fit_on_ray(config: TrainRun, address: str | None = None) -> dict:
     """Run the loop on ``train.num_workers`` Ray workers; returns rank 0's final metrics (its
     return value) with Ray's own overhead added."""
     import time
