@@ -160,6 +160,7 @@ IntervalOpt = Annotated[
     ),
 ]
 SeedOpt = Annotated[int, typer.Option(help="Random seed (every mode is deterministic given it).")]
+SamplerOpt = Annotated[str | None, typer.Option(help="ddpm | ddim | dpmpp | flow_euler (default: the model's).")]
 
 
 def _pipeline(model: str | None, params: list[Path] | None, overrides: list[str] | None):
@@ -189,9 +190,7 @@ def generate(
         float | None,
         typer.Option(min=0.0, help="Classifier-free guidance scale (default: the model's sampling.cfg_scale)."),
     ] = None,
-    sampler: Annotated[
-        str | None, typer.Option(help="ddpm | ddim | dpmpp | flow_euler (default: the model's).")
-    ] = None,
+    sampler: SamplerOpt = None,
     cfg_interval: IntervalOpt = None,
     seed: SeedOpt = 0,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute the caption every step (slow).")] = False,
@@ -238,7 +237,7 @@ def caption_cmd(
 
     pipe = _pipeline(model, params, set_)
     pixels = _guard(lambda: read_images(images, pipe.image_size))
-    for file, text in zip(images, pipe.caption(pixels)):
+    for file, text in zip(images, _guard(lambda: pipe.caption(pixels))):
         typer.echo(f"{file}\t{text}")
 
 
@@ -256,8 +255,11 @@ def complete(
 ) -> None:
     """Continue a text prompt (KV-cached decoding)."""
     pipe = _pipeline(model, params, set_)
-    (text,) = pipe.generate_text(
-        [prompt], max_new_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed
+    (text,) = _guard(
+        lambda: pipe.generate_text(
+            [prompt], max_new_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed
+        ),
+        code=2,
     )
     typer.echo(prompt + text)
 
@@ -271,6 +273,7 @@ def interleave(
     force_image: Annotated[bool, typer.Option(help="Start an image right after the prompt.")] = False,
     steps: Annotated[int | None, typer.Option(min=1, help="Denoising steps (default: the model's).")] = None,
     cfg_scale: Annotated[float | None, typer.Option(min=0.0, help="Guidance scale (default: the model's).")] = None,
+    sampler: SamplerOpt = None,
     cfg_interval: IntervalOpt = None,
     temperature: Annotated[float, typer.Option(min=0.0)] = 0.0,
     seed: SeedOpt = 0,
@@ -287,17 +290,21 @@ def interleave(
         _fail(f"--out {out}: a file; give the folder to write the images into", 2)
     _check_interval(cfg_interval)
     pipe = _pipeline(model, params, set_)
-    parts = pipe.generate(
-        prompt,
-        max_new_tokens=max_tokens,
-        max_images=max_images,
-        force_image=force_image,
-        steps=steps,
-        cfg_scale=cfg_scale,
-        cfg_interval=cfg_interval,
-        temperature=temperature,
-        seed=seed,
-        progress=_progress("denoising"),
+    parts = _guard(
+        lambda: pipe.generate(
+            prompt,
+            max_new_tokens=max_tokens,
+            max_images=max_images,
+            force_image=force_image,
+            steps=steps,
+            cfg_scale=cfg_scale,
+            sampler=sampler,
+            cfg_interval=cfg_interval,
+            temperature=temperature,
+            seed=seed,
+            progress=_progress("denoising"),
+        ),
+        code=2,
     )
     k = 0
     typer.echo(prompt, nl=False)
