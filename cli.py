@@ -282,10 +282,6 @@ def interleave(
     set_: SetOpt = None,
 ) -> None:
     """Mixed generation: text until <boi>, an image by diffusion, <eoi>, more text."""
-    import numpy as np
-
-    from transfusion.images import save_png
-
     if out.exists() and not out.is_dir():
         _fail(f"--out {out}: a file; give the folder to write the images into", 2)
     _check_interval(cfg_interval)
@@ -306,6 +302,15 @@ def interleave(
         ),
         code=2,
     )
+    _echo_parts(prompt, parts, out)
+
+
+def _echo_parts(prompt: str, parts: list, out: Path) -> None:
+    """The prompt and the generated text in order, each image saved under ``out`` (4x) and named."""
+    import numpy as np
+
+    from transfusion.images import save_png
+
     k = 0
     typer.echo(prompt, nl=False)
     for part in parts:
