@@ -54,6 +54,21 @@ def test_geneval_score_is_one_on_real_scenes_and_lower_when_shuffled(judged):
     assert shuffled["scene_match_overall"] <= shuffled["geneval_overall"] < 0.75  # GenEval's rule is the laxer
 
 
+def test_reward_is_one_for_a_correct_scene_and_zero_for_a_wrong_one(judged):
+    """The post-training reward is GenEval's rule on the judge's reading: real test scenes earn
+    1 for their own caption and 0 for the caption made false by one swap (relation, colours)."""
+    from transfusion.eval.binding import flipped
+
+    judge, _, test = judged
+    rows = [(i, parse_caption(r["caption"])) for i, r in enumerate(test.records)]
+    rows = [(i, p) for i, p in rows if flipped(p) is not None][:12]
+    assert {p.category for _, p in rows} == {"position", "color_attr"}
+    read = judge.read(test.images[[i for i, _ in rows]])
+    assert [geneval.reward(c, p) for c, (_, p) in zip(read, rows)] == [1.0] * len(rows)
+    assert [geneval.reward(c, flipped(p)) for c, (_, p) in zip(read, rows)] == [0.0] * len(rows)
+    assert geneval.reward({"objects": []}, parse_caption("a 7")) == 0.0
+
+
 def _obj(digit, row, col, color="red", score=0.9):
     return {"digit": digit, "color": color, "row": row, "col": col, "score": score}
 

@@ -21,6 +21,7 @@ schedulers and every sampler's.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -140,6 +141,40 @@ class FlowMatchingObjective(Objective):
 
     def timesteps_at(self, levels: torch.Tensor) -> torch.Tensor:
         return (self.sigmas[None, :] - levels.float()[:, None]).abs().argmin(1)
+
+
+def gaussian_logprob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """log N(x; mean, std^2) per element, averaged over all but the first dimension  (N,)."""
+    logp = -((x - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
+    return logp.mean(dim=tuple(range(1, x.dim())))
+
+
+def flow_sde_step(
+    x: torch.Tensor,
+    velocity: torch.Tensor,
+    sigma: float,
+    sigma_next: float,
+    noise_level: float,
+    sigma_max: float,
+    noise: torch.Tensor | None = None,
+    x_next: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of the flow sampler in its SDE form (Flow-GRPO, Liu et al. 2025, eq. 9): from
+    ``x`` (N, C, H, W) at noise level ``sigma`` to ``sigma_next`` < ``sigma`` with the predicted
+    ``velocity`` (noise - x0). Its marginals are the ODE's; ``noise_level`` (their ``a``) scales
+    the injected noise, 0 gives the Euler step; at ``sigma`` 1 the SDE's scale reads
+    ``sigma_max`` (the schedule's next level, as Flow-GRPO does) instead of dividing by zero.
+    Returns the next sample (drawn with ``noise``, or ``x_next`` when given, to score a recorded
+    step) and its Gaussian log-probability (N,)."""
+    dt = sigma_next - sigma  # < 0: towards clean
+    std = noise_level * math.sqrt(sigma / (1 - (sigma_max if sigma >= 1 else sigma)))  # sigma_t of the SDE
+    mean = x * (1 + std**2 / (2 * sigma) * dt) + velocity * (1 + std**2 * (1 - sigma) / (2 * sigma)) * dt
+    step_std = torch.full_like(mean, std * math.sqrt(-dt))
+    if x_next is None:
+        x_next = mean + step_std * (noise if noise is not None else torch.randn_like(mean))
+    if noise_level == 0:
+        return x_next, torch.zeros(len(x), device=x.device)
+    return x_next, gaussian_logprob(x_next, mean, step_std)
 
 
 def build_objective(cfg: ScheduleConfig) -> DDPMObjective | FlowMatchingObjective:

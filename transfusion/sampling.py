@@ -55,6 +55,18 @@ def latent_shape(model) -> tuple[int, int, int]:
     return (conf.latent_channels, conf.latent_size, conf.latent_size)
 
 
+def image_predictor(
+    model, captions: list[list[int]], cfg_scale: float, use_cache=True, context=None, uncond_context=None
+):
+    """``predict(x_in, time)``: the network's image prediction for ``captions`` (rows: the
+    conditional ones, or [cond; uncond] stacked when ``x_in`` has twice as many rows). Cached:
+    the prefixes run once into KV caches (or ``context`` / ``uncond_context`` continue); else
+    every call runs the whole sequence (the reference, and what post-training differentiates)."""
+    if use_cache:
+        return _cached_predictor(model, captions, cfg_scale, context, uncond_context)
+    return _uncached_predictor(model, captions, cfg_scale, next(model.parameters()).device)
+
+
 def _uncached_predictor(model, captions: list[list[int]], cfg_scale: float, device):
     """Reference predictor: every step re-runs the whole sequence (caption + image)."""
     placeholder = torch.zeros(latent_shape(model))
@@ -295,10 +307,7 @@ def sample_latents(
     images). Guidance applies at noise levels inside ``cfg_interval`` only
     (:func:`guidance_at`); the other steps run the conditional rows alone."""
     device = next(model.parameters()).device
-    if use_cache:
-        predict = _cached_predictor(model, captions, cfg_scale, context, uncond_context)
-    else:
-        predict = _uncached_predictor(model, captions, cfg_scale, device)
+    predict = image_predictor(model, captions, cfg_scale, use_cache, context, uncond_context)
     gens = generators(seed, len(captions))
     return denoise(scheduler, steps, predict, gens, latent_shape(model), device, cfg_scale, progress, cfg_interval)
 

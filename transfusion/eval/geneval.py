@@ -116,6 +116,12 @@ def geneval_correct(content: dict, meta: dict) -> bool:
     return correct
 
 
+def reward(content: dict, prompt: Prompt) -> float:
+    """The rule-based reward of one judged image for its prompt: 1.0 when GenEval's rule passes
+    it, else 0.0 -- the same rule as ``geneval_*`` (post-training optimises what eval scores)."""
+    return float(geneval_correct(content, metadata(prompt)))
+
+
 def prompt_space(category: str, palette: list[str], grid: int = 2) -> list[Prompt]:
     """Every prompt of ``category`` the MNIST-scene templates can ask for."""
     from itertools import permutations
@@ -239,7 +245,7 @@ def score(read: list[list[dict]], prompts: list[Prompt]) -> dict[str, float]:
     share of images in which the judge finds no object at all (``blank_rate``, per category and
     overall); ``read[i]`` holds the judged content of prompt i's images."""
     rules = {
-        "geneval": lambda c, p, meta: geneval_correct(c, meta),
+        "geneval": lambda c, p, meta: reward(c, p),
         "scene_match": lambda c, p, meta: satisfies(c, p),
         "blank_rate": lambda c, p, meta: not c["objects"],
     }
@@ -268,6 +274,7 @@ __all__ = [
     "prompts_from_records",
     "read_prompt_file",
     "relative_position",
+    "reward",
     "score",
     "write_layout",
 ]
