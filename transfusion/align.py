@@ -7,8 +7,12 @@ policy step with a log-probability:
 
 - :func:`sample_trajectories` samples images with the SDE sampler and keeps every step's latent
   and log-probability under the sampling weights (no gradient);
-- :func:`trajectory_logprobs` re-scores recorded steps under the current weights, with gradient
-  (the policy ratio of GRPO's clipped objective is ``exp(new - old)``).
+- :func:`step_moments` gives the Gaussian of recorded steps under the current weights, with
+  gradient: :func:`trajectory_logprobs` scores the recorded steps with it (the policy ratio of
+  GRPO's clipped objective is ``exp(new - old)``) and :func:`step_kl` compares it with a frozen
+  reference's;
+- :func:`group_advantages` and :func:`grpo_loss`: GRPO's group-normalised advantages and its
+  clipped objective with a KL penalty.
 
 Flow models only: a DDPM model's ancestral step would need its own log-probability.
 """
@@ -20,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from transfusion.diffusion import build_scheduler, flow_sde_step
+from transfusion.diffusion import build_scheduler, flow_sde_moments, flow_sde_step, gaussian_logprob
 from transfusion.errors import BadInput
 from transfusion.sampling import generators, guidance_at, guided, image_predictor, initial_noise, latent_shape
 
@@ -81,6 +85,32 @@ def sample_trajectories(
     return Trajectory([list(c) for c in captions], sigmas, torch.stack(xs), torch.stack(logprobs))
 
 
+def step_moments(
+    model,
+    traj: Trajectory,
+    cfg_scale: float,
+    noise_level: float,
+    cfg_interval: tuple[float, float] = (0.0, 1.0),
+    steps: Sequence[int] | None = None,
+) -> tuple[torch.Tensor, list[float]]:
+    """The SDE step's mean (S, N, C, H, W) and standard deviation (S,) at the recorded ``steps``
+    (default: all) of ``traj`` under ``model``'s current weights, differentiable (the whole
+    sequence runs at each step)."""
+    predict = image_predictor(model, traj.captions, cfg_scale, use_cache=False)
+    sigmas = traj.sigmas
+    means, stds = [], []
+    for i in range(len(sigmas) - 1) if steps is None else steps:
+        v = _velocity(model, predict, traj.latents[i], sigmas[i], cfg_scale, cfg_interval)
+        mean, std = flow_sde_moments(traj.latents[i], v, sigmas[i], sigmas[i + 1], noise_level, sigmas[1])
+        means.append(mean)
+        stds.append(std)
+    return torch.stack(means), stds
+
+
+def _chosen(traj: Trajectory, steps: Sequence[int] | None) -> list[int]:
+    return list(range(len(traj.sigmas) - 1)) if steps is None else list(steps)
+
+
 def trajectory_logprobs(
     model,
     traj: Trajectory,
@@ -89,13 +119,102 @@ def trajectory_logprobs(
     cfg_interval: tuple[float, float] = (0.0, 1.0),
     steps: Sequence[int] | None = None,
 ) -> torch.Tensor:
-    """Log-probabilities (len(steps), N) of the recorded ``steps`` (default: all) of ``traj``
-    under ``model``'s current weights, differentiable (the whole sequence runs at each step)."""
-    predict = image_predictor(model, traj.captions, cfg_scale, use_cache=False)
-    sigmas = traj.sigmas
-    out = []
-    for i in range(len(sigmas) - 1) if steps is None else steps:
-        x, x_next = traj.latents[i], traj.latents[i + 1]
-        v = _velocity(model, predict, x, sigmas[i], cfg_scale, cfg_interval)
-        out.append(flow_sde_step(x, v, sigmas[i], sigmas[i + 1], noise_level, sigmas[1], x_next=x_next)[1])
-    return torch.stack(out)
+    """Log-probabilities (S, N) of the recorded ``steps`` of ``traj`` under ``model``'s
+    current weights, differentiable."""
+    chosen = _chosen(traj, steps)
+    means, stds = step_moments(model, traj, cfg_scale, noise_level, cfg_interval, chosen)
+    nexts = traj.latents[[i + 1 for i in chosen]]
+    return torch.stack([gaussian_logprob(x, m, torch.full_like(m, s)) for x, m, s in zip(nexts, means, stds)])
+
+
+def step_kl(means: torch.Tensor, reference_means: torch.Tensor, stds: list[float]) -> torch.Tensor:
+    """KL (S, N) between the policy's and the reference's Gaussian steps of equal std, per
+    element averaged over each image (Flow-GRPO's KL term)."""
+    std = torch.tensor(stds, device=means.device).view(-1, 1)
+    return (means - reference_means).pow(2).flatten(2).mean(2) / (2 * std**2)
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) -> torch.Tensor:
+    """(N,) rewards of consecutive groups of ``group_size`` samples of one prompt -> (N,)
+    advantages, normalised within each group (GRPO); a group that scored alike gets zeros."""
+    r = rewards.float().view(-1, group_size)
+    return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True, unbiased=False) + eps)).flatten()
+
+
+def grpo_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    clip: float,
+    kl: torch.Tensor | None = None,
+    kl_weight: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """GRPO's clipped objective over steps (S, N) with per-image ``advantages`` (N,), plus
+    ``kl_weight`` times the mean ``kl`` (S, N) to the reference; returns the loss and its
+    statistics (policy loss, clip fraction, KL)."""
+    ratio = torch.exp(logprobs - old_logprobs)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip, 1.0 + clip)
+    policy = torch.maximum(unclipped, clipped).mean()
+    kl_term = kl.mean() if kl is not None else torch.zeros((), device=logprobs.device)
+    stats = {
+        "policy_loss": float(policy.detach()),
+        "clip_fraction": float(((ratio - 1.0).abs() > clip).float().mean()),
+        "kl": float(kl_term.detach()),
+    }
+    return policy + kl_weight * kl_term, stats
+
+
+def judged_reward(pipe, judge, prompts: list, group_size: int):
+    """``reward_fn`` for :func:`grpo_step` on GenEval-style ``prompts`` (each sampled
+    ``group_size`` times, in order): the latents decoded by ``pipe``'s VAE, read by ``judge``,
+    scored by ``geneval.reward`` (GenEval's rule, the one evaluation uses)."""
+    from transfusion.eval.geneval import reward
+
+    def reward_fn(latents: torch.Tensor, rows: list[list[int]]) -> torch.Tensor:
+        read = judge.read(pipe.decode_latents(latents))
+        return torch.tensor([reward(content, prompts[i // group_size]) for i, content in enumerate(read)])
+
+    return reward_fn
+
+
+def grpo_step(
+    model,
+    reference,
+    optimizer,
+    captions: list[list[int]],
+    reward_fn,
+    *,
+    group_size: int,
+    steps: int,
+    noise_level: float,
+    cfg_scale: float,
+    clip: float,
+    kl_weight: float,
+    seed: int,
+    grad_clip: float = 1.0,
+) -> dict[str, float]:
+    """One Flow-GRPO iteration on ``model``: ``group_size`` SDE samples per caption, their
+    rewards (``reward_fn(latents (N, C, H, W), captions) -> (N,)``), group-normalised
+    advantages, and one optimizer step on the clipped objective over every denoising step, with
+    a KL penalty to the frozen ``reference``. Returns the iteration's statistics."""
+    rows = [list(c) for c in captions for _ in range(group_size)]
+    was_training = model.training
+    model.eval()  # sampling and scoring see the same network (no dropout either way)
+    traj = sample_trajectories(model, rows, steps, cfg_scale, noise_level, seed)
+    rewards = reward_fn(traj.latents[-1], rows).float()
+    advantages = group_advantages(rewards, group_size).to(traj.latents.device)
+    with torch.no_grad():
+        old = trajectory_logprobs(model, traj, cfg_scale, noise_level)  # the ratio starts at 1
+        ref_means = step_moments(reference, traj, cfg_scale, noise_level)[0] if kl_weight > 0 else None
+    optimizer.zero_grad(set_to_none=True)
+    means, stds = step_moments(model, traj, cfg_scale, noise_level)
+    nexts = traj.latents[1:]
+    logprobs = torch.stack([gaussian_logprob(x, m, torch.full_like(m, s)) for x, m, s in zip(nexts, means, stds)])
+    kl = step_kl(means, ref_means, stds) if ref_means is not None else None
+    loss, stats = grpo_loss(logprobs, old, advantages, clip, kl, kl_weight)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
+    optimizer.step()
+    model.train(was_training)
+    return stats | {"reward": float(rewards.mean()), "grad_norm": float(grad_norm)}

@@ -149,6 +149,21 @@ def gaussian_logprob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> 
     return logp.mean(dim=tuple(range(1, x.dim())))
 
 
+def flow_sde_moments(
+    x: torch.Tensor, velocity: torch.Tensor, sigma: float, sigma_next: float, noise_level: float, sigma_max: float
+) -> tuple[torch.Tensor, float]:
+    """Mean (N, C, H, W) and standard deviation of one step of the flow sampler in its SDE form
+    (Flow-GRPO, Liu et al. 2025, eq. 9): from ``x`` at noise level ``sigma`` to ``sigma_next``
+    < ``sigma`` with the predicted ``velocity`` (noise - x0). Its marginals are the ODE's;
+    ``noise_level`` (their ``a``) scales the injected noise, 0 gives the Euler step; at
+    ``sigma`` 1 the SDE's scale reads ``sigma_max`` (the schedule's next level, as Flow-GRPO
+    does) instead of dividing by zero."""
+    dt = sigma_next - sigma  # < 0: towards clean
+    std = noise_level * math.sqrt(sigma / (1 - (sigma_max if sigma >= 1 else sigma)))  # sigma_t of the SDE
+    mean = x * (1 + std**2 / (2 * sigma) * dt) + velocity * (1 + std**2 * (1 - sigma) / (2 * sigma)) * dt
+    return mean, std * math.sqrt(-dt)
+
+
 def flow_sde_step(
     x: torch.Tensor,
     velocity: torch.Tensor,
@@ -159,22 +174,14 @@ def flow_sde_step(
     noise: torch.Tensor | None = None,
     x_next: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One step of the flow sampler in its SDE form (Flow-GRPO, Liu et al. 2025, eq. 9): from
-    ``x`` (N, C, H, W) at noise level ``sigma`` to ``sigma_next`` < ``sigma`` with the predicted
-    ``velocity`` (noise - x0). Its marginals are the ODE's; ``noise_level`` (their ``a``) scales
-    the injected noise, 0 gives the Euler step; at ``sigma`` 1 the SDE's scale reads
-    ``sigma_max`` (the schedule's next level, as Flow-GRPO does) instead of dividing by zero.
-    Returns the next sample (drawn with ``noise``, or ``x_next`` when given, to score a recorded
-    step) and its Gaussian log-probability (N,)."""
-    dt = sigma_next - sigma  # < 0: towards clean
-    std = noise_level * math.sqrt(sigma / (1 - (sigma_max if sigma >= 1 else sigma)))  # sigma_t of the SDE
-    mean = x * (1 + std**2 / (2 * sigma) * dt) + velocity * (1 + std**2 * (1 - sigma) / (2 * sigma)) * dt
-    step_std = torch.full_like(mean, std * math.sqrt(-dt))
+    """One SDE step (:func:`flow_sde_moments`): the next sample, drawn with ``noise`` (or
+    ``x_next`` when given, to score a recorded step), and its Gaussian log-probability (N,)."""
+    mean, std = flow_sde_moments(x, velocity, sigma, sigma_next, noise_level, sigma_max)
     if x_next is None:
-        x_next = mean + step_std * (noise if noise is not None else torch.randn_like(mean))
+        x_next = mean + std * (noise if noise is not None else torch.randn_like(mean))
     if noise_level == 0:
         return x_next, torch.zeros(len(x), device=x.device)
-    return x_next, gaussian_logprob(x_next, mean, step_std)
+    return x_next, gaussian_logprob(x_next, mean, torch.full_like(mean, std))
 
 
 def build_objective(cfg: ScheduleConfig) -> DDPMObjective | FlowMatchingObjective:
