@@ -37,18 +37,18 @@ def test_rescored_steps_have_the_sampling_log_probabilities_and_gradients(text_t
     """Re-scoring a recorded trajectory under the weights that sampled it gives its log-
     probabilities back (the GRPO ratio starts at 1), with gradients to the image decoder; other
     weights score it differently."""
-    from transfusion.align import sample_trajectories, trajectory_logprobs
+    from transfusion.align import sample_trajectories, step_logprobs, step_moments
 
     model = build_tiny_model(text_tokenizer, diffusion=FLOW)
     caps = [ids(text_tokenizer, "a 7"), ids(text_tokenizer, "three 5s")]
     traj = sample_trajectories(model, caps, 6, 2.0, noise_level=0.7, seed=1, use_cache=False)
-    again = trajectory_logprobs(model, traj, 2.0, 0.7, steps=[0, 2, 5])
+    again = step_logprobs(traj, *step_moments(model, traj, 2.0, 0.7, steps=[0, 2, 5]), steps=[0, 2, 5])
     torch.testing.assert_close(again.detach(), traj.logprobs[[0, 2, 5]], rtol=0, atol=1e-5)
     again.sum().backward()
     assert any(p.grad is not None and p.grad.abs().max() > 0 for p in model.patch_out.parameters())
     other = build_tiny_model(text_tokenizer, seed=1, diffusion=FLOW)
     with torch.no_grad():
-        assert (trajectory_logprobs(other, traj, 2.0, 0.7) - traj.logprobs).abs().max() > 1e-3
+        assert (step_logprobs(traj, *step_moments(other, traj, 2.0, 0.7)) - traj.logprobs).abs().max() > 1e-3
 
 
 def test_ddpm_models_are_refused_with_one_line(text_tokenizer):

@@ -8,7 +8,7 @@ policy step with a log-probability:
 - :func:`sample_trajectories` samples images with the SDE sampler and keeps every step's latent
   and log-probability under the sampling weights (no gradient);
 - :func:`step_moments` gives the Gaussian of recorded steps under the current weights, with
-  gradient: :func:`trajectory_logprobs` scores the recorded steps with it (the policy ratio of
+  gradient: :func:`step_logprobs` scores the recorded steps with it (the policy ratio of
   GRPO's clipped objective is ``exp(new - old)``) and :func:`step_kl` compares it with a frozen
   reference's;
 - :func:`group_advantages` and :func:`grpo_loss`: GRPO's group-normalised advantages and its
@@ -107,22 +107,10 @@ def step_moments(
     return torch.stack(means), stds
 
 
-def _chosen(traj: Trajectory, steps: Sequence[int] | None) -> list[int]:
-    return list(range(len(traj.sigmas) - 1)) if steps is None else list(steps)
-
-
-def trajectory_logprobs(
-    model,
-    traj: Trajectory,
-    cfg_scale: float,
-    noise_level: float,
-    cfg_interval: tuple[float, float] = (0.0, 1.0),
-    steps: Sequence[int] | None = None,
-) -> torch.Tensor:
-    """Log-probabilities (S, N) of the recorded ``steps`` of ``traj`` under ``model``'s
-    current weights, differentiable."""
-    chosen = _chosen(traj, steps)
-    means, stds = step_moments(model, traj, cfg_scale, noise_level, cfg_interval, chosen)
+def step_logprobs(traj: Trajectory, means: torch.Tensor, stds: list[float], steps: Sequence[int] | None = None):
+    """Log-probabilities (S, N) of the recorded ``steps`` (default: all) of ``traj`` under the
+    Gaussians :func:`step_moments` gave for the same steps."""
+    chosen = range(len(traj.sigmas) - 1) if steps is None else steps
     nexts = traj.latents[[i + 1 for i in chosen]]
     return torch.stack([gaussian_logprob(x, m, torch.full_like(m, s)) for x, m, s in zip(nexts, means, stds)])
 
@@ -205,12 +193,11 @@ def grpo_step(
     rewards = reward_fn(traj.latents[-1], rows).float()
     advantages = group_advantages(rewards, group_size).to(traj.latents.device)
     with torch.no_grad():
-        old = trajectory_logprobs(model, traj, cfg_scale, noise_level)  # the ratio starts at 1
+        old = step_logprobs(traj, *step_moments(model, traj, cfg_scale, noise_level))  # the ratio starts at 1
         ref_means = step_moments(reference, traj, cfg_scale, noise_level)[0] if kl_weight > 0 else None
     optimizer.zero_grad(set_to_none=True)
     means, stds = step_moments(model, traj, cfg_scale, noise_level)
-    nexts = traj.latents[1:]
-    logprobs = torch.stack([gaussian_logprob(x, m, torch.full_like(m, s)) for x, m, s in zip(nexts, means, stds)])
+    logprobs = step_logprobs(traj, means, stds)
     kl = step_kl(means, ref_means, stds) if ref_means is not None else None
     loss, stats = grpo_loss(logprobs, old, advantages, clip, kl, kl_weight)
     loss.backward()
