@@ -180,6 +180,7 @@ def grpo_step(
     clip: float,
     kl_weight: float,
     seed: int,
+    cfg_interval: tuple[float, float] = (0.0, 1.0),
     grad_clip: float = 1.0,
 ) -> dict[str, float]:
     """One Flow-GRPO iteration on ``model``: ``group_size`` SDE samples per caption, their
@@ -189,14 +190,14 @@ def grpo_step(
     rows = [list(c) for c in captions for _ in range(group_size)]
     was_training = model.training
     model.eval()  # sampling and scoring see the same network (no dropout either way)
-    traj = sample_trajectories(model, rows, steps, cfg_scale, noise_level, seed)
+    traj = sample_trajectories(model, rows, steps, cfg_scale, noise_level, seed, cfg_interval)
     rewards = reward_fn(traj.latents[-1], rows).float()
     advantages = group_advantages(rewards, group_size).to(traj.latents.device)
     with torch.no_grad():
-        old = step_logprobs(traj, *step_moments(model, traj, cfg_scale, noise_level))  # the ratio starts at 1
-        ref_means = step_moments(reference, traj, cfg_scale, noise_level)[0] if kl_weight > 0 else None
+        old = step_logprobs(traj, *step_moments(model, traj, cfg_scale, noise_level, cfg_interval))  # ratio 1
+        ref_means = step_moments(reference, traj, cfg_scale, noise_level, cfg_interval)[0] if kl_weight > 0 else None
     optimizer.zero_grad(set_to_none=True)
-    means, stds = step_moments(model, traj, cfg_scale, noise_level)
+    means, stds = step_moments(model, traj, cfg_scale, noise_level, cfg_interval)
     logprobs = step_logprobs(traj, means, stds)
     kl = step_kl(means, ref_means, stds) if ref_means is not None else None
     loss, stats = grpo_loss(logprobs, old, advantages, clip, kl, kl_weight)
