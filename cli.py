@@ -72,13 +72,17 @@ def _check_interval(interval: tuple[float, float] | None) -> None:
         _fail(f"--cfg-interval: expected 0 <= LO <= HI <= 1, got {interval[0]:g} {interval[1]:g}", 2)
 
 
-def _guard(call, code: int | None = None):
+RESUMABLE = {"train": "a training run", "align": "an align run"}  # stages with --resume
+
+
+def _guard(call, code: int | None = None, stage: str | None = None):
     """``call()``; a :class:`UserError` becomes its one line and exit code (``code``: the
     arguments are all that can be wrong, a usage error)."""
     try:
         return call()
     except KeyboardInterrupt:  # Ctrl-C: the conventional 128 + SIGINT; MLflow marks the run KILLED
-        _fail("interrupted (a training run continues with `transfusion train --resume`)", 130)
+        hint = f" ({RESUMABLE[stage]} continues with `transfusion {stage} --resume`)" if stage in RESUMABLE else ""
+        _fail(f"interrupted{hint}", 130)
     except UserError as err:
         _fail(str(err).splitlines()[0] if str(err) else type(err).__name__, err.exit_code if code is None else code)
 
@@ -97,7 +101,7 @@ def _run_stage(name: str, params: list[Path] | None, overrides: list[str] | None
     cfg = _load(params, overrides)
     module = importlib.import_module(f"stages.{name}")
     start = time.perf_counter()
-    metrics = _guard(lambda: module.run(cfg, **kwargs))
+    metrics = _guard(lambda: module.run(cfg, **kwargs), stage=name)
     typer.echo(f"{name}: done in {time.perf_counter() - start:.1f}s")
     if metrics:
         typer.echo(json.dumps(metrics, indent=2, sort_keys=True, default=str))
@@ -109,6 +113,7 @@ STAGES = {  # the stages without options of their own: name -> help
     "vae": "Stage vae: train the AutoencoderKL on the scene images, report test PSNR.",
     "latents": "Stage latents: encode every scene, scale to unit variance, write latent shards.",
     "judge": "Stage judge: train the cell classifier that reads scenes; report its test exact match.",
+    "reader": "Stage reader: train the second reader (another seed and shape) that checks the judge.",
     "eval": "Stage eval: GenEval-style score, FID/KID, captioning accuracy, text bits per byte.",
 }
 
@@ -144,6 +149,20 @@ def train(
     if checkpoint is not None and not resume:
         _fail(f"{checkpoint}: a checkpoint argument needs --resume", 2)
     _run_stage("train", params, set_, resume=checkpoint if checkpoint is not None else resume, address=address)
+
+
+@app.command()
+def align(
+    params: ParamsOpt = None,
+    set_: SetOpt = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest align checkpoint.")] = False,
+) -> None:
+    """Stage align: post-train the exported model against the judged GenEval reward.
+
+    transfusion align              a fresh run (align.method: grpo | raft; align.enabled: false copies)
+    transfusion align --resume     continue the interrupted run (same MLflow run, same rewards)
+    """
+    _run_stage("align", params, set_, resume=resume)
 
 
 # ---------------------------------------------------------------------------------------------

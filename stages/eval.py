@@ -1,7 +1,8 @@
 """DVC stage ``eval``: GenEval-style score, FID/KID (torch-fidelity), captioning accuracy and text
-bits per byte of the exported model (``transfusion.eval.evaluate``); metrics to
-``paths.eval_metrics``, plots under ``paths.eval_plots``, everything in an MLflow run tagged with
-the training run's id."""
+bits per byte of the model ``align`` left (``paths.aligned_model``: aligned, or the trained one
+passed through) (``transfusion.eval.evaluate``); GenEval-style on the combinations ``align``
+never saw apart, and by the second reader too; metrics to ``paths.eval_metrics``, plots under
+``paths.eval_plots``, everything in an MLflow run tagged with the training run's id."""
 
 from __future__ import annotations
 
@@ -18,19 +19,24 @@ def run(params: Params) -> dict[str, float]:
     from transfusion.pipeline import TransfusionPipeline
 
     paths, cfg = params.paths, params.eval
-    pipe = TransfusionPipeline.from_pretrained(paths.model)
+    from transfusion.eval.geneval import held_out
+
+    pipe = TransfusionPipeline.from_pretrained(paths.aligned_model)
+    palette = dict(params.data.scenes.palette)
     inputs = EvalInputs(
         judge_path=paths.judge,
         judge_accuracy=json.loads(paths.judge_metrics.read_text())["scene_exact_match"],
         judge_min_accuracy=params.judge.min_accuracy,
         scenes=paths.scenes,
         text=paths.text,
-        palette=dict(params.data.scenes.palette),
+        palette=palette,
         text_length=params.mixture.text_length,
         grid=params.data.scenes.grid,
+        reader_path=paths.reader,
+        held_out=held_out(list(palette), params.data.scenes.grid, params.align.held_out_fraction),
     )
     with tracking.stage_run(params, "eval") as run:
-        run.set_tags({"train_run_id": pipe.run_id or "unknown"})
+        run.set_tags({"train_run_id": pipe.run_id or "unknown", "aligned": str(params.align.enabled).lower()})
         sampling = params.sampling_for("eval.sampling")
         result = evaluate(pipe, cfg, sampling, inputs, progress=lambda it, desc: tqdm(it, desc=desc, unit="batch"))
         write_outputs(result, cfg, paths)

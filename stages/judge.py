@@ -3,7 +3,11 @@ exact match on real test scenes (evaluation refuses judge scores below ``judge.m
 
 Data without structured scene content (``data.source: caption_folder``) have nothing a judge
 could learn: the stage then writes a judge folder that says so and ``judge_available: 0``, and
-evaluation runs without the judge (FID/KID on Inception features, captions, text)."""
+evaluation runs without the judge (FID/KID on Inception features, captions, text).
+
+The ``reader`` stage trains a second reader the same way from its own section (another seed and
+shape: no weights shared with the judge): post-training optimises the judge's reading, so
+evaluation also reports what an independent reader sees."""
 
 from __future__ import annotations
 
@@ -11,6 +15,12 @@ from transfusion.config import Params
 
 
 def run(params: Params) -> dict[str, float]:
+    return fit_reader(params, "judge")
+
+
+def fit_reader(params: Params, name: str) -> dict[str, float]:
+    """Train the cell classifier of section ``name`` (``judge`` or ``reader``) into
+    ``paths.<name>``, its test-scene exact match into ``paths.<name>_metrics``."""
     import torch
 
     from transfusion import tracking
@@ -20,12 +30,13 @@ def run(params: Params) -> dict[str, float]:
     from transfusion.eval.judge import scene_exact_match, train_judge, training_cells
     from transfusion.io import write_json
 
-    paths, cfg, scenes = params.paths, params.judge, params.data.scenes
+    paths, cfg, scenes = params.paths, getattr(params, name), params.data.scenes
+    out, metrics_path = getattr(paths, name), getattr(paths, f"{name}_metrics")
     train = load_image_split(paths.scenes, "train")
     test = load_image_split(paths.scenes, "test")
     if not all(r.get("content") for r in train.records + test.records):
-        return _no_judge(params)
-    with tracking.stage_run(params, "judge") as run:
+        return _no_judge(params, name)
+    with tracking.stage_run(params, name) as run:
         x, y = training_cells(train.images, train.records, scenes.grid, cfg.empty_fraction, cfg.seed)
         if cfg.extra_scenes and params.data.source == "mnist_scenes":
             digits = load_mnist(params.data.mnist, paths.cache)["train"]
@@ -35,21 +46,21 @@ def run(params: Params) -> dict[str, float]:
             x, y = torch.cat([x, ex]), torch.cat([y, ey])
 
         def on_log(epoch: int, loss: float) -> None:
-            print(f"[judge] epoch {epoch + 1}/{cfg.epochs} loss {loss:.4f}", flush=True)
+            print(f"[{name}] epoch {epoch + 1}/{cfg.epochs} loss {loss:.4f}", flush=True)
             run.log_metrics({"loss": loss}, step=epoch + 1)
 
         judge = train_judge(x, y, cfg, scenes, on_log)
-        judge.save(paths.judge)
+        judge.save(out)
         metrics = scene_exact_match(judge, test.images, test.records)
         metrics["training_cells"] = len(y)
         metrics["judge_available"] = 1.0
         metrics["meets_minimum"] = float(metrics["scene_exact_match"] >= cfg.min_accuracy)
-        write_json(paths.judge_metrics, metrics)
+        write_json(metrics_path, metrics)
         run.log_metrics(metrics)
     return metrics
 
 
-def _no_judge(params: Params) -> dict[str, float]:
+def _no_judge(params: Params, name: str) -> dict[str, float]:
     """The judge's outputs for data without scene content: a folder saying why, no scores."""
     import json
 
@@ -58,11 +69,11 @@ def _no_judge(params: Params) -> dict[str, float]:
 
     paths = params.paths
     reason = f"data.source {params.data.source}: the records carry no scene content to train a judge on"
-    print(f"[judge] no judge: {reason}", flush=True)
-    with atomic_dir(paths.judge) as tmp:
+    print(f"[{name}] no {name}: {reason}", flush=True)
+    with atomic_dir(getattr(paths, name)) as tmp:
         (tmp / "no-judge.json").write_text(json.dumps({"reason": reason}, indent=2) + "\n")
     metrics = {"judge_available": 0.0, "scene_exact_match": 0.0, "meets_minimum": 0.0}
-    with tracking.stage_run(params, "judge") as run:
-        write_json(paths.judge_metrics, metrics)
+    with tracking.stage_run(params, name) as run:
+        write_json(getattr(paths, f"{name}_metrics"), metrics)
         run.log_metrics(metrics)
     return metrics

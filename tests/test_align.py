@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -131,3 +132,208 @@ def test_grpo_raises_a_reward_on_a_tiny_model(text_tokenizer):
     assert held_out_reward() > before + 0.5, (before, [s["reward"] for s in stats])
     assert stats[0]["kl"] == 0.0 and stats[-1]["kl"] > 0.0
     assert all(s["clip_fraction"] == 0.0 for s in stats)  # one on-policy update per batch: the ratio is 1
+
+
+def test_raft_keeps_what_passes_and_raises_the_reward(text_tokenizer):
+    """RAFT iterations (sample, keep what the reward passes, train on it with the Transfusion
+    loss) raise a toy pass/fail reward (the sampled latent's mean above 0) on fresh ODE samples;
+    an iteration where nothing passes changes no weight."""
+    from transfusion.align import raft_step, sample_trajectories
+    from transfusion.data.collate import Collator
+    from transfusion.diffusion import build_scheduler
+
+    model = build_tiny_model(text_tokenizer, diffusion=FLOW)
+    caps = [ids(text_tokenizer, "a red 4"), ids(text_tokenizer, "a 7")]
+    collate = Collator(model.special, model.config.patches_per_image, 64, caption_dropout=0.1, seed=0)
+
+    def passes(latents, rows):
+        return (latents.mean(dim=(1, 2, 3)) > 0).float()
+
+    def held_out_pass_rate() -> float:
+        return float(passes(sample_trajectories(model, caps * 8, 6, 1.0, 0.0, seed=100).latents[-1], None).mean())
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3, weight_decay=0.0)
+    kw = dict(group_size=4, steps=6, cfg_scale=1.0, updates=2, batch_size=4, loss_weight=5.0, noise_limit=0.5)
+    weights = [p.detach().clone() for p in model.parameters()]
+    euler = build_scheduler(model.config.diffusion, "flow_euler")
+    none = raft_step(model, optimizer, caps, lambda lat, rows: torch.zeros(len(rows)), collate, euler, seed=0, **kw)
+    assert none["kept"] == 0.0 and math.isnan(none["loss"])
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
+    before = held_out_pass_rate()
+    stats = [raft_step(model, optimizer, caps, passes, collate, euler, seed=1000 * i, **kw) for i in range(16)]
+    assert 0.0 < stats[0]["kept"] < 1.0 and stats[0]["reward"] == stats[0]["kept"]
+    assert held_out_pass_rate() > before + 0.3, (before, [s["reward"] for s in stats])
+
+
+def test_held_out_combinations_are_fixed_and_never_drawn_by_align():
+    """The held-out set is a fixed share of every category's combinations, the same whatever
+    the seed; align's prompt pool excludes exactly it; the split scores add up."""
+    from transfusion.config import CATEGORIES
+    from transfusion.eval import geneval
+    from transfusion.train.align_loop import iteration_prompts, prompt_pool
+
+    palette = ["red", "green", "blue", "yellow", "magenta", "cyan", "white"]
+    hidden = geneval.held_out(palette, 2, 0.2)
+    assert hidden == geneval.held_out(list(reversed(palette)), 2, 0.2)  # order of the palette: no matter
+    assert geneval.held_out(palette, 2, 0.0) == set()
+    cfg = section("align", held_out_fraction=0.2)
+    pool = prompt_pool(cfg, palette, 2)
+    for category in CATEGORIES:
+        space = {p.text() for p in geneval.prompt_space(category, palette, 2)}
+        held = space & hidden
+        assert 1 <= len(held) and abs(len(held) - 0.2 * len(space)) <= 1
+        assert {p.text() for p in pool[category]} == space - held
+    drawn = {p.text() for it in range(50) for p in iteration_prompts(pool, 8, 0, it)}
+    assert not drawn & hidden and len(drawn) > 200
+    assert [p.text() for p in iteration_prompts(pool, 8, 0, 3)] == [p.text() for p in iteration_prompts(pool, 8, 0, 3)]
+    # split scores: seen and held-out images scored apart; a prompt counts on one side only
+    prompts = geneval.balanced_prompts(8, palette, 0, 2)
+    read = [{"objects": []}] * (2 * len(prompts))
+    got = geneval.split_scores(read, prompts, 2, hidden)
+    assert got["geneval_overall"] == 0.0 and got["seen_geneval_overall"] == 0.0 and "held_out_geneval_overall" in got
+
+
+# -- the align stage ---------------------------------------------------------------------------
+ALIGN_OUTPUTS = {
+    "model": "model",
+    "aligned_model": "aligned",
+    "align_checkpoints": "align-checkpoints",
+    "align_metrics": "align.json",
+    "align_plot": "align.csv",
+    "align_grid": "align.png",
+    "judge": "judge",
+    "judge_metrics": "judge.json",
+}
+
+
+@pytest.fixture(scope="module")
+def align_judge(tiny_pipeline, tmp_path_factory):
+    """A judge trained on the tiny scenes (the judge stage), in its own folder."""
+    from stages import judge
+
+    root = tmp_path_factory.mktemp("align-judge")
+    paths = tiny_pipeline.paths.model_copy(update={"judge": root / "judge", "judge_metrics": root / "judge.json"})
+    judge.run(tiny_pipeline.model_copy(update={"paths": paths}))
+    return paths.judge
+
+
+def align_params(tiny_pipeline, align_judge, tmp_path, text_tokenizer, **align):
+    """The tiny params with a tiny flow model exported where ``align`` reads it, the module's
+    judge, every output under ``tmp_path``, and ``align`` changed as given."""
+    from conftest import pipeline_around, sampling_config
+
+    paths = {k: tmp_path / v for k, v in ALIGN_OUTPUTS.items()} | {"judge": align_judge}
+    paths["judge_metrics"] = align_judge.parent / "judge.json"
+    if not paths["model"].exists():
+        model = build_tiny_model(text_tokenizer, diffusion=FLOW, sampling=sampling_config("flow"))
+        pipeline_around(model, text_tokenizer).save_pretrained(paths["model"])
+    tracking = tiny_pipeline.tracking.model_copy(update={"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"})
+    return tiny_pipeline.model_copy(
+        update={
+            "paths": tiny_pipeline.paths.model_copy(update=paths),
+            "tracking": tracking,
+            "align": tiny_pipeline.align.model_copy(update=align),
+        }
+    )
+
+
+def _rows(path) -> list[list[str]]:
+    """The align curve's rows without the wall-time column."""
+    rows = [line.split(",") for line in path.read_text().splitlines()]
+    keep = [i for i, name in enumerate(rows[0]) if name != "seconds"]
+    return [[row[i] for i in keep] for row in rows]
+
+
+TINY_ALIGN = dict(categories=["single_object", "counting"], prompts_per_iteration=2, group_size=4, steps=3)
+
+
+@pytest.mark.parametrize("method", ["grpo", "raft"])
+def test_the_align_stage_writes_an_aligned_pipeline_its_curve_and_metrics(
+    tiny_pipeline, align_judge, tmp_path, text_tokenizer, method
+):
+    """The stage reads the exported model and writes a pipeline of the same format with other
+    weights, a row per iteration (reward, KL / kept share, learning rate), the before / after grid
+    and metrics; the MLflow run holds every iteration's reward."""
+    from mlflow import MlflowClient
+    from safetensors.torch import load_file
+
+    from stages import align
+    from transfusion.pipeline import TransfusionPipeline
+
+    p = align_params(
+        tiny_pipeline, align_judge, tmp_path, text_tokenizer, method=method, iterations=3, quick_prompts=4, **TINY_ALIGN
+    )
+    metrics = align.run(p)
+    aligned = TransfusionPipeline.from_pretrained(p.paths.aligned_model)
+    assert aligned.model.config == TransfusionPipeline.from_pretrained(p.paths.model).model.config
+    before, after = (load_file(str(f / "model.safetensors")) for f in (p.paths.model, p.paths.aligned_model))
+    assert before.keys() == after.keys()
+    rows = _rows(p.paths.align_plot)
+    assert len(rows) == 4 and rows[0][:2] == ["iteration", "lr"] and "reward" in rows[0]
+    assert ("kl" if method == "grpo" else "kept") in rows[0]
+    assert metrics["enabled"] == 1.0 and metrics["iterations"] == 3.0
+    assert {"before_geneval_overall", "after_seen_geneval_overall", "after_held_out_geneval_overall"} <= set(metrics)
+    assert json.loads(p.paths.align_metrics.read_text())["iterations"] == 3.0
+    assert p.paths.align_grid.stat().st_size > 0
+    history = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_metric_history(metrics["mlflow_run_id"], "reward")
+    assert sorted(m.step for m in history) == [1, 2, 3]
+    assert [f"{m.value:.6g}" for m in sorted(history, key=lambda m: m.step)] == [
+        row[rows[0].index("reward")] for row in rows[1:]
+    ]
+    # the weights move exactly when an iteration had something to learn from
+    signal = rows[0].index("grad_norm" if method == "grpo" else "kept")
+    learned = any(float(row[signal]) > 0 for row in rows[1:])
+    assert learned == any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_align_disabled_passes_the_trained_model_through(tiny_pipeline, align_judge, tmp_path, text_tokenizer):
+    from stages import align
+
+    p = align_params(tiny_pipeline, align_judge, tmp_path, text_tokenizer, enabled=False)
+    metrics = align.run(p)
+    assert metrics["enabled"] == 0.0 and "before_geneval_overall" in metrics
+    for f in p.paths.model.rglob("*"):
+        if f.is_file():
+            assert (p.paths.aligned_model / f.relative_to(p.paths.model)).read_bytes() == f.read_bytes(), f
+    assert p.paths.align_plot.read_text().splitlines() == ["iteration,reward,kl,clip_fraction,lr"]
+
+
+def test_ctrl_c_then_resume_repeats_the_uninterrupted_align_rewards(
+    tiny_pipeline, align_judge, tmp_path, text_tokenizer
+):
+    """Ctrl-C in `transfusion align`: exit 130, one line, the MLflow run KILLED, nothing
+    exported; `--resume` continues in the same run from the newest checkpoint, and its rows
+    (reward, KL, clip fraction, gradient norm) equal the uninterrupted run's."""
+    import os
+    import signal
+
+    import yaml
+    from test_faults import _start, _wait_for
+
+    from stages import align
+    from transfusion.tracking import find_runs
+
+    settings = dict(TINY_ALIGN, method="raft", iterations=60, checkpoint_every=2)
+    whole = align_params(tiny_pipeline, align_judge, tmp_path / "whole", text_tokenizer, **settings)
+    align.run(whole)
+    rows = _rows(whole.paths.align_plot)
+    assert sum(float(row[rows[0].index("kept")]) > 0 for row in rows[1:]) > 5  # it trains: resuming is tested
+
+    cut = align_params(tiny_pipeline, align_judge, tmp_path / "cut", text_tokenizer, **settings)
+    params_file = tmp_path / "cut.yaml"
+    params_file.write_text(yaml.safe_dump(cut.model_dump(mode="json")))
+    log = tmp_path / "align.log"
+    proc = _start(params_file, log=log, command="align")
+    _wait_for(log, "[align] iteration 5/60", proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=120) == 130, log.read_text()[-2000:]
+    assert [x for x in log.read_text().splitlines() if x.startswith("error:")] == [
+        "error: interrupted (an align run continues with `transfusion align --resume`)"
+    ]
+    (run,) = find_runs(cut.tracking, "align")
+    assert run["status"] == "KILLED" and not cut.paths.aligned_model.exists()
+    metrics = align.run(cut, resume=True)
+    assert metrics["mlflow_run_id"] == run["run_id"]
+    assert _rows(cut.paths.align_plot) == rows
+    (run,) = find_runs(cut.tracking, "align")
+    assert run["status"] == "FINISHED"

@@ -116,12 +116,12 @@ def _cli_params(p, path: Path) -> Path:
     return path
 
 
-def _start(params_file: Path, *extra: str, log: Path) -> subprocess.Popen:
-    """``python cli.py train`` in its own process group with Ctrl-C's default action, as a
+def _start(params_file: Path, *extra: str, log: Path, command: str = "train") -> subprocess.Popen:
+    """``python cli.py COMMAND`` (train) in its own process group with Ctrl-C's default action, as a
     terminal starts it (a test suite started in the background by a shell without job control
     inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler)."""
     return subprocess.Popen(
-        [sys.executable, str(REPO / "cli.py"), "train", "-p", str(params_file), *extra],
+        [sys.executable, str(REPO / "cli.py"), command, "-p", str(params_file), *extra],
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=log.open("w"),

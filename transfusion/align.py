@@ -12,9 +12,12 @@ policy step with a log-probability:
   GRPO's clipped objective is ``exp(new - old)``) and :func:`step_kl` compares it with a frozen
   reference's;
 - :func:`group_advantages` and :func:`grpo_loss`: GRPO's group-normalised advantages and its
-  clipped objective with a KL penalty.
+  clipped objective with a KL penalty; :func:`grpo_step` is one iteration.
 
-Flow models only: a DDPM model's ancestral step would need its own log-probability.
+:func:`raft_step` is the other method: reward-ranked fine-tuning (RAFT, Dong et al. 2023) --
+sample, keep what the judge passes, and train on it with the usual Transfusion loss.
+
+Flow-GRPO needs a flow model; RAFT samples with the model's own sampler (any objective).
 """
 
 from __future__ import annotations
@@ -206,3 +209,58 @@ def grpo_step(
     optimizer.step()
     model.train(was_training)
     return stats | {"reward": float(rewards.mean()), "grad_norm": float(grad_norm)}
+
+
+def raft_step(
+    model,
+    optimizer,
+    captions: list[list[int]],
+    reward_fn,
+    collate,
+    scheduler,
+    *,
+    group_size: int,
+    steps: int,
+    cfg_scale: float,
+    updates: int,
+    batch_size: int,
+    loss_weight: float,
+    noise_limit: float,
+    seed: int,
+    cfg_interval: tuple[float, float] = (0.0, 1.0),
+    grad_clip: float = 1.0,
+) -> dict[str, float]:
+    """One RAFT iteration on ``model``: ``group_size`` samples per caption (``steps`` of
+    ``scheduler``, image i from noise ``seed + i``), the ones
+    ``reward_fn`` passes (reward > 0) kept, and ``updates`` optimizer steps of the Transfusion
+    loss (``model.loss``) on ``batch_size`` caption-then-image examples drawn from them
+    (``collate``: a :class:`~transfusion.data.collate.Collator`, caption dropout included).
+    Returns the iteration's statistics (``loss`` NaN when nothing was kept)."""
+    from transfusion.data.collate import caption_to_image
+    from transfusion.sampling import sample_latents
+
+    rows = [list(c) for c in captions for _ in range(group_size)]
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        latents = sample_latents(model, rows, scheduler, steps, cfg_scale, seed, cfg_interval=cfg_interval)
+    rewards = reward_fn(latents, rows).float()
+    kept = torch.nonzero(rewards > 0).flatten()
+    stats = {"reward": float(rewards.mean()), "kept": float(len(kept)) / len(rows), "loss": float("nan")}
+    if len(kept) == 0:
+        model.train(was_training)
+        return stats
+    model.train()
+    gen = torch.Generator().manual_seed(seed)
+    device, losses = latents.device, []
+    for _ in range(updates):
+        pick = kept[torch.randint(len(kept), (batch_size,), generator=gen)].tolist()
+        batch = collate([caption_to_image(rows[i], latents[i].cpu()) for i in pick]).to(device)
+        optimizer.zero_grad(set_to_none=True)
+        out = model.loss(batch, gen, loss_weight=loss_weight, noise_limit=noise_limit)
+        out.total.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
+        optimizer.step()
+        losses.append(float(out.total.detach()))
+    model.train(was_training)
+    return stats | {"loss": sum(losses) / len(losses)}

@@ -78,6 +78,13 @@ class PathsConfig(Section):
     train_probes: Path  # conditioning probes against images seen
     judge: Path
     judge_metrics: Path
+    reader: Path  # the second reader: a cell classifier sharing no weights with the judge
+    reader_metrics: Path
+    align_checkpoints: Path  # rolling align checkpoints (resume)
+    aligned_model: Path  # the model evaluation reads: aligned, or the trained one passed through
+    align_metrics: Path
+    align_plot: Path  # reward, KL, clip fraction per iteration
+    align_grid: Path  # the same prompts and noise before and after align
     geneval: Path  # generated images in GenEval's folder layout
     eval_metrics: Path
     geneval_plot: Path  # per-category accuracy (a DVC bar plot)
@@ -436,6 +443,30 @@ class JudgeConfig(Section):
     seed: int
 
 
+class AlignConfig(Section):
+    """Post-training against the judged GenEval reward (``transfusion.align``)."""
+
+    enabled: bool  # false: the trained model passes through unchanged
+    method: Literal["grpo", "raft"]  # Flow-GRPO | reward-ranked fine-tuning (docs/recipe.md)
+    categories: Annotated[list[Literal[CATEGORIES]], Field(min_length=1)]  # type: ignore[valid-type]
+    iterations: PositiveInt
+    prompts_per_iteration: PositiveInt
+    group_size: Annotated[int, Field(ge=2)]  # samples per prompt (GRPO's group; RAFT's candidates)
+    steps: PositiveInt  # denoising steps while aligning (evaluation samples with its own)
+    noise_level: Annotated[float, Field(ge=0, le=2)]  # Flow-GRPO's SDE noise ``a`` (0: the ODE)
+    lr: Annotated[float, Field(gt=0, le=1)]
+    clip: Annotated[float, Field(gt=0, lt=1)]  # GRPO's ratio clip
+    kl_weight: Annotated[float, Field(ge=0)]  # GRPO's KL penalty to the trained model
+    raft_steps: PositiveInt  # RAFT: optimiser steps per iteration on the samples the judge passed
+    raft_batch: PositiveInt  # RAFT: examples per optimiser step
+    grad_clip: Annotated[float, Field(gt=0)]
+    held_out_fraction: Annotated[float, Field(ge=0, lt=1)]  # of each category's combinations, never aligned on
+    checkpoint_every: PositiveInt
+    keep_checkpoints: PositiveInt
+    quick_prompts: PositiveInt  # balanced prompts per category scored before and after (seen / held out)
+    seed: int
+
+
 class EvalConfig(Section):
     # prompts drawn to cover each category's digits, colours, relations and counts evenly
     # (geneval.balanced_prompts); 112 x 4 images: a category's standard error <= 0.025
@@ -474,6 +505,8 @@ class Params(Section):
     mixture: MixtureConfig
     train: TrainConfig
     judge: JudgeConfig
+    reader: JudgeConfig  # the second reader: its own seed and shape
+    align: AlignConfig
     eval: EvalConfig
 
     @model_validator(mode="after")
@@ -490,6 +523,11 @@ class Params(Section):
             raise ValueError(
                 f"mixture.text_length ({self.mixture.text_length}) must be <= model.max_length - 2 "
                 f"({self.model.max_length - 2})"
+            )
+        if self.align.enabled and self.align.method == "grpo" and self.diffusion.objective != "flow":
+            raise ValueError(
+                "align.method: grpo samples flow models' SDE (diffusion.objective: flow); "
+                "use align.method: raft for a ddpm model"
             )
         latent, p = canvas // down, self.model.patch_size
         if latent % p:

@@ -60,6 +60,8 @@ class EvalInputs:
     palette: dict
     text_length: int  # tokens per scored chunk: the training text length
     grid: int = 2  # cells per side of the scenes (how many objects a counting prompt may ask)
+    reader_path: Path | None = None  # a second reader (no weights shared with the judge)
+    held_out: set[str] = field(default_factory=set)  # prompt texts post-training never saw
 
 
 @dataclass
@@ -122,6 +124,7 @@ def _geneval(cfg: EvalConfig, sampling, inputs: EvalInputs, test, judge, sample,
         return result
     read = judge.read(images)
     metrics |= judged(read, prompts, k)
+    metrics |= _seen_and_second_reader(read, images, prompts, k, inputs, metrics)
     result.passed = [geneval.geneval_correct(c, geneval.metadata(prompts[i // k])) for i, c in enumerate(read)]
     n_real = min(cfg.real_scenes, len(test.images))
     real = judged(judge.read(test.images[:n_real]), [_prompt(r) for r in test.records[:n_real]], 1)
@@ -135,6 +138,21 @@ def _geneval(cfg: EvalConfig, sampling, inputs: EvalInputs, test, judge, sample,
             got = judged(judge.read(swept), prompts, k)
         result.sweep.append({"cfg_scale": scale} | {key: got[key] for key in SWEEP_COLUMNS[1:]})
     return result
+
+
+def _seen_and_second_reader(read, images, prompts, k: int, inputs: EvalInputs, metrics: dict) -> dict:
+    """GenEval-style on the combinations post-training saw and held out apart, and the second
+    reader's GenEval-style scores of the same images (``reader_*``) with its gap to the judge's."""
+    from transfusion.eval import geneval
+    from transfusion.eval.judge import Judge
+
+    split = geneval.split_scores(read, prompts, k, inputs.held_out)
+    out = {key: v for key, v in split.items() if key.startswith(("seen_", "held_out_"))}
+    if inputs.reader_path is not None and not (inputs.reader_path / "no-judge.json").is_file():
+        second = judged(Judge.load(inputs.reader_path).read(images), prompts, k)
+        out |= {f"reader_{key}": v for key, v in second.items() if key.startswith("geneval_")}
+        out["reader_gap_overall"] = abs(second["geneval_overall"] - metrics["geneval_overall"])
+    return out
 
 
 def _captioning(pipe, cfg: EvalConfig, inputs: EvalInputs, test, has_content: bool, result, bar) -> dict:

@@ -143,6 +143,20 @@ def prompt_space(category: str, palette: list[str], grid: int = 2) -> list[Promp
     raise ValueError(f"unknown category {category!r}")
 
 
+def held_out(palette: list[str], grid: int, fraction: float) -> set[str]:
+    """The prompt texts post-training never sees: ``fraction`` of each category's combinations
+    (at least one while ``fraction`` > 0), chosen by a hash of their text -- fixed whatever the
+    seed, the same for ``align`` and for evaluation's seen / held-out split."""
+    import hashlib
+
+    out: set[str] = set()
+    for category in CATEGORIES:
+        space = sorted(p.text() for p in prompt_space(category, palette, grid))
+        k = max(1, round(fraction * len(space))) if fraction > 0 else 0
+        out |= set(sorted(space, key=lambda t: hashlib.sha256(t.encode()).hexdigest())[:k])
+    return out
+
+
 def _factors(prompt: Prompt) -> list[tuple]:
     """What "even coverage" counts: each asked digit, colour, relation and count, by slot."""
     out: list[tuple] = [("digit", k, d) for k, d in enumerate(prompt.digits[:2])]
@@ -278,3 +292,20 @@ __all__ = [
     "score",
     "write_layout",
 ]
+
+
+def split_scores(read: list[dict], prompts: list[Prompt], k: int, hidden: set[str]) -> dict[str, float]:
+    """GenEval-style scores (``geneval_*``) of ``k`` judged images per prompt (in prompt order)
+    on all ``prompts``, and on the seen (``seen_geneval_*``) and held-out (``held_out_geneval_*``,
+    texts in ``hidden``) ones apart."""
+
+    def geneval_of(idx: list[int]) -> dict[str, float]:
+        got = score([read[i * k : (i + 1) * k] for i in idx], [prompts[i] for i in idx])
+        return {key: v for key, v in got.items() if key.startswith("geneval_")}
+
+    out = geneval_of(list(range(len(prompts))))
+    for name, inside in (("seen", False), ("held_out", True)):
+        idx = [i for i, p in enumerate(prompts) if (p.text() in hidden) == inside]
+        if idx:
+            out |= {f"{name}_{key}": v for key, v in geneval_of(idx).items()}
+    return out
