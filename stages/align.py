@@ -3,7 +3,7 @@
 Reads ``paths.model``; writes ``paths.aligned_model`` in the same format (what ``eval`` reads),
 ``paths.align_metrics``, the per-iteration curve ``paths.align_plot`` (reward, KL, clip fraction,
 learning rate) and ``paths.align_grid`` (the same prompts and noise before and after). The loop
-is ``transfusion.train.align_loop``; one MLflow run holds every iteration's row, the grids and
+is ``transfusion.align_loop``; one MLflow run holds every iteration's row, the grids and
 the quick GenEval-style scores before and after (seen and held-out combinations apart).
 ``align.enabled: false`` copies the trained model through unchanged. ``resume`` continues from
 the newest checkpoint in ``paths.align_checkpoints`` and reopens its MLflow run.
@@ -34,11 +34,11 @@ def run(params: Params, resume: bool = False) -> dict[str, float]:
 
 
 def _align(params: Params, mlrun, resume: bool) -> dict[str, float]:
+    from transfusion.align_loop import AlignJob, align_loop, quick_scores
     from transfusion.errors import UserError
     from transfusion.eval.judge import Judge
     from transfusion.io import write_csv, write_json
     from transfusion.pipeline import TransfusionPipeline
-    from transfusion.train.align_loop import AlignJob, align_loop, quick_scores
 
     paths, cfg = params.paths, params.align
     if (paths.judge / "no-judge.json").is_file():
@@ -96,10 +96,10 @@ def _pass_through(params: Params) -> dict[str, float]:
     import shutil
 
     from transfusion import tracking
+    from transfusion.align_loop import quick_scores
     from transfusion.eval.judge import Judge
     from transfusion.io import atomic_dir, write_csv, write_json
     from transfusion.pipeline import TransfusionPipeline
-    from transfusion.train.align_loop import quick_scores
 
     paths, cfg = params.paths, params.align
     with atomic_dir(paths.aligned_model) as tmp:

@@ -168,9 +168,9 @@ def test_raft_keeps_what_passes_and_raises_the_reward(text_tokenizer):
 def test_held_out_combinations_are_fixed_and_never_drawn_by_align():
     """The held-out set is a fixed share of every category's combinations, the same whatever
     the seed; align's prompt pool excludes exactly it; the split scores add up."""
+    from transfusion.align_loop import iteration_prompts, prompt_pool
     from transfusion.config import CATEGORIES
     from transfusion.eval import geneval
-    from transfusion.train.align_loop import iteration_prompts, prompt_pool
 
     palette = ["red", "green", "blue", "yellow", "magenta", "cyan", "white"]
     hidden = geneval.held_out(palette, 2, 0.2)
