@@ -156,13 +156,14 @@ def align(
     params: ParamsOpt = None,
     set_: SetOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest align checkpoint.")] = False,
+    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: RAY_ADDRESS, else local).")] = None,
 ) -> None:
     """Stage align: post-train the exported model against the judged GenEval reward.
 
     transfusion align              a fresh run (align.method: grpo | raft; align.enabled: false copies)
     transfusion align --resume     continue the interrupted run (same MLflow run, same rewards)
     """
-    _run_stage("align", params, set_, resume=resume)
+    _run_stage("align", params, set_, resume=resume, address=address)
 
 
 # ---------------------------------------------------------------------------------------------

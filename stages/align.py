@@ -3,15 +3,15 @@
 Reads ``paths.model``; writes ``paths.aligned_model`` in the same format (what ``eval`` reads),
 ``paths.align_metrics``, the per-iteration curve ``paths.align_plot`` (reward, KL, clip fraction,
 learning rate) and ``paths.align_grid`` (the same prompts and noise before and after). The loop
-is ``transfusion.align_loop``; one MLflow run holds every iteration's row, the grids and
-the quick GenEval-style scores before and after (seen and held-out combinations apart).
-``align.enabled: false`` copies the trained model through unchanged. ``resume`` continues from
-the newest checkpoint in ``paths.align_checkpoints`` and reopens its MLflow run.
+(``transfusion.align_loop``) runs on a Ray Train worker like training (``align.use_ray``); one
+MLflow run holds every iteration's row, the grids and the quick GenEval-style scores before and
+after (seen and held-out combinations apart). ``align.enabled: false`` copies the trained
+model through unchanged. ``resume`` continues from the newest checkpoint in
+``paths.align_checkpoints`` and reopens its MLflow run.
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from transfusion.config import Params
@@ -19,54 +19,46 @@ from transfusion.config import Params
 GRID_PER_CATEGORY = 2  # prompts per category in the before / after grid
 
 
-def run(params: Params, resume: bool = False) -> dict[str, float]:
+def run(params: Params, resume: bool = False, address: str | None = None) -> dict[str, float]:
     from transfusion import tracking
+    from transfusion.align_loop import AlignRun
 
     if not params.align.enabled:
         return _pass_through(params)
-    run_id = _resumed_run_id(params.paths.align_checkpoints) if resume else None
+    align_run = AlignRun.from_params(params)
+    run_id = _resumed_run_id(align_run.store) if resume else None
     if not resume:
-        _clear(params.paths.align_checkpoints)
+        align_run.store.clear()
     with tracking.stage_run(params, "align", run_id=run_id) as mlrun:
-        metrics = _align(params, mlrun, resume)
+        uri = tracking.tracking_uri(params.tracking)
+        align_run = align_run.model_copy(update={"resume": resume, "run_id": mlrun.run_id, "tracking_uri": uri})
+        metrics = _align(params, align_run, mlrun, address)
         metrics["mlflow_run_id"] = mlrun.run_id
     return metrics
 
 
-def _align(params: Params, mlrun, resume: bool) -> dict[str, float]:
-    from transfusion.align_loop import AlignJob, align_loop, quick_scores
+def _align(params: Params, run, mlrun, address: str | None) -> dict[str, float]:
+    from transfusion.align_loop import fit_align, load_aligned, quick_scores
     from transfusion.errors import UserError
     from transfusion.eval.judge import Judge
     from transfusion.io import write_csv, write_json
     from transfusion.pipeline import TransfusionPipeline
 
-    paths, cfg = params.paths, params.align
+    paths = params.paths
     if (paths.judge / "no-judge.json").is_file():
         raise UserError(f"{paths.judge}: no judge for this data, so no reward: set align.enabled: false")
     pipe, judge = TransfusionPipeline.from_pretrained(paths.model), Judge.load(paths.judge)
-    sampling = params.sampling_for("eval.sampling")
-    palette, grid = list(params.data.scenes.palette), params.data.scenes.grid
-    before, prompts, images_before = quick_scores(pipe, judge, cfg, sampling, palette, grid)
-    job = AlignJob(
-        pipe, judge, cfg, sampling, params.diffusion, params.model.max_length, palette, grid,
-        paths.align_checkpoints, resume, mlrun.run_id,
-    )  # fmt: skip
-
-    def on_row(row: dict) -> None:
-        shown = " ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "iteration")
-        sys.stderr.write(f"[align] iteration {row['iteration']}/{cfg.iterations} {shown}\n")  # as [train]
-        sys.stderr.flush()
-        mlrun.log_metrics({k: v for k, v in row.items() if k != "iteration"}, step=row["iteration"])
-
-    result = align_loop(job, on_row)
-    after, _, images_after = quick_scores(pipe, judge, cfg, sampling, palette, grid)
+    before, prompts, images_before = quick_scores(pipe, judge, run)
+    result = fit_align(run, address)
+    load_aligned(run, pipe.model)
+    after, _, images_after = quick_scores(pipe, judge, run)
     metrics = {"enabled": 1.0} | result.metrics
     metrics |= {f"before_{k}": v for k, v in before.items()} | {f"after_{k}": v for k, v in after.items()}
     pipe.save_pretrained(paths.aligned_model)
     write_csv(paths.align_plot, result.rows)
     _grid(prompts, {"before": images_before, "after": images_after}, paths.align_grid)
     write_json(paths.align_metrics, metrics)
-    mlrun.log_metrics({k: v for k, v in metrics.items() if not k.startswith(("reward_", "kl_"))})
+    mlrun.log_metrics(metrics)
     for path in (paths.align_plot, paths.align_grid):
         mlrun.log_artifact(path)
     mlrun.log_artifact(paths.aligned_model, "model")
@@ -96,22 +88,24 @@ def _pass_through(params: Params) -> dict[str, float]:
     import shutil
 
     from transfusion import tracking
-    from transfusion.align_loop import quick_scores
+    from transfusion.align_loop import AlignRun, quick_scores
     from transfusion.eval.judge import Judge
     from transfusion.io import atomic_dir, write_csv, write_json
     from transfusion.pipeline import TransfusionPipeline
 
-    paths, cfg = params.paths, params.align
+    paths = params.paths
     with atomic_dir(paths.aligned_model) as tmp:
         shutil.copytree(paths.model, tmp, dirs_exist_ok=True)
     write_csv(paths.align_plot, [], ["iteration", "reward", "kl", "clip_fraction", "lr"])
     metrics = {"enabled": 0.0}
     if not (paths.judge / "no-judge.json").is_file():
         pipe, judge = TransfusionPipeline.from_pretrained(paths.model), Judge.load(paths.judge)
-        palette, grid = list(params.data.scenes.palette), params.data.scenes.grid
-        scores, prompts, images = quick_scores(pipe, judge, cfg, params.sampling_for("eval.sampling"), palette, grid)
+        scores, prompts, images = quick_scores(pipe, judge, AlignRun.from_params(params))
         metrics |= {f"before_{k}": v for k, v in scores.items()}
         _grid(prompts, {"trained": images}, paths.align_grid)
+    else:  # no judge, no prompts to score: the sample captions' grid
+        pipe = TransfusionPipeline.from_pretrained(paths.model)
+        pipe.sample_grid(params.train.sample_captions, paths.align_grid, params.sampling_for("eval.sampling"))
     with tracking.stage_run(params, "align") as mlrun:
         mlrun.set_tags({"aligned": "false"})
         write_json(paths.align_metrics, metrics)
@@ -119,21 +113,13 @@ def _pass_through(params: Params) -> dict[str, float]:
     return metrics
 
 
-def _resumed_run_id(root: Path) -> str | None:
+def _resumed_run_id(store) -> str | None:
     """The MLflow run of the newest align checkpoint (verified); a clear error without one."""
     import json
 
     from transfusion.errors import UserError
-    from transfusion.train.checkpoint import latest_checkpoint, verify_checkpoint
 
-    found = latest_checkpoint(root)
-    if found is None:
-        raise UserError(f"{root}: no align checkpoint to resume from (run `transfusion align` first)")
-    verify_checkpoint(found)
-    return json.loads((found / "trainer.json").read_text()).get("run_id")
-
-
-def _clear(root: Path) -> None:
-    import shutil
-
-    shutil.rmtree(root, ignore_errors=True)
+    name = store.latest()
+    if name is None:
+        raise UserError(f"{store.location}: no align checkpoint to resume from (run `transfusion align` first)")
+    return json.loads((store.fetch(name) / "trainer.json").read_text()).get("run_id")

@@ -219,7 +219,8 @@ def align_judge(tiny_pipeline, tmp_path_factory):
 
 def align_params(tiny_pipeline, align_judge, tmp_path, text_tokenizer, **align):
     """The tiny params with a tiny flow model exported where ``align`` reads it, the module's
-    judge, every output under ``tmp_path``, and ``align`` changed as given."""
+    judge, every output under ``tmp_path``, and ``align`` changed as given (in this process
+    unless ``use_ray`` says otherwise)."""
     from conftest import pipeline_around, sampling_config
 
     paths = {k: tmp_path / v for k, v in ALIGN_OUTPUTS.items()} | {"judge": align_judge}
@@ -232,7 +233,7 @@ def align_params(tiny_pipeline, align_judge, tmp_path, text_tokenizer, **align):
         update={
             "paths": tiny_pipeline.paths.model_copy(update=paths),
             "tracking": tracking,
-            "align": tiny_pipeline.align.model_copy(update=align),
+            "align": tiny_pipeline.align.model_copy(update={"use_ray": False} | align),
         }
     )
 
@@ -337,3 +338,34 @@ def test_ctrl_c_then_resume_repeats_the_uninterrupted_align_rewards(
     assert _rows(cut.paths.align_plot) == rows
     (run,) = find_runs(cut.tracking, "align")
     assert run["status"] == "FINISHED"
+    from mlflow import MlflowClient
+
+    history = MlflowClient(f"sqlite:///{tmp_path / 'cut' / 'mlflow.db'}").get_metric_history(run["run_id"], "reward")
+    assert sorted(m.step for m in history) == list(range(1, 61))  # each iteration logged once
+
+
+def test_align_on_a_ray_worker_repeats_the_in_process_run(
+    tiny_pipeline, align_judge, tmp_path, text_tokenizer, ray_local
+):
+    """The same align run on a Ray Train worker (checkpoints reported through Ray into the
+    store) and in this process: the same rows (to the 6 digits written) and the same aligned
+    weights (up to float rounding: the worker runs one thread)."""
+    from safetensors.torch import load_file
+
+    from stages import align
+
+    settings = dict(TINY_ALIGN, method="raft", iterations=6, checkpoint_every=2)
+    here = align_params(tiny_pipeline, align_judge, tmp_path / "here", text_tokenizer, **settings)
+    on_ray = align_params(
+        tiny_pipeline, align_judge, tmp_path / "ray", text_tokenizer, use_ray=True, cpus_per_worker=1, **settings
+    )
+    align.run(here)
+    align.run(on_ray)
+    assert _rows(on_ray.paths.align_plot) == _rows(here.paths.align_plot)
+    a, b = (load_file(str(p.paths.aligned_model / "model.safetensors")) for p in (here, on_ray))
+    for k in a:  # one worker thread there, two here: equal up to float summation order
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    assert sorted(x.name for x in on_ray.paths.align_checkpoints.iterdir() if x.name.startswith("step-")) == [
+        "step-00000004",
+        "step-00000006",
+    ]

@@ -69,7 +69,9 @@ def tiny_repo(tmp_path_factory) -> tuple[Path, dict, str]:
 
 def test_dvc_repro_end_to_end(tiny_repo, tmp_path):
     repo, resolved, first = tiny_repo
-    assert sorted(_ran(first)) == sorted(["data", "tokenizer", "vae", "latents", "train", "judge", "eval"])
+    assert sorted(_ran(first)) == sorted(
+        ["data", "tokenizer", "vae", "latents", "train", "judge", "reader", "align", "eval"]
+    )
     for key in (
         "data_metrics",
         "tokenizer_metrics",
@@ -77,6 +79,8 @@ def test_dvc_repro_end_to_end(tiny_repo, tmp_path):
         "latents_metrics",
         "train_metrics",
         "judge_metrics",
+        "reader_metrics",
+        "align_metrics",
         "eval_metrics",
     ):
         assert json.loads((repo / resolved["paths"][key]).read_text())
@@ -89,15 +93,21 @@ def test_dvc_repro_end_to_end(tiny_repo, tmp_path):
     resolved["vae"]["steps"] = 20
     (repo / "params.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
     third = _run(["dvc", "repro"], repo)
-    assert _ran(third) == ["vae", "latents", "train", "eval"], third
+    assert _ran(third) == ["vae", "latents", "train", "align", "eval"], third
 
     metrics = _run(["dvc", "metrics", "show", "--json"], repo)
     assert "test_psnr" in metrics and "scaling_factor" in metrics and "final_diffusion_loss" in metrics
     assert (repo / resolved["paths"]["model"] / "model.safetensors").is_file()
+    # eval read the aligned model (align on a Ray worker, as the tiny preset says)
+    aligned = json.loads((repo / resolved["paths"]["align_metrics"]).read_text())
+    assert aligned["enabled"] == 1.0 and aligned["iterations"] == resolved["align"]["iterations"]
+    assert (repo / resolved["paths"]["aligned_model"] / "model.safetensors").is_file()
+    assert len((repo / resolved["paths"]["align_plot"]).read_text().splitlines()) == 1 + resolved["align"]["iterations"]
     evaluation = json.loads((repo / resolved["paths"]["eval_metrics"]).read_text())
     assert {"text_bits_per_byte", "text_perplexity", "caption_exact", "judge_ok"} <= set(evaluation)
     if evaluation["judge_ok"]:  # judge-based scores only from a judge that passed its bar
         assert "geneval_overall" in evaluation and "fid_judge" in evaluation
+        assert {"reader_geneval_overall", "reader_gap_overall", "seen_geneval_overall"} <= set(evaluation)
     else:
         assert not any(k.startswith(("geneval_", "fid_")) for k in evaluation)
     assert (repo / resolved["paths"]["geneval"] / "00000" / "metadata.jsonl").is_file()
@@ -186,6 +196,7 @@ def test_dvc_repro_on_a_caption_folder_without_a_judge(tmp_path):
     resolved["data"] |= {"source": "caption_folder", "caption_folder": str(_caption_folder(tmp_path / "mine"))}
     resolved["data"] |= {"caption_folder_val_fraction": 0.2, "caption_folder_test_fraction": 0.25}
     resolved["train"] |= {"use_ray": False}
+    resolved["align"] |= {"enabled": False}  # no judge, no reward: the trained model passes through
     resolved["eval"] |= {
         "feature_extractor": "inception",
         "inception_weights": str(_random_inception_weights(tmp_path / "inception.pt")),
@@ -201,7 +212,9 @@ def test_dvc_repro_on_a_caption_folder_without_a_judge(tmp_path):
     (repo / "params.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
 
     out = _run(["dvc", "repro"], repo)
-    assert sorted(_ran(out)) == sorted(["data", "tokenizer", "vae", "latents", "train", "judge", "eval"])
+    assert sorted(_ran(out)) == sorted(
+        ["data", "tokenizer", "vae", "latents", "train", "judge", "reader", "align", "eval"]
+    )
     judge = json.loads((repo / resolved["paths"]["judge_metrics"]).read_text())
     assert judge["judge_available"] == 0.0
     assert "no scene content" in (repo / resolved["paths"]["judge"] / "no-judge.json").read_text()

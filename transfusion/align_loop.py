@@ -1,13 +1,15 @@
 """The ``align`` stage's loop: post-training an exported pipeline against the judged reward.
 
-``align_loop(job)`` runs ``align.iterations`` iterations of the chosen method
+``align_loop(run)`` runs ``align.iterations`` iterations of the chosen method
 (``transfusion.align``: Flow-GRPO's :func:`grpo_step` or RAFT's :func:`raft_step`) on prompts
 drawn from the training captions' templates, minus the held-out combinations
 (``geneval.held_out``: the same set evaluation reports apart). Iteration i draws its prompts and
 noise from ``(align.seed, i)`` alone, and a checkpoint (weights, optimizer moments, the rows so
-far) is kept every ``checkpoint_every`` iterations, so a resumed run repeats the uninterrupted
-one's rewards. The reward is ``geneval.reward`` on the judge's reading: the rule evaluation
-scores. MLflow stays in the stage: every row goes to ``on_row``.
+far) goes into the run's store every ``checkpoint_every`` iterations, so a resumed run -- by
+``--resume`` or by Ray Train restarting a failed worker -- repeats the uninterrupted one's
+rewards. The reward is ``geneval.reward`` on the judge's reading: the rule evaluation scores.
+:func:`fit_align` runs the loop here or on a Ray Train worker (``align.use_ray``,
+``transfusion.align_ray``); :func:`load_aligned` reads the final weights back.
 """
 
 from __future__ import annotations
@@ -15,38 +17,78 @@ from __future__ import annotations
 import copy
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
+from functools import cached_property
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict
 
-from transfusion.config import AlignConfig, DiffusionConfig, SamplingConfig
+from transfusion.config import AlignConfig, DiffusionConfig, Params, PathsConfig, SamplingConfig
 
 
-@dataclass
-class AlignJob:
-    """What one align run reads: the pipeline (its model is aligned in place), the judge, the
-    params sections it needs and where its checkpoints go."""
+class AlignRun(BaseModel):
+    """One align run: the params sections it reads (paths absolute: a Ray worker runs
+    elsewhere), the MLflow run it logs into, whether it resumes. Travels to Ray as JSON."""
 
-    pipe: object  # a TransfusionPipeline
-    judge: object  # a transfusion.eval.judge.Judge: the reward's reader
+    model_config = ConfigDict(extra="forbid")
+
+    paths: PathsConfig
     align: AlignConfig
     sampling: SamplingConfig  # the eval sampling: its guidance scale and interval while aligning
     diffusion: DiffusionConfig  # RAFT's loss: lambda, the image-first noise cap, caption dropout
     max_length: int  # tokens per RAFT training row
     palette: list[str]
     grid: int
-    checkpoints: Path
-    resume: bool = False
+    resume: bool = False  # continue from the newest checkpoint in the store
     run_id: str | None = None  # kept in checkpoints: a resumed stage reopens its MLflow run
+    tracking_uri: str | None = None
+
+    @classmethod
+    def from_params(cls, params: Params) -> AlignRun:
+        p = params.with_absolute_paths()
+        return cls(
+            paths=p.paths,
+            align=p.align,
+            sampling=p.sampling_for("eval.sampling"),
+            diffusion=p.diffusion,
+            max_length=p.model.max_length,
+            palette=list(p.data.scenes.palette),
+            grid=p.data.scenes.grid,
+        )
+
+    @cached_property
+    def store(self):
+        """The run's :class:`~transfusion.train.checkpoint.CheckpointStore` (``paths.align_checkpoints``)."""
+        from transfusion.train.checkpoint import CheckpointStore
+
+        root = self.paths.align_checkpoints
+        return CheckpointStore(root, root, self.align.keep_checkpoints)
 
 
 @dataclass
 class AlignResult:
     rows: list[dict] = field(default_factory=list)  # one per iteration
     metrics: dict[str, float] = field(default_factory=dict)
+
+
+def fit_align(run: AlignRun, address: str | None = None) -> AlignResult:
+    """Run the align loop here, or on a Ray Train worker (``align.use_ray``; ``address``: a
+    cluster); the aligned weights are the final checkpoint (:func:`load_aligned`)."""
+    if run.align.use_ray:
+        from transfusion.align_ray import align_on_ray
+
+        rows = align_on_ray(run, address)
+    else:
+        rows = align_loop(run)
+    return AlignResult(rows, _summary(rows))
+
+
+def load_aligned(run: AlignRun, model) -> None:
+    """The final align checkpoint's weights into ``model`` (verified first)."""
+    from transfusion.train.checkpoint import checkpoint_name, load_weights
+
+    load_weights(run.store.fetch(checkpoint_name(run.align.iterations)), model, ema=False)
 
 
 def prompt_pool(cfg: AlignConfig, palette: list[str], grid: int) -> dict[str, list]:
@@ -64,48 +106,71 @@ def iteration_prompts(pool: dict[str, list], n: int, seed: int, iteration: int) 
     return [pool[c][rng.integers(len(pool[c]))] for c in (categories[i] for i in rng.integers(len(categories), size=n))]
 
 
-def align_loop(job: AlignJob, on_row: Callable[[dict], None] | None = None) -> AlignResult:
-    """Align ``job.pipe.model`` in place as the module docstring says; returns its rows."""
+def align_loop(run: AlignRun, runtime=None) -> list[dict]:
+    """Align the exported model of ``run`` as the module docstring says; returns the rows.
+    ``runtime``: where it runs (``transfusion.train.loop.Runtime``: here; Ray's on a worker)."""
     from transfusion.align import judged_reward
-    from transfusion.train.checkpoint import latest_checkpoint, load_checkpoint
+    from transfusion.eval.judge import Judge
+    from transfusion.pipeline import TransfusionPipeline
+    from transfusion.train.checkpoint import load_checkpoint
+    from transfusion.train.loop import Runtime
 
-    cfg, model = job.align, job.pipe.model
+    rt, cfg = runtime or Runtime(), run.align
+    pipe, judge = TransfusionPipeline.from_pretrained(run.paths.model), Judge.load(run.paths.judge)
+    model = pipe.model.to(rt.device)
     reference = copy.deepcopy(model).requires_grad_(False) if cfg.method == "grpo" and cfg.kl_weight > 0 else None
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)  # constant; kept for checkpoints
     rows: list[dict] = []
-    found = latest_checkpoint(job.checkpoints) if job.resume else None
-    if found is not None:
-        rows = load_checkpoint(found, model, optimizer, schedule)["history"]
-        sys.stderr.write(f"[align] resuming after iteration {len(rows)} ({found})\n")
-    pool = prompt_pool(cfg, job.palette, job.grid)
+    name = rt.restored() or (run.store.latest() if run.resume else None)
+    if name is not None:
+        rows = load_checkpoint(run.store.fetch(name), model, optimizer, schedule)["history"]
+        sys.stderr.write(f"[align] resuming after iteration {len(rows)} ({run.store.describe(name)})\n")
+    pool, log = prompt_pool(cfg, run.palette, run.grid), _row_logger(run)
     for it in range(len(rows), cfg.iterations):
         start = time.perf_counter()
         prompts = iteration_prompts(pool, cfg.prompts_per_iteration, cfg.seed, it)
-        reward_fn = judged_reward(job.pipe, job.judge, prompts, cfg.group_size)
-        stats = _step(job, model, reference, optimizer, prompts, reward_fn, it)
-        row = {"iteration": it + 1, "lr": cfg.lr} | stats | {"seconds": time.perf_counter() - start}
-        rows.append(row)
-        if on_row is not None:
-            on_row(row)
+        reward_fn = judged_reward(pipe, judge, prompts, cfg.group_size)
+        stats = _step(run, pipe, reference, optimizer, prompts, reward_fn, it)
+        rows.append({"iteration": it + 1, "lr": cfg.lr} | stats | {"seconds": time.perf_counter() - start})
+        log(rows[-1])
         if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations:
-            _checkpoint(job, model, optimizer, schedule, rows)
-    return AlignResult(rows, _summary(rows))
+            state = {"history": rows, "run_id": run.run_id}
+            staged = run.store.save(len(rows), model, optimizer, schedule, None, state) if rt.rank == 0 else None
+            rt.commit(run.store, staged, len(rows))
+    return rows
 
 
-def _step(job: AlignJob, model, reference, optimizer, prompts: list, reward_fn, it: int) -> dict[str, float]:
+def _row_logger(run: AlignRun):
+    """Each row as one progress line on stderr and into the MLflow run (``transfusion.tracking``),
+    rows a resumed run repeats logged once."""
+    from transfusion.tracking import NullLogger, RunLogger
+
+    logger = RunLogger(run.tracking_uri, run.run_id) if run.run_id and run.tracking_uri else NullLogger()
+    logged = logger.last_step("reward")
+
+    def log(row: dict) -> None:
+        shown = " ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "iteration")
+        sys.stderr.write(f"[align] iteration {row['iteration']}/{run.align.iterations} {shown}\n")
+        sys.stderr.flush()
+        if row["iteration"] > logged:
+            logger.log_metrics({k: v for k, v in row.items() if k != "iteration"}, step=row["iteration"])
+
+    return log
+
+
+def _step(run: AlignRun, pipe, reference, optimizer, prompts: list, reward_fn, it: int) -> dict[str, float]:
     """One iteration of ``align.method`` with iteration ``it``'s noise."""
     from transfusion.align import grpo_step, raft_step
 
-    cfg, tok = job.align, job.pipe.tokenizer
+    cfg, tok, model = run.align, pipe.tokenizer, pipe.model
     captions = [tok(p.text(), add_special_tokens=False)["input_ids"] for p in prompts]
     seed = (cfg.seed * 100_003 + it) * 10_000
     common = {
         "group_size": cfg.group_size,
         "steps": cfg.steps,
-        "cfg_scale": job.sampling.cfg_scale,
-        "cfg_interval": tuple(job.sampling.cfg_interval),
+        "cfg_scale": run.sampling.cfg_scale,
+        "cfg_interval": tuple(run.sampling.cfg_interval),
         "seed": seed,
         "grad_clip": cfg.grad_clip,
     }
@@ -115,39 +180,32 @@ def _step(job: AlignJob, model, reference, optimizer, prompts: list, reward_fn, 
             kl_weight=cfg.kl_weight, **common,
         )  # fmt: skip
     return raft_step(
-        model, optimizer, captions, reward_fn, _collator(job, seed), _scheduler(job), updates=cfg.raft_steps,
-        batch_size=cfg.raft_batch, loss_weight=job.diffusion.loss_weight, noise_limit=job.diffusion.noise_limit,
+        model, optimizer, captions, reward_fn, _collator(run, model, seed), _scheduler(run, model),
+        updates=cfg.raft_steps, batch_size=cfg.raft_batch, loss_weight=run.diffusion.loss_weight,
+        noise_limit=run.diffusion.noise_limit,
         **common,
     )  # fmt: skip
 
 
-def _scheduler(job: AlignJob):
+def _scheduler(run: AlignRun, model):
     """RAFT's sampler: evaluation's (``sampling.sampler`` with eval's changes)."""
     from transfusion.diffusion import build_scheduler
 
-    return build_scheduler(job.pipe.model.config.diffusion, job.sampling.sampler)
+    return build_scheduler(model.config.diffusion, run.sampling.sampler)
 
 
-def _collator(job: AlignJob, seed: int):
+def _collator(run: AlignRun, model, seed: int):
     """RAFT's batches, packed as in training (caption dropout from ``diffusion``)."""
     from transfusion.data.collate import Collator
 
-    model = job.pipe.model
     return Collator(
         model.special,
         model.config.patches_per_image,
-        job.max_length,
+        run.max_length,
         time_token=model.config.time_conditioning == "token",
-        caption_dropout=job.diffusion.caption_dropout,
+        caption_dropout=run.diffusion.caption_dropout,
         seed=seed,
     )
-
-
-def _checkpoint(job: AlignJob, model, optimizer, schedule, rows: list[dict]) -> None:
-    from transfusion.train.checkpoint import save_checkpoint
-
-    state = {"history": rows, "run_id": job.run_id}
-    save_checkpoint(job.checkpoints, len(rows), model, optimizer, schedule, None, state, job.align.keep_checkpoints)
 
 
 def _summary(rows: list[dict], window: int = 10) -> dict[str, float]:
@@ -161,15 +219,16 @@ def _summary(rows: list[dict], window: int = 10) -> dict[str, float]:
     return out
 
 
-def quick_scores(pipe, judge, cfg: AlignConfig, sampling: SamplingConfig, palette: list[str], grid: int):
+def quick_scores(pipe, judge, run: AlignRun):
     """GenEval-style scores of ``quick_prompts`` balanced prompts per category (4 images each,
     the eval sampler, noise from ``align.seed``), overall and on the seen and held-out
     combinations apart; returns them with the prompts and the images (N, 4, H, W, 3)."""
     from transfusion.eval import geneval
     from transfusion.eval.evaluate import sample_many
 
-    prompts, k = geneval.balanced_prompts(cfg.quick_prompts, palette, cfg.seed + 17, grid), 4
-    images = sample_many(pipe, [p.text() for p in prompts for _ in range(k)], cfg.seed, sampling, batch_size=256)
-    hidden = geneval.held_out(palette, grid, cfg.held_out_fraction)
+    cfg, k = run.align, 4
+    prompts = geneval.balanced_prompts(cfg.quick_prompts, run.palette, cfg.seed + 17, run.grid)
+    images = sample_many(pipe, [p.text() for p in prompts for _ in range(k)], cfg.seed, run.sampling, batch_size=256)
+    hidden = geneval.held_out(run.palette, run.grid, cfg.held_out_fraction)
     scores = geneval.split_scores(judge.read(images), prompts, k, hidden)
     return scores, prompts, images.reshape(len(prompts), k, *images.shape[1:])

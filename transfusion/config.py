@@ -447,6 +447,10 @@ class AlignConfig(Section):
     """Post-training against the judged GenEval reward (``transfusion.align``)."""
 
     enabled: bool  # false: the trained model passes through unchanged
+    use_ray: bool  # on a Ray Train worker (restarts resume from the newest checkpoint); false: here
+    use_gpu: bool
+    cpus_per_worker: PositiveInt
+    max_failures: Annotated[int, Field(ge=0)]  # automatic restarts from the newest checkpoint
     method: Literal["grpo", "raft"]  # Flow-GRPO | reward-ranked fine-tuning (docs/recipe.md)
     categories: Annotated[list[Literal[CATEGORIES]], Field(min_length=1)]  # type: ignore[valid-type]
     iterations: PositiveInt
