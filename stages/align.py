@@ -24,6 +24,10 @@ def run(params: Params, resume: bool = False, address: str | None = None) -> dic
     from transfusion.align_loop import AlignRun
 
     if not params.align.enabled:
+        if resume:
+            from transfusion.errors import UserError
+
+            raise UserError("align --resume: align.enabled is false: no align run to resume")
         return _pass_through(params)
     align_run = AlignRun.from_params(params)
     run_id = _resumed_run_id(align_run.store) if resume else None

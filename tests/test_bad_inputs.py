@@ -43,6 +43,22 @@ CASES = [
     ("latents-batch", ["latents", "-p", P, "-S", "latents.batch_size=0"], 2, "latents.batch_size"),
     ("judge-epochs", ["judge", "-p", P, "-S", "judge.epochs=0"], 2, "judge.epochs"),
     ("eval-weights", ["eval", "-p", P, "-S", "eval.inception_weights=/no/such.pt"], 2, "eval.inception_weights"),
+    ("reader-epochs", ["reader", "-p", P, "-S", "reader.epochs=0"], 2, "reader.epochs"),
+    ("align-method", ["align", "-p", P, "-S", "align.method=ppo"], 2, "align.method: Input should be 'grpo' or 'raft'"),
+    ("align-held-out", ["align", "-p", P, "-S", "align.held_out_fraction=1"], 2, "align.held_out_fraction"),
+    (
+        "align-grpo-ddpm",
+        ["align", "-p", P, "-S", "align.enabled=true", "-S", "diffusion.objective=ddpm", "-S", "sampling.sampler=ddpm"],
+        2,
+        "align.method: grpo samples flow models' SDE",
+    ),
+    ("align-resume-off", ["align", "--resume", "-p", P], 1, "align.enabled is false: no align run to resume"),
+    (
+        "align-resume-nothing",
+        ["align", "--resume", "-p", P, "-S", "align.enabled=true", "-S", "paths.align_checkpoints=ck"],
+        1,
+        "no align checkpoint to resume from",
+    ),
     # training's own arguments
     ("train-path-no-resume", ["train", "somewhere", "-p", P], 2, "somewhere: a checkpoint argument needs --resume"),
     (

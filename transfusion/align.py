@@ -22,6 +22,7 @@ Flow-GRPO needs a flow model; RAFT samples with the model's own sampler (any obj
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -229,13 +230,17 @@ def raft_step(
     seed: int,
     cfg_interval: tuple[float, float] = (0.0, 1.0),
     grad_clip: float = 1.0,
+    replay=None,
 ) -> dict[str, float]:
     """One RAFT iteration on ``model``: ``group_size`` samples per caption (``steps`` of
     ``scheduler``, image i from noise ``seed + i``), the ones
     ``reward_fn`` passes (reward > 0) kept, and ``updates`` optimizer steps of the Transfusion
     loss (``model.loss``) on ``batch_size`` caption-then-image examples drawn from them
-    (``collate``: a :class:`~transfusion.data.collate.Collator`, caption dropout included).
-    Returns the iteration's statistics (``loss`` NaN when nothing was kept)."""
+    (``collate``: a :class:`~transfusion.data.collate.Collator`, caption dropout included) --
+    their images' diffusion loss only: the prompts are not text to learn -- plus, when given,
+    the full loss on ``replay()``'s examples of the training mixture (what keeps text and
+    captioning from being forgotten). Returns the iteration's statistics
+    (``loss`` NaN when nothing was kept)."""
     from transfusion.data.collate import caption_to_image
     from transfusion.sampling import sample_latents
 
@@ -253,14 +258,22 @@ def raft_step(
     model.train()
     gen = torch.Generator().manual_seed(seed)
     device, losses = latents.device, []
+
+    def loss_of(batch):
+        return model.loss(batch, gen, loss_weight=loss_weight, noise_limit=noise_limit).total
+
     for _ in range(updates):
         pick = kept[torch.randint(len(kept), (batch_size,), generator=gen)].tolist()
-        batch = collate([caption_to_image(rows[i], latents[i].cpu()) for i in pick]).to(device)
+        own = collate([caption_to_image(rows[i], latents[i].cpu()) for i in pick])
+        # the prompts are not data: no LM target on them (learning them narrows the text model)
+        own = dataclasses.replace(own, labels=torch.full_like(own.labels, -100)).to(device)
         optimizer.zero_grad(set_to_none=True)
-        out = model.loss(batch, gen, loss_weight=loss_weight, noise_limit=noise_limit)
-        out.total.backward()
+        total = loss_of(own)
+        if replay is not None:
+            total = total + loss_of(collate(replay()).to(device))
+        total.backward()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
         optimizer.step()
-        losses.append(float(out.total.detach()))
+        losses.append(float(total.detach()))
     model.train(was_training)
     return stats | {"loss": sum(losses) / len(losses)}

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from transfusion.config import AlignConfig, DiffusionConfig, Params, PathsConfig, SamplingConfig
+from transfusion.config import AlignConfig, DiffusionConfig, MixtureConfig, Params, PathsConfig, SamplingConfig
 
 
 class AlignRun(BaseModel):
@@ -37,6 +37,7 @@ class AlignRun(BaseModel):
     align: AlignConfig
     sampling: SamplingConfig  # the eval sampling: its guidance scale and interval while aligning
     diffusion: DiffusionConfig  # RAFT's loss: lambda, the image-first noise cap, caption dropout
+    mixture: MixtureConfig  # RAFT's replay of the training mixture
     max_length: int  # tokens per RAFT training row
     palette: list[str]
     grid: int
@@ -52,6 +53,7 @@ class AlignRun(BaseModel):
             align=p.align,
             sampling=p.sampling_for("eval.sampling"),
             diffusion=p.diffusion,
+            mixture=p.mixture,
             max_length=p.model.max_length,
             palette=list(p.data.scenes.palette),
             grid=p.data.scenes.grid,
@@ -126,12 +128,12 @@ def align_loop(run: AlignRun, runtime=None) -> list[dict]:
     if name is not None:
         rows = load_checkpoint(run.store.fetch(name), model, optimizer, schedule)["history"]
         sys.stderr.write(f"[align] resuming after iteration {len(rows)} ({run.store.describe(name)})\n")
-    pool, log = prompt_pool(cfg, run.palette, run.grid), _row_logger(run)
+    pool, log, text_ids = prompt_pool(cfg, run.palette, run.grid), _row_logger(run), _training_text(run, pipe.tokenizer)
     for it in range(len(rows), cfg.iterations):
         start = time.perf_counter()
         prompts = iteration_prompts(pool, cfg.prompts_per_iteration, cfg.seed, it)
         reward_fn = judged_reward(pipe, judge, prompts, cfg.group_size)
-        stats = _step(run, pipe, reference, optimizer, prompts, reward_fn, it)
+        stats = _step(run, pipe, reference, optimizer, prompts, reward_fn, it, text_ids)
         rows.append({"iteration": it + 1, "lr": cfg.lr} | stats | {"seconds": time.perf_counter() - start})
         log(rows[-1])
         if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations:
@@ -159,8 +161,8 @@ def _row_logger(run: AlignRun):
     return log
 
 
-def _step(run: AlignRun, pipe, reference, optimizer, prompts: list, reward_fn, it: int) -> dict[str, float]:
-    """One iteration of ``align.method`` with iteration ``it``'s noise."""
+def _step(run: AlignRun, pipe, reference, optimizer, prompts: list, reward_fn, it: int, text_ids) -> dict[str, float]:
+    """One iteration of ``align.method`` with iteration ``it``'s noise (``text_ids``: RAFT's replay text)."""
     from transfusion.align import grpo_step, raft_step
 
     cfg, tok, model = run.align, pipe.tokenizer, pipe.model
@@ -182,9 +184,31 @@ def _step(run: AlignRun, pipe, reference, optimizer, prompts: list, reward_fn, i
     return raft_step(
         model, optimizer, captions, reward_fn, _collator(run, model, seed), _scheduler(run, model),
         updates=cfg.raft_steps, batch_size=cfg.raft_batch, loss_weight=run.diffusion.loss_weight,
-        noise_limit=run.diffusion.noise_limit,
-        **common,
+        noise_limit=run.diffusion.noise_limit, replay=_replay(run, tok, text_ids, seed), **common,
     )  # fmt: skip
+
+
+def _replay(run: AlignRun, tokenizer, text_ids, seed: int):
+    """``align.raft_replay`` examples of the training mixture (text, caption->image,
+    image->caption from the training latents) per call, drawn from a stream seeded by the
+    iteration's seed: RAFT's batches keep what the model was trained on beside its own samples."""
+    from transfusion.data.mixture import ExampleStream
+
+    n = run.align.raft_replay
+    if n == 0:
+        return None
+    stream = ExampleStream(run.paths.latents, text_ids, tokenizer, run.mixture, run.mixture.text_length, seed)
+    return lambda: stream.take(n)
+
+
+def _training_text(run: AlignRun, tokenizer):
+    """The training text's token ids (RAFT's replay draws text chunks from them), or None."""
+    from transfusion.data.mixture import tokenize_corpus
+    from transfusion.data.prepare import read_text_split
+
+    if run.align.method != "raft" or run.align.raft_replay == 0:
+        return None
+    return tokenize_corpus(tokenizer, read_text_split(run.paths.text, "train"))
 
 
 def _scheduler(run: AlignRun, model):

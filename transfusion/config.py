@@ -463,6 +463,7 @@ class AlignConfig(Section):
     kl_weight: Annotated[float, Field(ge=0)]  # GRPO's KL penalty to the trained model
     raft_steps: PositiveInt  # RAFT: optimiser steps per iteration on the samples the judge passed
     raft_batch: PositiveInt  # RAFT: examples per optimiser step
+    raft_replay: Annotated[int, Field(ge=0)]  # RAFT: training-mixture examples added to each step
     grad_clip: Annotated[float, Field(gt=0)]
     held_out_fraction: Annotated[float, Field(ge=0, lt=1)]  # of each category's combinations, never aligned on
     checkpoint_every: PositiveInt
