@@ -345,15 +345,18 @@ def test_ctrl_c_then_resume_repeats_the_uninterrupted_align_rewards(
 
 
 def test_align_on_a_ray_worker_repeats_the_in_process_run(
-    tiny_pipeline, align_judge, tmp_path, text_tokenizer, ray_local
+    tiny_pipeline, align_judge, tmp_path, text_tokenizer, ray_local, monkeypatch
 ):
     """The same align run on a Ray Train worker (checkpoints reported through Ray into the
     store) and in this process: the same rows (to the 6 digits written) and the same aligned
     weights (up to float rounding: the worker runs one thread)."""
+    import builtins
+
     from safetensors.torch import load_file
 
     from stages import align
 
+    monkeypatch.setattr(builtins, "print", builtins.print)  # Ray Train swaps the driver's print: restored after
     settings = dict(TINY_ALIGN, method="raft", iterations=6, checkpoint_every=2)
     here = align_params(tiny_pipeline, align_judge, tmp_path / "here", text_tokenizer, **settings)
     on_ray = align_params(
