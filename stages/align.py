@@ -42,7 +42,7 @@ def run(params: Params, resume: bool = False, address: str | None = None) -> dic
 
 
 def _align(params: Params, run, mlrun, address: str | None) -> dict[str, float]:
-    from transfusion.align_loop import fit_align, load_aligned, quick_scores
+    from transfusion.align_loop import load_aligned, quick_scores
     from transfusion.errors import UserError
     from transfusion.eval.judge import Judge
     from transfusion.io import write_csv, write_json
@@ -53,7 +53,7 @@ def _align(params: Params, run, mlrun, address: str | None) -> dict[str, float]:
         raise UserError(f"{paths.judge}: no judge for this data, so no reward: set align.enabled: false")
     pipe, judge = TransfusionPipeline.from_pretrained(paths.model), Judge.load(paths.judge)
     before, prompts, images_before = quick_scores(pipe, judge, run)
-    result = fit_align(run, address)
+    result = _fit(run, address)
     load_aligned(run, pipe.model)
     after, _, images_after = quick_scores(pipe, judge, run)
     metrics = {"enabled": 1.0} | result.metrics
@@ -67,6 +67,20 @@ def _align(params: Params, run, mlrun, address: str | None) -> dict[str, float]:
         mlrun.log_artifact(path)
     mlrun.log_artifact(paths.aligned_model, "model")
     return metrics
+
+
+def _fit(run, address: str | None):
+    """The align loop here, or on a Ray Train worker (``align.use_ray``; ``address``: a
+    cluster); the aligned weights are its final checkpoint."""
+    from transfusion.align_loop import AlignResult, align_loop, summary
+
+    if run.align.use_ray:
+        from transfusion.align_ray import align_on_ray
+
+        rows = align_on_ray(run, address)
+    else:
+        rows = align_loop(run)
+    return AlignResult(rows, summary(rows))
 
 
 def _grid(prompts: list, rows: dict, path: Path) -> None:

@@ -8,8 +8,8 @@ noise from ``(align.seed, i)`` alone, and a checkpoint (weights, optimizer momen
 far) goes into the run's store every ``checkpoint_every`` iterations, so a resumed run -- by
 ``--resume`` or by Ray Train restarting a failed worker -- repeats the uninterrupted one's
 rewards. The reward is ``geneval.reward`` on the judge's reading: the rule evaluation scores.
-:func:`fit_align` runs the loop here or on a Ray Train worker (``align.use_ray``,
-``transfusion.align_ray``); :func:`load_aligned` reads the final weights back.
+The stage runs the loop here or on a Ray Train worker (``align.use_ray``:
+``transfusion.align_ray`` wraps this loop); :func:`load_aligned` reads the final weights back.
 """
 
 from __future__ import annotations
@@ -72,18 +72,6 @@ class AlignRun(BaseModel):
 class AlignResult:
     rows: list[dict] = field(default_factory=list)  # one per iteration
     metrics: dict[str, float] = field(default_factory=dict)
-
-
-def fit_align(run: AlignRun, address: str | None = None) -> AlignResult:
-    """Run the align loop here, or on a Ray Train worker (``align.use_ray``; ``address``: a
-    cluster); the aligned weights are the final checkpoint (:func:`load_aligned`)."""
-    if run.align.use_ray:
-        from transfusion.align_ray import align_on_ray
-
-        rows = align_on_ray(run, address)
-    else:
-        rows = align_loop(run)
-    return AlignResult(rows, _summary(rows))
 
 
 def load_aligned(run: AlignRun, model) -> None:
@@ -232,7 +220,7 @@ def _collator(run: AlignRun, model, seed: int):
     )
 
 
-def _summary(rows: list[dict], window: int = 10) -> dict[str, float]:
+def summary(rows: list[dict], window: int = 10) -> dict[str, float]:
     """Reward (and KL, kept share) over the first and the last ``window`` iterations, wall time."""
     out: dict[str, float] = {"iterations": float(len(rows)), "align_s": sum(r["seconds"] for r in rows)}
     for key in ("reward", "kl", "clip_fraction", "kept"):
