@@ -232,15 +232,10 @@ def raft_step(
     grad_clip: float = 1.0,
     replay=None,
 ) -> dict[str, float]:
-    """One RAFT iteration on ``model``: ``group_size`` samples per caption (``steps`` of
-    ``scheduler``, image i from noise ``seed + i``), the ones
-    ``reward_fn`` passes (reward > 0) kept, and ``updates`` optimizer steps of the Transfusion
-    loss (``model.loss``) on ``batch_size`` caption-then-image examples drawn from them
-    (``collate``: a :class:`~transfusion.data.collate.Collator`, caption dropout included) --
-    their images' diffusion loss only: the prompts are not text to learn -- plus, when given,
-    the full loss on ``replay()``'s examples of the training mixture (what keeps text and
-    captioning from being forgotten). Returns the iteration's statistics
-    (``loss`` NaN when nothing was kept)."""
+    """One RAFT iteration: ``group_size`` samples per caption (``steps`` of ``scheduler``, image i
+    from noise ``seed + i``), the ones ``reward_fn`` passes kept, then ``updates`` steps of
+    :func:`_raft_update` on ``batch_size`` of them (plus ``replay()``'s training examples).
+    Returns the iteration's statistics (``loss`` NaN when nothing was kept)."""
     from transfusion.data.collate import caption_to_image
     from transfusion.sampling import sample_latents
 
@@ -256,24 +251,34 @@ def raft_step(
         model.train(was_training)
         return stats
     model.train()
+    kept_examples = [caption_to_image(rows[i], latents[i].cpu()) for i in kept.tolist()]
     gen = torch.Generator().manual_seed(seed)
-    device, losses = latents.device, []
-
-    def loss_of(batch):
-        return model.loss(batch, gen, loss_weight=loss_weight, noise_limit=noise_limit).total
-
-    for _ in range(updates):
-        pick = kept[torch.randint(len(kept), (batch_size,), generator=gen)].tolist()
-        own = collate([caption_to_image(rows[i], latents[i].cpu()) for i in pick])
-        # the prompts are not data: no LM target on them (learning them narrows the text model)
-        own = dataclasses.replace(own, labels=torch.full_like(own.labels, -100)).to(device)
-        optimizer.zero_grad(set_to_none=True)
-        total = loss_of(own)
-        if replay is not None:
-            total = total + loss_of(collate(replay()).to(device))
-        total.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
-        optimizer.step()
-        losses.append(float(total.detach()))
+    losses = [
+        _raft_update(
+            model, optimizer, collate, kept_examples, batch_size, replay, gen, loss_weight, noise_limit, grad_clip
+        )
+        for _ in range(updates)
+    ]
     model.train(was_training)
     return stats | {"loss": sum(losses) / len(losses)}
+
+
+def _raft_update(
+    model, optimizer, collate, kept: list, batch_size: int, replay, gen, loss_weight, noise_limit, grad_clip
+):
+    """One optimizer step on ``batch_size`` of the ``kept`` examples (their images' diffusion
+    loss only) and, when given, ``replay()``'s training examples (the full loss); its loss."""
+    device = next(model.parameters()).device
+
+    def loss_of(batch):
+        return model.loss(batch.to(device), gen, loss_weight=loss_weight, noise_limit=noise_limit).total
+
+    own = collate([kept[i] for i in torch.randint(len(kept), (batch_size,), generator=gen).tolist()])
+    # the prompts are not data: no LM target on them (learning them narrows the text model)
+    own = dataclasses.replace(own, labels=torch.full_like(own.labels, -100))
+    optimizer.zero_grad(set_to_none=True)
+    total = loss_of(own) + (loss_of(collate(replay())) if replay is not None else 0.0)
+    total.backward()
+    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
+    optimizer.step()
+    return float(total.detach())
