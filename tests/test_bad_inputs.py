@@ -8,6 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -27,6 +28,26 @@ CASES = [
     ("params-empty", ["params", "-p", "{inputs}/empty.yaml"], 2, "missing keys"),
     ("params-list", ["params", "-p", "{inputs}/list.yaml"], 2, "expected a mapping of sections"),
     ("params-bad-yaml", ["params", "-p", "{inputs}/bad.yaml"], 2, "not valid YAML"),
+    ("params-alias-bomb", ["params", "-p", "{inputs}/alias-bomb.yaml"], 2, "aliases expand to more than 100000"),
+    ("params-deep", ["params", "-p", "{inputs}/deep.yaml"], 2, "nested too deeply"),
+    (
+        "override-alias-bomb",
+        [
+            "params",
+            "-p",
+            P,
+            "-S",
+            "train.steps="
+            + "[&a [1,1,1,1,1,1,1,1,1,1],"
+            + "".join(f"&{c} [{','.join(['*' + p] * 10)}]," for p, c in zip("abcdef", "bcdefg"))
+            + "*g]",
+        ],
+        2,
+        "override train.steps: its YAML aliases expand",
+    ),
+    ("override-inf", ["params", "-p", P, "-S", "train.lr=1e400"], 2, "train.lr: Input should be a finite number"),
+    ("override-nan", ["params", "-p", P, "-S", "vae.lr=.nan"], 2, "vae.lr: Input should be a finite number"),
+    ("override-neg-inf", ["params", "-p", P, "-S", "diffusion.loss_weight=-.inf"], 2, "finite number"),
     ("data-grid", ["data", "-p", P, "-S", "data.scenes.grid=1"], 2, "data.scenes.grid"),
     ("data-source", ["data", "-p", P, "-S", "data.source=flickr"], 2, "data.source"),
     ("data-folder-unset", ["data", "-p", P, "-S", "data.source=caption_folder"], 2, "caption_folder is not set"),
@@ -142,6 +163,15 @@ CASES = [
 ]
 
 
+# nine levels of aliases under a real key: 9**9 values once expanded (the "billion laughs")
+ALIAS_BOMB = (
+    "".join(
+        f"{a}: &{a} [{', '.join([('*' + b) if b else 'lol'] * 9)}]\n" for a, b in zip("abcdefghi", ["", *"abcdefgh"])
+    )
+    + "train: {steps: *i}\n"
+)
+
+
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory, exported_model) -> Path:
     from PIL import Image
@@ -160,6 +190,8 @@ def inputs(tmp_path_factory, exported_model) -> Path:
     (root / "empty.yaml").write_text("")
     (root / "list.yaml").write_text("- a\n- b\n")
     (root / "bad.yaml").write_text("vae: [1, 2\n")
+    (root / "alias-bomb.yaml").write_text(ALIAS_BOMB)
+    (root / "deep.yaml").write_text("train: " + "[" * 5000 + "]" * 5000 + "\n")
     (root / "empty-model").mkdir()
     for name, edit in {
         "bad-pipeline": lambda d: (d / "pipeline.json").write_text("{}"),
@@ -239,3 +271,66 @@ def test_caption_reads_back_what_generate_and_interleave_wrote(exported_model, t
     assert r.exit_code == 0, r.output
     r = CliRunner().invoke(app, ["caption", str(folder / "image-0.png"), "-m", str(exported_model)])
     assert r.exit_code == 0, r.output
+
+
+def _mode_cases(root: Path) -> dict[str, tuple[Path, np.ndarray]]:
+    """Image files in modes ``convert("RGB")`` reads wrong, each with the RGB pixels it shows."""
+    from PIL import Image
+
+    cases = {}
+
+    def case(name, im, expected, **save):
+        path = root / name
+        im.save(path, **save)
+        cases[name] = (path, np.asarray(expected, dtype=np.uint8))
+
+    grey16 = np.tile(np.array([0, 257 * 100, 65535, 32768], dtype=np.uint16), (32, 8))  # (32, 32)
+    case("grey16.png", Image.fromarray(grey16), np.repeat((grey16 / 257).round()[..., None], 3, -1))
+    grey_f = np.tile(np.array([0.0, 0.5, 1.0, 0.25], dtype=np.float32), (32, 8))
+    case("float.tiff", Image.fromarray(grey_f), np.repeat((grey_f * 255).round()[..., None], 3, -1))
+    cmyk = Image.new("CMYK", (32, 32), (0, 255, 255, 0))
+    cmyk.paste((0, 0, 0, 255), (0, 0, 16, 32))
+    rgb = np.zeros((32, 32, 3)) + [255, 0, 0]
+    rgb[:, :16] = 0
+    case("cmyk.tiff", cmyk, rgb)
+    pal = Image.new("P", (32, 32), 0)
+    pal.putpalette([255, 255, 255, 255, 0, 0] + [0] * 762)  # 0: white, transparent; 1: red
+    pal.paste(1, (0, 0, 32, 8))
+    rgb = np.zeros((32, 32, 3))
+    rgb[:8] = [255, 0, 0]
+    case("palette.png", pal, rgb, transparency=0)
+    rgba = np.full((32, 32, 4), [255, 255, 255, 0], dtype=np.uint8)  # white, fully transparent
+    rgba[16:] = [200, 100, 50, 255]
+    rgb = np.zeros((32, 32, 3))
+    rgb[16:] = [200, 100, 50]
+    case("rgba.png", Image.fromarray(rgba), rgb)
+    stored = np.full((32, 32, 3), [0, 0, 255], dtype=np.uint8)
+    stored[:, :16] = [255, 0, 0]  # stored: left red, right blue; orientation 6 turns it 90 degrees clockwise
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rgb = np.zeros((32, 32, 3)) + [0, 0, 255]
+    rgb[:16] = [255, 0, 0]
+    case("exif-rotated.png", Image.fromarray(stored), rgb, exif=exif)
+    return cases
+
+
+MODES = ["grey16.png", "float.tiff", "cmyk.tiff", "palette.png", "rgba.png", "exif-rotated.png"]
+
+
+@pytest.mark.parametrize("name", MODES)
+def test_image_modes_convert_to_the_pixels_they_show(tmp_path, name):
+    from transfusion.images import read_images
+
+    path, expected = _mode_cases(tmp_path)[name]
+    np.testing.assert_array_equal(read_images([path], 32)[0], expected)
+
+
+def test_an_image_that_is_no_picture_is_refused_with_one_line(tmp_path):
+    from PIL import Image
+
+    from transfusion.errors import BadInput
+    from transfusion.images import read_images
+
+    Image.fromarray(np.full((32, 32), 7.5, dtype=np.float32)).save(tmp_path / "radiance.tiff")
+    with pytest.raises(BadInput, match=r"radiance.tiff: a float image is read as 0..1"):
+        read_images([tmp_path / "radiance.tiff"], 32)

@@ -192,3 +192,30 @@ def test_sigkill_at_random_steps_five_times_then_resume_ends_like_the_uninterrup
     run_steps = _mlflow_steps(p, run["run_id"])
     assert [s for s, _ in run_steps] == list(range(1, 41))
     assert metrics["final_loss"] == pytest.approx(reference["final_loss"], rel=1e-6)
+
+
+def test_a_yaml_alias_bomb_is_refused_within_a_second_and_200_mb(tmp_path):
+    """Nine levels of aliases under a real key (9**9 values expanded): refused before anything
+    walks or prints the expansion. Measured in a child process capped at 200 MB more address
+    space than it had after its imports, so a regression fails instead of eating the machine."""
+    from test_bad_inputs import ALIAS_BOMB
+
+    (tmp_path / "bomb.yaml").write_text(ALIAS_BOMB)
+    script = f"""
+import json, resource, time
+from transfusion.config import ParamsError, load_params
+vm = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
+resource.setrlimit(resource.RLIMIT_AS, (vm + 200 * 2**20, resource.RLIM_INFINITY))
+start = time.perf_counter()
+try:
+    load_params([{str(REPO / "params.yaml")!r}, {str(tmp_path / "bomb.yaml")!r}])
+    message = None
+except ParamsError as err:
+    message = str(err)
+print(json.dumps({{"seconds": time.perf_counter() - start, "message": message}}))
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = json.loads(done.stdout)
+    assert out["message"] and "aliases expand to more than" in out["message"] and len(out["message"]) < 300
+    assert out["seconds"] < 1.0

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import reprlib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -49,7 +50,8 @@ class ParamsError(BadInput):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # inf and nan are refused everywhere: `train.lr=1e400` reads as inf, and the run dies on NaN
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -587,11 +589,43 @@ def load_params(files: list[Path] | Path | None = None, overrides: list[str] | N
         raise ParamsError(f"{source}: {_describe(err)}") from None
 
 
+MAX_YAML_NODES = 100_000  # params.yaml holds ~600; aliases can make a few lines expand to billions
+
+
+def _expanded_nodes(data: Any, limit: int = MAX_YAML_NODES) -> int:
+    """How many nodes ``data`` holds once its YAML aliases are expanded, counted without expanding
+    them (a shared node's size is computed once); stops counting past ``limit``."""
+    sizes: dict[int, int] = {}
+
+    def size(node: Any) -> int:
+        if not isinstance(node, (dict, list)):
+            return 1
+        if id(node) not in sizes:
+            children = list(node.keys()) + list(node.values()) if isinstance(node, dict) else node
+            sizes[id(node)] = min(limit + 1, 1 + sum(size(c) for c in children))
+        return sizes[id(node)]
+
+    return size(data)
+
+
+def _safe_yaml(text: str, where: str) -> Any:
+    """``yaml.safe_load`` that refuses an alias bomb (a document whose aliases expand past
+    ``MAX_YAML_NODES`` nodes) before anything walks or prints the expanded value."""
+    try:
+        data = yaml.safe_load(text)
+        nodes = _expanded_nodes(data)
+    except RecursionError:
+        raise ParamsError(f"{where}: YAML nested too deeply") from None
+    if nodes > MAX_YAML_NODES:
+        raise ParamsError(f"{where}: its YAML aliases expand to more than {MAX_YAML_NODES} values (an alias bomb?)")
+    return data
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ParamsError(f"{path}: params file not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = _safe_yaml(path.read_text(encoding="utf-8"), str(path))
     except UnicodeDecodeError as err:
         raise ParamsError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason})") from None
     except yaml.YAMLError as err:
@@ -625,9 +659,13 @@ def _apply_override(merged: dict[str, Any], item: str) -> None:
             raise ParamsError(f"override {item!r}: {'.'.join(parts[: i + 1])} is not a section")
         node = child
     try:
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+        node[parts[-1]] = _safe_yaml(raw, f"override {key.strip()}") if raw.strip() else None
     except yaml.YAMLError:
         node[parts[-1]] = raw
+
+
+_SHORT = reprlib.Repr()  # a bounded repr, whatever the input (attributes: Python 3.11 takes no arguments)
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring, _SHORT.maxother = 2, 4, 4, 60, 60
 
 
 def _describe(err: ValidationError) -> str:
@@ -643,7 +681,7 @@ def _describe(err: ValidationError) -> str:
             continue
         msg = e["msg"].removeprefix("Value error, ")
         got = e.get("input")
-        shown = "" if isinstance(got, dict) or e["type"] == "missing" else f" (got {got!r})"
+        shown = "" if isinstance(got, dict) or e["type"] == "missing" else f" (got {_SHORT.repr(got)})"
         out.append(f"{loc or 'params'}: {msg}{shown}")
     if missing:  # params.yaml spells out every key; a preset overlays it
         out.append(f"missing key{'s' if len(missing) > 1 else ''} {', '.join(missing)} (start from params.yaml)")

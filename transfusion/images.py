@@ -34,7 +34,7 @@ def open_rgb(path: Path, max_pixels: int, size_ok=None):
                 if size_ok is not None:
                     size_ok(w, h)
                 im.load()
-                return im.convert("RGB")
+                return to_rgb(im, str(path))
     except FileNotFoundError:
         raise MissingInput(f"{path}: no such image file") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
@@ -43,6 +43,40 @@ def open_rgb(path: Path, max_pixels: int, size_ok=None):
         raise BadInput(f"{path}: cannot read image ({err})") from None
     finally:
         Image.MAX_IMAGE_PIXELS = limit
+
+
+BACKGROUND = (0, 0, 0)  # transparent pixels land on the canvas colour of the scenes: black
+
+
+def to_rgb(im, where: str):
+    """A decoded PIL image as 8-bit RGB, by what its mode means rather than by clipping:
+    EXIF orientation applied; 16-bit and 32-bit integer grey scaled from 0..65535 (Pillow's
+    ``convert`` clips them, a mid-grey 16-bit image became white); float grey scaled from 0..1;
+    transparency (RGBA, LA, a palette's transparent index) composited on ``BACKGROUND``; CMYK and
+    the rest through Pillow's own conversions. What has no meaning as a picture is a
+    ``BadInput`` naming ``where``."""
+    from PIL import Image, ImageOps
+
+    im = ImageOps.exif_transpose(im)
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        grey = np.asarray(im, dtype=np.int64)
+        if grey.size and (grey.min() < 0 or grey.max() > 65535):
+            raise BadInput(f"{where}: a {im.mode} image with values outside 0..65535")
+        return Image.fromarray(np.round(grey / 257).astype(np.uint8)).convert("RGB")
+    if im.mode == "F":
+        grey = np.asarray(im, dtype=np.float64)
+        if not np.isfinite(grey).all() or grey.min() < 0 or grey.max() > 1:
+            raise BadInput(f"{where}: a float image is read as 0..1, found values outside it (or NaN)")
+        return Image.fromarray(np.round(grey * 255).astype(np.uint8)).convert("RGB")
+    if im.mode == "P" and "transparency" in im.info or im.mode == "PA":
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "La", "RGBa"):
+        rgba = im.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (*BACKGROUND, 255)), rgba).convert("RGB")
+    try:
+        return im.convert("RGB")
+    except ValueError as err:  # e.g. LAB, or a mode Pillow opens but cannot convert
+        raise BadInput(f"{where}: cannot convert a {im.mode} image to RGB ({err})") from None
 
 
 MAX_SCALE = 16  # `generate` writes images enlarged 4x; `caption` takes up to 16x back
