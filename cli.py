@@ -179,6 +179,8 @@ IntervalOpt = Annotated[
         metavar="LO HI", help="Noise levels (0 clean .. 1 pure noise) where guidance applies (default: the model's)."
     ),
 ]
+# bounds past which a number gives only garbage or a crash deep inside (inf is a float to click)
+MAX_STEPS, MAX_CFG, MAX_TEMPERATURE, MAX_TOKENS = 1000, 100.0, 100.0, 4096
 SeedOpt = Annotated[int, typer.Option(help="Random seed (every mode is deterministic given it).")]
 SamplerOpt = Annotated[str | None, typer.Option(help="ddpm | ddim | dpmpp | flow_euler (default: the model's).")]
 
@@ -204,11 +206,13 @@ def generate(
     n: Annotated[int, typer.Option("-n", min=1, max=256, help="Images to sample.")] = 4,
     out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write (a grid when n > 1).")] = Path("generated.png"),
     steps: Annotated[
-        int | None, typer.Option(min=1, help="Denoising steps (default: the model's sampling.steps).")
+        int | None, typer.Option(min=1, max=MAX_STEPS, help="Denoising steps (default: the model's sampling.steps).")
     ] = None,
     cfg_scale: Annotated[
         float | None,
-        typer.Option(min=0.0, help="Classifier-free guidance scale (default: the model's sampling.cfg_scale)."),
+        typer.Option(
+            min=0.0, max=MAX_CFG, help="Classifier-free guidance scale (default: the model's sampling.cfg_scale)."
+        ),
     ] = None,
     sampler: SamplerOpt = None,
     cfg_interval: IntervalOpt = None,
@@ -264,8 +268,8 @@ def caption_cmd(
 @app.command()
 def complete(
     prompt: Annotated[str, typer.Argument(help="Text to continue.")],
-    max_tokens: Annotated[int, typer.Option(min=1, help="New tokens at most.")] = 64,
-    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.8,
+    max_tokens: Annotated[int, typer.Option(min=1, max=MAX_TOKENS, help="New tokens at most.")] = 64,
+    temperature: Annotated[float, typer.Option(min=0.0, max=MAX_TEMPERATURE, help="0 = greedy.")] = 0.8,
     top_k: Annotated[int, typer.Option(min=0)] = 50,
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.95,
     seed: SeedOpt = 0,
@@ -288,14 +292,18 @@ def complete(
 def interleave(
     prompt: Annotated[str, typer.Argument(help="Text to start from.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the generated images.")] = Path("interleaved"),
-    max_tokens: Annotated[int, typer.Option(min=1)] = 48,
-    max_images: Annotated[int, typer.Option(min=0)] = 2,
+    max_tokens: Annotated[int, typer.Option(min=1, max=MAX_TOKENS)] = 48,
+    max_images: Annotated[int, typer.Option(min=0, max=64)] = 2,
     force_image: Annotated[bool, typer.Option(help="Start an image right after the prompt.")] = False,
-    steps: Annotated[int | None, typer.Option(min=1, help="Denoising steps (default: the model's).")] = None,
-    cfg_scale: Annotated[float | None, typer.Option(min=0.0, help="Guidance scale (default: the model's).")] = None,
+    steps: Annotated[
+        int | None, typer.Option(min=1, max=MAX_STEPS, help="Denoising steps (default: the model's).")
+    ] = None,
+    cfg_scale: Annotated[
+        float | None, typer.Option(min=0.0, max=MAX_CFG, help="Guidance scale (default: the model's).")
+    ] = None,
     sampler: SamplerOpt = None,
     cfg_interval: IntervalOpt = None,
-    temperature: Annotated[float, typer.Option(min=0.0)] = 0.0,
+    temperature: Annotated[float, typer.Option(min=0.0, max=MAX_TEMPERATURE)] = 0.0,
     seed: SeedOpt = 0,
     model: ModelOpt = None,
     params: ParamsOpt = None,

@@ -122,6 +122,20 @@ CASES = [
     ),  # fmt: skip
     ("generate-out-folder", ["generate", "a 7", "--out", "{inputs}", "-m", "{model}"], 2, "a folder; give the PNG"),
     ("generate-long-caption", ["generate", LONG, "--steps", "2", "-m", "{model}"], 2, "exceeds the model's"),
+    (
+        "generate-cfg-inf",
+        ["generate", "a 7", "--cfg-scale", "inf", "-m", "{model}"],
+        2,
+        "Invalid value for '--cfg-scale'",
+    ),
+    (
+        "generate-steps-huge",
+        ["generate", "a 7", "--steps", "100000", "-m", "{model}"],
+        2,
+        "Invalid value for '--steps'",
+    ),
+    ("complete-temperature-inf", ["complete", "to be", "--temperature", "inf", "-m", "{model}"], 2, "'--temperature'"),
+    ("complete-tokens-huge", ["complete", "to be", "--max-tokens", "10000000", "-m", "{model}"], 2, "'--max-tokens'"),
     ("generate-seed", ["generate", "a 7", "--seed", "abc", "-m", "{model}"], 2, "Invalid value for '--seed'"),
     ("generate-no-caption", ["generate", "-m", "{model}"], 2, "Missing argument"),
     # caption: the images
