@@ -13,6 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import REPO, png_claiming
+from transfusion.io import write_manifest
 
 P = str(REPO / "params.yaml")
 LONG = "zq" * 2500  # a 5000-character caption
@@ -96,6 +97,14 @@ CASES = [
     ("model-pipeline-json", ["generate", "a 7", "-m", "{inputs}/bad-pipeline"], 1, "expected JSON with vae and"),
     ("model-config-types", ["generate", "a 7", "-m", "{inputs}/bad-types"], 1, "latent_size: Input should be a valid"),
     ("model-config-json", ["generate", "a 7", "-m", "{inputs}/bad-config"], 1, "invalid model config"),
+    (
+        "model-tampered",
+        ["generate", "a 7", "-m", "{inputs}/tampered"],
+        1,
+        "tampered: model.safetensors does not match its sha256 in manifest.json",
+    ),
+    ("model-vae-cut", ["generate", "a 7", "-m", "{inputs}/vae-cut"], 1, "vae/config.json is truncated or altered"),
+    ("model-no-manifest", ["generate", "a 7", "-m", "{inputs}/no-manifest"], 1, "no readable manifest.json"),
     (
         "model-runs-uri-typo",
         ["generate", "a 7", "-m", "runs:/0123/model", "-p", P, "-S", "tracking.tracking_uri=sqlite:///typo.db"],
@@ -213,10 +222,36 @@ def inputs(tmp_path_factory, exported_model) -> Path:
             json.dumps(json.loads((d / "config.json").read_text()) | {"latent_size": "big"})
         ),
         "bad-config": lambda d: (d / "config.json").write_text("{"),
-    }.items():
+    }.items():  # wrong files under a manifest that matches them: the parsing is what refuses them
+        shutil.copytree(exported_model, root / name)
+        edit(root / name)
+        write_manifest(root / name)
+    for name, edit in {
+        "tampered": _flip_4096_bytes,
+        "vae-cut": lambda d: (d / "vae" / "config.json").write_text("{}"),
+        "no-manifest": lambda d: (d / "manifest.json").unlink(),
+    }.items():  # files that no longer match the manifest exported with them
         shutil.copytree(exported_model, root / name)
         edit(root / name)
     return root
+
+
+def _flip_4096_bytes(folder: Path) -> None:
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 4096] = bytes(b ^ 0xFF for b in data[middle : middle + 4096])
+    weights.write_bytes(bytes(data))
+
+
+def test_a_tampered_export_loads_only_when_told_not_to_verify(inputs):
+    from transfusion.errors import BadInput
+    from transfusion.pipeline import TransfusionPipeline
+
+    with pytest.raises(BadInput, match="model.safetensors does not match its sha256"):
+        TransfusionPipeline.from_pretrained(inputs / "tampered")
+    pipe = TransfusionPipeline.from_pretrained(inputs / "tampered", verify=False)  # the user's call
+    assert pipe.model.config.latent_size > 0
 
 
 def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:

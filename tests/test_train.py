@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -360,3 +361,7 @@ def test_runs_and_generate_from_a_run_uri_through_the_cli(tiny_pipeline, tmp_pat
     )
     assert made.exit_code == 0, made.output
     assert out.read_bytes()[:4] == b"\x89PNG"
+    from transfusion.tracking import download_artifacts, tracking_uri
+
+    copy = Path(download_artifacts(uri, tracking_uri(p.tracking)))  # MLflow's copy carries the manifest
+    assert json.loads((copy / "manifest.json").read_text()) == json.loads((p.paths.model / "manifest.json").read_text())

@@ -70,6 +70,41 @@ def sha256_of(path: Path) -> str:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
+MANIFEST = "manifest.json"  # size and sha256 of every other file of a folder, written last
+
+
+def write_manifest(folder: Path) -> dict[str, dict[str, Any]]:
+    """``folder/manifest.json``: size and sha256 of every file under ``folder`` (sub-folders
+    included, as relative POSIX paths). Written last: its presence means the rest is whole."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.relative_to(folder).as_posix() != MANIFEST)
+    manifest = {
+        p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_of(p)} for p in files
+    }
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+def verify_manifest(folder: Path, error: type[Exception], missing: str) -> dict[str, dict[str, Any]]:
+    """The manifest of ``folder`` after checking every file's size and sha256; the first file
+    that differs is an ``error`` naming it (``missing``: the message when there is no manifest)."""
+    folder = Path(folder)
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        items = [(str(name), int(want["bytes"]), str(want["sha256"])) for name, want in manifest.items()]
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        raise error(f"{folder}: {missing}") from None
+    for name, size, sha in items:
+        file = folder / name
+        if not file.is_file():
+            raise error(f"{folder}: {name} is missing")
+        if file.stat().st_size != size:
+            raise error(f"{folder}: {name} is truncated or altered ({file.stat().st_size} bytes, expected {size})")
+        if sha256_of(file) != sha:
+            raise error(f"{folder}: {name} does not match its sha256 in {MANIFEST}")
+    return manifest
+
+
 def write_csv(target: Path, rows: list[dict[str, float]], columns: list[str] | None = None) -> None:
     """Numeric ``rows`` as CSV (``columns``, default the first row's keys; missing values nan);
     a header only when there are no rows."""

@@ -7,6 +7,8 @@
     vae/                             the AutoencoderKL (diffusers' save_pretrained)
     pipeline.json                    latent scaling factor and shape, the VAE folder, the MLflow
                                      run that trained the model
+    manifest.json                    size and sha256 of every file above (written last);
+                                     ``from_pretrained`` checks it before loading anything
 
 ``from_uri`` also takes an MLflow model URI (``runs:/<run id>/model``). The pipeline is the one
 inference surface (as in diffusers): prompts and captions as strings, images as uint8 arrays
@@ -45,7 +47,7 @@ class TransfusionPipeline:
 
     def save_pretrained(self, folder: Path) -> None:
         """The pipeline's folder, written atomically (it appears whole or not at all)."""
-        from transfusion.io import atomic_dir
+        from transfusion.io import atomic_dir, write_manifest
 
         conf = self.model.config
         with atomic_dir(Path(folder)) as tmp:
@@ -58,10 +60,14 @@ class TransfusionPipeline:
                 "run_id": self.run_id,
             }
             (tmp / PIPELINE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+            write_manifest(tmp)
 
     @classmethod
-    def from_pretrained(cls, folder: Path) -> TransfusionPipeline:
+    def from_pretrained(cls, folder: Path, verify: bool = True) -> TransfusionPipeline:
+        """The exported pipeline in ``folder``; with ``verify`` (the default) every file is first
+        checked against ``manifest.json``, and the first one that differs is named."""
         from transfusion.data.tokenizer import load_tokenizer
+        from transfusion.io import verify_manifest
         from transfusion.model import TransfusionModel
         from transfusion.vae import load_vae
 
@@ -73,6 +79,8 @@ class TransfusionPipeline:
             raise MissingInput(
                 f"{folder}: not an exported model (no {PIPELINE_FILE}; export it with `transfusion train`)"
             )
+        if verify:
+            verify_manifest(folder, BadInput, "no readable manifest.json (re-export it; verify=False skips the check)")
         try:
             meta = json.loads(meta_file.read_text())
             vae_folder, scaling_factor, run_id = meta["vae"], float(meta["scaling_factor"]), meta.get("run_id")

@@ -20,8 +20,7 @@ import shutil
 from pathlib import Path
 
 from transfusion.errors import BadInput
-
-MANIFEST = "manifest.json"
+from transfusion.io import MANIFEST
 
 
 def is_uri(location: str | Path) -> bool:

@@ -24,8 +24,7 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from transfusion.errors import UserError
-from transfusion.io import atomic_dir, sha256_of
-from transfusion.storage import MANIFEST
+from transfusion.io import atomic_dir, verify_manifest, write_manifest
 
 PREFIX = "step-"
 
@@ -73,9 +72,7 @@ def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, ema, tra
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         state = {"step": step, "optimizer": opt_meta, "scheduler": scheduler.state_dict(), **trainer_state}
         (tmp / "trainer.json").write_text(json.dumps(state, indent=1))
-        files = sorted(p.name for p in tmp.iterdir())
-        manifest = {name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256_of(tmp / name)} for name in files}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        write_manifest(tmp)
     for old in list_checkpoints(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return target
@@ -98,20 +95,7 @@ def verify_checkpoint(path: Path) -> dict:
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: no checkpoint folder here")
-    try:
-        manifest = json.loads((path / MANIFEST).read_text())
-    except (OSError, ValueError):
-        raise CheckpointError(f"{path}: missing or unreadable {MANIFEST} (an interrupted write?)") from None
-    for name, want in manifest.items():
-        file = path / name
-        if not file.is_file():
-            raise CheckpointError(f"{path}: {name} is missing")
-        size = file.stat().st_size
-        if size != want["bytes"]:
-            raise CheckpointError(f"{path}: {name} is truncated or altered ({size} bytes, expected {want['bytes']})")
-        if sha256_of(file) != want["sha256"]:
-            raise CheckpointError(f"{path}: {name} does not match its sha256 in {MANIFEST}")
-    return manifest
+    return verify_manifest(path, CheckpointError, "missing or unreadable manifest.json (an interrupted write?)")
 
 
 def load_weights(path: Path, model, ema: bool) -> dict:
