@@ -219,3 +219,35 @@ print(json.dumps({{"seconds": time.perf_counter() - start, "message": message}})
     out = json.loads(done.stdout)
     assert out["message"] and "aliases expand to more than" in out["message"] and len(out["message"]) < 300
     assert out["seconds"] < 1.0
+
+
+def _cut(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 100])
+
+
+@pytest.mark.parametrize(
+    "split, damage, expected",
+    [
+        ("train", _cut, "bytes, its header says"),  # the last train shard: read last of all
+        ("val", lambda p: p.write_bytes(p.read_bytes() + b"\0" * 64), "(truncated or altered)"),
+        ("test", lambda p: p.unlink(), "missing (index.jsonl lists"),
+        ("train", lambda p: p.write_bytes(b"\xff" * 8 + p.read_bytes()[8:]), "not a readable shard"),
+    ],
+)
+def test_a_bad_latent_shard_is_named_before_training_starts(tiny_pipeline, tmp_path, split, damage, expected):
+    import shutil
+
+    from stages import train
+    from transfusion.errors import DataError
+
+    latents = tmp_path / "latents"
+    shutil.copytree(tiny_pipeline.paths.latents, latents)
+    bad = sorted((latents / split).glob("latents-*.safetensors"))[-1]
+    damage(bad)
+    p = train_params(tiny_pipeline, tmp_path, **SHORT | {"steps": 20})
+    p = p.model_copy(update={"paths": p.paths.model_copy(update={"latents": latents})})
+    with pytest.raises(DataError) as err:
+        train.run(p)
+    assert str(err.value).startswith(f"{bad}: ") and expected in str(err.value)
+    assert not p.paths.checkpoints.exists() and not p.paths.model.exists()  # no step ran

@@ -78,9 +78,7 @@ def write_manifest(folder: Path) -> dict[str, dict[str, Any]]:
     included, as relative POSIX paths). Written last: its presence means the rest is whole."""
     folder = Path(folder)
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.relative_to(folder).as_posix() != MANIFEST)
-    manifest = {
-        p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_of(p)} for p in files
-    }
+    manifest = {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_of(p)} for p in files}
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return manifest
 

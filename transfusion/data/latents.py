@@ -21,7 +21,7 @@ import torch
 
 from transfusion.errors import DataError
 from transfusion.data.prepare import ImageSplit
-from transfusion.data.shards import iter_shards, num_shards, write_shards
+from transfusion.data.shards import check_shards, iter_shards, num_shards, write_shards
 from transfusion.data.sources import SPLITS
 from transfusion.io import atomic_dir
 
@@ -67,6 +67,17 @@ def load_meta(root: Path) -> dict:
     if not path.is_file():
         raise DataError(f"{path}: missing; run the latents stage first")
     return json.loads(path.read_text())
+
+
+def check_latents(root: Path) -> None:
+    """Every latent shard of every split checked against ``meta.json`` and the index from its
+    header and size (``check_shards``) before training starts: a bad shard is named now, not when
+    training reaches it hours later. Reads no latents."""
+    meta = load_meta(root)
+    for split, count in meta["splits"].items():
+        rows = check_shards(Path(root) / split, KEY, list(meta["latent_shape"]))
+        if rows != count:
+            raise DataError(f"{Path(root) / split}: {rows} rows in its shards, {META} says {count}")
 
 
 class LatentReader(torch.utils.data.IterableDataset):

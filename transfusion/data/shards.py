@@ -6,6 +6,8 @@ Scenes store uint8 images under ``images``; latents store float32 latents under 
 
 from __future__ import annotations
 
+import json
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -73,3 +75,44 @@ def read_shards(folder: Path, key: str) -> tuple[np.ndarray, list[dict]]:
 
 def num_shards(folder: Path) -> int:
     return len({row["shard"] for row in read_index(folder)})
+
+
+MAX_HEADER = 1 << 20  # a shard's JSON header: a few hundred bytes; more is not a shard of ours
+
+
+def shard_header(path: Path) -> tuple[dict, int]:
+    """The safetensors header of ``path`` and the file size it implies (8 + header + data),
+    read without loading the data."""
+    try:
+        with open(path, "rb") as fh:
+            (length,) = struct.unpack("<Q", fh.read(8))
+            if length > MAX_HEADER:
+                raise ValueError(f"header of {length} bytes")
+            header = json.loads(fh.read(length))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (OSError, ValueError, struct.error, KeyError, TypeError, IndexError) as err:
+        raise DataError(f"{path}: not a readable shard ({err})") from None
+    return header, 8 + length + end
+
+
+def check_shards(folder: Path, key: str, row_shape: list[int], dtype: str = "F32") -> int:
+    """Every shard the index of ``folder`` lists, checked from its header alone before anything
+    reads it: present, ``key`` of ``dtype`` with ``row_shape`` rows, as many rows as the index
+    gives it, and exactly the file size its header implies (truncated or padded files fail).
+    Returns the number of rows; the first bad file is a ``DataError`` naming it."""
+    rows: dict[int, int] = {}
+    for row in read_index(folder):
+        rows[row["shard"]] = rows.get(row["shard"], 0) + 1
+    for s, count in sorted(rows.items()):
+        path = folder / shard_name(key, s)
+        if not path.is_file():
+            raise DataError(f"{path}: missing ({INDEX} lists {count} rows in it)")
+        header, size = shard_header(path)
+        tensor = header.get(key) or {}
+        want = [count, *row_shape]
+        if tensor.get("dtype") != dtype or tensor.get("shape") != want:
+            got = f"{tensor.get('dtype')} {tensor.get('shape')}"
+            raise DataError(f"{path}: holds {key} {got}, expected {dtype} {want} from {INDEX}")
+        if path.stat().st_size != size:
+            raise DataError(f"{path}: {path.stat().st_size} bytes, its header says {size} (truncated or altered)")
+    return sum(rows.values())

@@ -8,7 +8,11 @@ from transfusion.train.run import TrainRun
 
 
 def fit(config: TrainRun, address: str | None = None) -> TrainResult:
-    """Train per ``config``; ``address``: a Ray cluster (default ``train.address`` / RAY_ADDRESS)."""
+    """Train per ``config``; ``address``: a Ray cluster (default ``train.address`` / RAY_ADDRESS).
+    Every latent shard is checked (header and size) before anything starts."""
+    from transfusion.data.latents import check_latents
+
+    check_latents(config.paths.latents)
     if config.train.use_ray:
         from transfusion.train.ray_train import fit_on_ray
 
