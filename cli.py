@@ -16,7 +16,8 @@ import typer
 import typer.core
 
 from transfusion import env
-from transfusion.errors import UserError
+from transfusion.errors import Terminated, UserError
+from transfusion.stopping import sigterm_stops
 
 env.apply()
 
@@ -78,10 +79,13 @@ RESUMABLE = {"train": "a training run", "align": "an align run"}  # stages with 
 def _guard(call, code: int | None = None, stage: str | None = None):
     """``call()``; a :class:`UserError` becomes its one line and exit code (``code``: the
     arguments are all that can be wrong, a usage error)."""
+    hint = f" ({RESUMABLE[stage]} continues with `transfusion {stage} --resume`)" if stage in RESUMABLE else ""
     try:
-        return call()
+        with sigterm_stops():
+            return call()
+    except Terminated as err:  # SIGTERM (a scheduler, a preemption): 128 + 15; the run KILLED as on Ctrl-C
+        _fail(f"{err or 'terminated by SIGTERM'}{hint}", 143)
     except KeyboardInterrupt:  # Ctrl-C: the conventional 128 + SIGINT; MLflow marks the run KILLED
-        hint = f" ({RESUMABLE[stage]} continues with `transfusion {stage} --resume`)" if stage in RESUMABLE else ""
         _fail(f"interrupted{hint}", 130)
     except UserError as err:
         _fail(str(err).splitlines()[0] if str(err) else type(err).__name__, err.exit_code if code is None else code)

@@ -251,3 +251,96 @@ def test_a_bad_latent_shard_is_named_before_training_starts(tiny_pipeline, tmp_p
         train.run(p)
     assert str(err.value).startswith(f"{bad}: ") and expected in str(err.value)
     assert not p.paths.checkpoints.exists() and not p.paths.model.exists()  # no step ran
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every live process started (directly or not) by ``pid``, by walking /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def _alive(pids: set[int]) -> set[int]:
+    """``pids`` still running (zombies awaiting their parent's wait count as gone)."""
+    alive = set()
+    for pid in pids:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                alive.add(pid)
+        except OSError:
+            pass
+    return alive
+
+
+@pytest.mark.parametrize("use_ray", [False, True])
+def test_sigterm_exits_143_with_one_line_and_marks_the_run_killed(tiny_pipeline, tmp_path, use_ray):
+    """SIGTERM to the CLI process alone, as Kubernetes sends it: one line, exit 143, the MLflow run
+    KILLED, nothing exported; under Ray, no process the run started survives it."""
+    from transfusion.tracking import find_runs
+
+    steps = SHORT | {"steps": 400, "use_ray": use_ray, "cpus_per_worker": 1, "preempt_checkpoint": False}
+    p = train_params(tiny_pipeline, tmp_path, **steps)
+    log = tmp_path / "train.log"
+    proc = _start(_cli_params(p, tmp_path / "params.yaml"), log=log)
+    _wait_for(log, "[train] step 3/400", proc)
+    started = _descendants(proc.pid)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 143, log.read_text()[-2000:]
+    lines = [x for x in log.read_text().splitlines() if x.startswith("error:")]
+    assert lines == ["error: terminated by SIGTERM (a training run continues with `transfusion train --resume`)"]
+    assert "Traceback" not in log.read_text() and "SIGTERM received" not in log.read_text()
+    (run,) = find_runs(p.tracking, "train")
+    assert run["status"] == "KILLED"
+    assert not p.paths.model.exists()
+    deadline = time.monotonic() + 30
+    while _alive(started) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _alive(started), [Path(f"/proc/{pid}/cmdline").read_bytes()[:80] for pid in _alive(started)]
+
+
+def test_a_preempted_run_checkpoints_the_step_in_flight_and_resumes_with_identical_losses(tiny_pipeline, tmp_path):
+    """``train.preempt_checkpoint``: SIGTERM mid-run saves the step in flight (off the
+    checkpoint_every schedule) and exits 143; --resume goes on from that very step and ends with
+    the uninterrupted run's losses, each step logged once."""
+    from stages import train
+    from transfusion.tracking import find_runs
+
+    steps = SHORT | {"steps": 60, "checkpoint_every": 60, "eval_every": 60, "sample_every": 60}
+    whole = train_params(tiny_pipeline, tmp_path / "whole", **steps | {"preempt_checkpoint": True})
+    reference = train.run(whole)
+
+    p = train_params(tiny_pipeline, tmp_path / "cut", **steps | {"preempt_checkpoint": True})
+    params_file = _cli_params(p, tmp_path / "params.yaml")
+    log = tmp_path / "train.log"
+    proc = _start(params_file, log=log)
+    _wait_for(log, "[train] step 3/60", proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 143, log.read_text()[-2000:]
+    (line,) = [x for x in log.read_text().splitlines() if x.startswith("error:")]
+    stopped = int(line.split("checkpoint of step ")[1].split()[0])
+    assert 3 <= stopped < 60
+    assert line == (
+        f"error: terminated by SIGTERM after saving the checkpoint of step {stopped} "
+        "(a training run continues with `transfusion train --resume`)"
+    )
+    assert [c.name for c in p.paths.checkpoints.iterdir() if c.name.startswith("step-")] == [f"step-{stopped:08d}"]
+
+    log = tmp_path / "resumed.log"
+    proc = _start(params_file, "--resume", log=log)
+    assert proc.wait(timeout=600) == 0, log.read_text()[-2000:]
+    metrics = json.loads(p.paths.train_metrics.read_text())
+    assert metrics["resumed_at_step"] == stopped
+    assert _losses(p) == _losses(whole)
+    assert metrics["final_loss"] == pytest.approx(reference["final_loss"], rel=1e-6)
+    (run,) = find_runs(p.tracking, "train")  # one MLflow run across both processes
+    assert [s for s, _ in _mlflow_steps(p, run["run_id"])] == list(range(1, 61))

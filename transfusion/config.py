@@ -418,6 +418,9 @@ class TrainConfig(Section):
     log_every: PositiveInt
     checkpoint_every: PositiveInt
     keep_checkpoints: PositiveInt
+    # on SIGTERM (a preemption) save a checkpoint of the step in flight before stopping (the
+    # plain loop; on Ray the driver stops the workers at once, they keep their last checkpoint)
+    preempt_checkpoint: bool
     sample_every: PositiveInt
     sample_captions: list[str]
     sampling: SamplingOverride  # the sample grids' changes to ``sampling``

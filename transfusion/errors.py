@@ -28,3 +28,10 @@ class BadInput(UserError, ValueError):
 
 class DataError(UserError):
     """Raw data is missing, corrupt or unsafe; the message says what to provide."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived (Kubernetes, Slurm, a spot preemption): a stop the user did not ask for
+    at the keyboard, handled as one. Being a ``KeyboardInterrupt``, it takes Ctrl-C's paths (the
+    MLflow run marked KILLED, Ray stopped); the CLI exits 143 (128 + SIGTERM). Raised by the
+    handler of :mod:`transfusion.stopping`."""

@@ -39,8 +39,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from transfusion import stopping
 from transfusion.config import DiffusionConfig, TrainConfig
-from transfusion.errors import UserError
+from transfusion.errors import Terminated, UserError
 from transfusion.optim import warmup_cosine
 from transfusion.train.run import TrainRun
 
@@ -215,24 +216,26 @@ def train_loop(cfg: TrainRun, runtime: Runtime | None = None) -> dict:
     window = dict.fromkeys(WINDOW, 0.0)
     t_window = t_start = time.perf_counter()
     setup = t_start - t_setup
-    for step in range(start + 1, tc.steps + 1):
-        _inject_faults(tc.fault, step, start, rt)
-        for key, value in _optimizer_step(st, cfg, rt, step).items():
-            window[key] += value
-        st.step = step
-        window["n"] += 1
-        if step % tc.log_every == 0 or step == tc.steps:
-            st.history.append(_log_row(window, step, st.scheduler.get_last_lr()[0], time.perf_counter() - t_window))
-            window, t_window = dict.fromkeys(WINDOW, 0.0), time.perf_counter()
-            if is_main:
-                watch.log(st.history[-1])
-        if is_main and (step % tc.eval_every == 0 or step == tc.steps):
-            st.probes.append(watch.probe(st))
-        if step % tc.checkpoint_every == 0 or step == tc.steps:
-            _checkpoint(st, cfg, rt)
-        if is_main and step % tc.sample_every == 0 and step < tc.steps:  # the final grid: the training stage
-            watch.sample_grid(st, step)
-
+    with stopping.deferred(tc.preempt_checkpoint):  # a SIGTERM is acted on after the step in flight
+        for step in range(start + 1, tc.steps + 1):
+            _inject_faults(tc.fault, step, start, rt)
+            for key, value in _optimizer_step(st, cfg, rt, step).items():
+                window[key] += value
+            st.step = step
+            window["n"] += 1
+            if step % tc.log_every == 0 or step == tc.steps:
+                st.history.append(_log_row(window, step, st.scheduler.get_last_lr()[0], time.perf_counter() - t_window))
+                window, t_window = dict.fromkeys(WINDOW, 0.0), time.perf_counter()
+                if is_main:
+                    watch.log(st.history[-1])
+            if is_main and (step % tc.eval_every == 0 or step == tc.steps):
+                st.probes.append(watch.probe(st))
+            if step % tc.checkpoint_every == 0 or step == tc.steps or stopping.requested():
+                _checkpoint(st, cfg, rt)
+            if stopping.requested():  # preempted: the checkpoint of this step is saved
+                raise Terminated(f"terminated by SIGTERM after saving the checkpoint of step {step}")
+            if is_main and step % tc.sample_every == 0 and step < tc.steps:  # the final grid: the training stage
+                watch.sample_grid(st, step)
     # 3. the run's metrics (Ray hands rank 0's to the driver)
     metrics = _final_metrics(st.history, time.perf_counter() - t_start, tc.steps - start)
     metrics |= {"images_seen": st.seen, "setup_s": setup, "resumed_at_step": start}

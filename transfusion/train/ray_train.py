@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 from pathlib import Path, PurePosixPath
 
-from transfusion import env
+from transfusion import env, stopping
 from transfusion.train.loop import Runtime, TrainingDiverged, TrainingFailed, train_loop
 from transfusion.train.run import TrainRun
 
@@ -90,20 +90,21 @@ def ensure_ray(address: str | None, temp_dir: Path, num_cpus: int | None = None)
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
-        return
-    temp_dir = short_temp_dir(Path(temp_dir))
-    temp_dir.mkdir(parents=True, exist_ok=True)
-    ray.init(
-        num_cpus=num_cpus,
-        include_dashboard=False,
-        _temp_dir=str(temp_dir),
-        configure_logging=True,
-        logging_level="warning",
-        # Ray's own actors log at ERROR only (Train's placement-group monitor warns every few
-        # seconds when the state API is not served); our workers' progress lines are prints.
-        logging_config=ray.LoggingConfig(encoding="TEXT", log_level="ERROR"),
-        log_to_driver=True,
-    )
+    else:
+        temp_dir = short_temp_dir(Path(temp_dir))
+        temp_dir.mkdir(parents=True, exist_ok=True)
+        ray.init(
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            _temp_dir=str(temp_dir),
+            configure_logging=True,
+            logging_level="warning",
+            # Ray's own actors log at ERROR only (Train's placement-group monitor warns every few
+            # seconds when the state API is not served); our workers' progress lines are prints.
+            logging_config=ray.LoggingConfig(encoding="TEXT", log_level="ERROR"),
+            log_to_driver=True,
+        )
+    stopping.reinstall()  # ray.init's native SIGTERM handler dumps a stack and exits 134
 
 
 def short_temp_dir(wanted: Path, limit: int = 36) -> Path:
