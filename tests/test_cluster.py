@@ -5,13 +5,16 @@ resuming from the bucket."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 from test_train import train_params
 
-from conftest import section
+from conftest import alive, section
 
 FAULT = section("train").fault
 
@@ -146,17 +149,31 @@ def test_nan_under_ray_stops_at_once_without_a_retry(tiny_pipeline, tmp_path, ra
     assert not p.paths.model.exists()
 
 
-def _kill_cluster(temp_dir: Path) -> None:
+def _kill_cluster(temp_dir: Path) -> dict[int, str]:
     """Stop the cluster whose processes run under ``temp_dir`` (``ray stop`` would also stop the
-    tests' own local Ray)."""
+    tests' own local Ray): its head processes (their command lines name ``temp_dir``) and every
+    process they started -- the agents (``ray::DashboardAgent``, ``ray::RuntimeEnvAgent``, which
+    ignores SIGTERM) name no folder, so they are found as descendants, by PID. SIGKILL to all;
+    returns their PIDs and command lines."""
     import psutil
 
+    from conftest import descendants
+
+    heads = set()
     for proc in psutil.process_iter(["cmdline"]):
         try:
             if any(str(temp_dir) in part for part in proc.info["cmdline"] or []):
-                proc.kill()
+                heads.add(proc.pid)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
+    pids = {}
+    for pid in heads.union(*(descendants(pid) for pid in heads)):
+        try:
+            pids[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            os.kill(pid, signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            pass
+    return pids
 
 
 @pytest.mark.slow  # `ray start` with its dashboard and job server, a submitted job: ~3 min (make test-all)
@@ -165,7 +182,6 @@ def test_ray_job_submit_trains_on_a_started_cluster_with_token_auth(tiny_pipelin
     `ray job submit --runtime-env pipelines/ray/job.yaml -- transfusion train -p params.yaml`
     from the project folder, the job succeeded, the run and its exported model read back from
     MLflow."""
-    import os
     import re
     import secrets
     import shutil
@@ -226,7 +242,13 @@ def test_ray_job_submit_trains_on_a_started_cluster_with_token_auth(tiny_pipelin
         assert job.returncode == 0 and re.search(r"Job 'raysubmit_\w+' succeeded", log), log[-4000:]
         assert "big.bin" not in log
     finally:
-        _kill_cluster(temp_dir)
+        cluster = _kill_cluster(temp_dir)
+    deadline = time.monotonic() + 30
+    while alive(set(cluster)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    names = " ".join(cluster.values())
+    assert "ray::DashboardAgent" in names and "ray::RuntimeEnvAgent" in names  # the ones that used to survive
+    assert not alive(set(cluster)), [cluster[pid][:80] for pid in alive(set(cluster))]
 
     tracking = load_params(project / "params.yaml").tracking
     (run,) = find_runs(tracking, "train")

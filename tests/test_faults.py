@@ -22,7 +22,7 @@ import pytest
 import yaml
 from test_train import train_params
 
-from conftest import REPO, section
+from conftest import REPO, alive, descendants, section
 
 FAULT = section("train").fault
 SHORT = dict(use_ray=False, steps=12, checkpoint_every=4, log_every=1, eval_every=12, sample_every=12, warmup_steps=1)
@@ -253,35 +253,6 @@ def test_a_bad_latent_shard_is_named_before_training_starts(tiny_pipeline, tmp_p
     assert not p.paths.checkpoints.exists() and not p.paths.model.exists()  # no step ran
 
 
-def _descendants(pid: int) -> set[int]:
-    """Every live process started (directly or not) by ``pid``, by walking /proc."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.add(child)
-            todo.append(child)
-    return found
-
-
-def _alive(pids: set[int]) -> set[int]:
-    """``pids`` still running (zombies awaiting their parent's wait count as gone)."""
-    alive = set()
-    for pid in pids:
-        try:
-            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
-                alive.add(pid)
-        except OSError:
-            pass
-    return alive
-
-
 @pytest.mark.parametrize("use_ray", [False, True])
 def test_sigterm_exits_143_with_one_line_and_marks_the_run_killed(tiny_pipeline, tmp_path, use_ray):
     """SIGTERM to the CLI process alone, as Kubernetes sends it: one line, exit 143, the MLflow run
@@ -293,7 +264,7 @@ def test_sigterm_exits_143_with_one_line_and_marks_the_run_killed(tiny_pipeline,
     log = tmp_path / "train.log"
     proc = _start(_cli_params(p, tmp_path / "params.yaml"), log=log)
     _wait_for(log, "[train] step 3/400", proc)
-    started = _descendants(proc.pid)
+    started = descendants(proc.pid)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 143, log.read_text()[-2000:]
     lines = [x for x in log.read_text().splitlines() if x.startswith("error:")]
@@ -303,9 +274,9 @@ def test_sigterm_exits_143_with_one_line_and_marks_the_run_killed(tiny_pipeline,
     assert run["status"] == "KILLED"
     assert not p.paths.model.exists()
     deadline = time.monotonic() + 30
-    while _alive(started) and time.monotonic() < deadline:
+    while alive(started) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert not _alive(started), [Path(f"/proc/{pid}/cmdline").read_bytes()[:80] for pid in _alive(started)]
+    assert not alive(started), [Path(f"/proc/{pid}/cmdline").read_bytes()[:80] for pid in alive(started)]
 
 
 def test_a_preempted_run_checkpoints_the_step_in_flight_and_resumes_with_identical_losses(tiny_pipeline, tmp_path):
