@@ -299,12 +299,19 @@ def test_align_disabled_passes_the_trained_model_through(tiny_pipeline, align_ju
     assert p.paths.align_plot.read_text().splitlines() == ["iteration,reward,kl,clip_fraction,lr"]
 
 
-def test_ctrl_c_then_resume_repeats_the_uninterrupted_align_rewards(
-    tiny_pipeline, align_judge, tmp_path, text_tokenizer
+@pytest.mark.parametrize(
+    "stop, code, line",
+    [
+        ("SIGTERM", 143, "terminated by SIGTERM"),  # a scheduler's stop, to the process alone
+        pytest.param("SIGINT", 130, "interrupted", marks=pytest.mark.slow),  # Ctrl-C, to the process group
+    ],
+)
+def test_a_stop_then_resume_repeats_the_uninterrupted_align_rewards(
+    tiny_pipeline, align_judge, tmp_path, text_tokenizer, stop, code, line
 ):
-    """Ctrl-C in `transfusion align`: exit 130, one line, the MLflow run KILLED, nothing
-    exported; `--resume` continues in the same run from the newest checkpoint, and its rows
-    (reward, KL, clip fraction, gradient norm) equal the uninterrupted run's."""
+    """SIGTERM or Ctrl-C in `transfusion align`: exit 143 or 130, one line, the MLflow run
+    KILLED, nothing exported; `--resume` continues in the same run from the newest checkpoint,
+    and its rows (reward, KL, clip fraction, gradient norm) equal the uninterrupted run's."""
     import os
     import signal
 
@@ -326,10 +333,13 @@ def test_ctrl_c_then_resume_repeats_the_uninterrupted_align_rewards(
     log = tmp_path / "align.log"
     proc = _start(params_file, log=log, command="align")
     _wait_for(log, "[align] iteration 5/60", proc)
-    os.killpg(proc.pid, signal.SIGINT)
-    assert proc.wait(timeout=120) == 130, log.read_text()[-2000:]
+    if stop == "SIGINT":
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == code, log.read_text()[-2000:]
     assert [x for x in log.read_text().splitlines() if x.startswith("error:")] == [
-        "error: interrupted (an align run continues with `transfusion align --resume`)"
+        f"error: {line} (an align run continues with `transfusion align --resume`)"
     ]
     (run,) = find_runs(cut.tracking, "align")
     assert run["status"] == "KILLED" and not cut.paths.aligned_model.exists()
