@@ -36,7 +36,7 @@ CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 class TransfusionConfig(BaseModel):
     """Everything needed to rebuild the model (saved as config.json)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # config.json: no inf, no NaN
 
     backbone: dict  # the Hugging Face config of the causal LM (model_type llama | qwen2)
     latent_channels: int
