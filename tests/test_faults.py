@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -138,6 +139,21 @@ def _wait_for(log: Path, text: str, proc: subprocess.Popen, timeout: float = 300
         time.sleep(0.2)
 
 
+_RAY_TWIN_NOISE = re.compile(
+    r"Exception in thread PlacementGroupCleanerMonitor:\nTraceback.*?"
+    r"ConnectionError: Found multiple active Ray instances[^\n]*\n",
+    re.S,
+)
+
+
+def _ours(log: str) -> str:
+    """A run's log less one known Ray start-up message: Ray Train's PlacementGroupCleaner asks the
+    state API for its controller without an address, and its thread dies with "Found multiple
+    active Ray instances" when another Ray runs on the machine -- in the suite, the tests' own
+    (``ray_local``). It comes before the first step, whatever the stop."""
+    return _RAY_TWIN_NOISE.sub("", log)
+
+
 @pytest.mark.parametrize("use_ray", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_ctrl_c_exits_130_and_marks_the_run_killed(tiny_pipeline, tmp_path, use_ray):
     from transfusion.tracking import find_runs
@@ -151,7 +167,7 @@ def test_ctrl_c_exits_130_and_marks_the_run_killed(tiny_pipeline, tmp_path, use_
     assert proc.wait(timeout=120) == 130, log.read_text()[-2000:]
     lines = [x for x in log.read_text().splitlines() if x.startswith("error:")]
     assert lines == ["error: interrupted (a training run continues with `transfusion train --resume`)"]
-    assert "Traceback" not in log.read_text()
+    assert "Traceback" not in _ours(log.read_text())
     (run,) = find_runs(p.tracking, "train")
     assert run["status"] == "KILLED"
     assert not p.paths.model.exists()
@@ -269,7 +285,7 @@ def test_sigterm_exits_143_with_one_line_and_marks_the_run_killed(tiny_pipeline,
     assert proc.wait(timeout=120) == 143, log.read_text()[-2000:]
     lines = [x for x in log.read_text().splitlines() if x.startswith("error:")]
     assert lines == ["error: terminated by SIGTERM (a training run continues with `transfusion train --resume`)"]
-    assert "Traceback" not in log.read_text() and "SIGTERM received" not in log.read_text()
+    assert "Traceback" not in _ours(log.read_text()) and "SIGTERM received" not in log.read_text()
     (run,) = find_runs(p.tracking, "train")
     assert run["status"] == "KILLED"
     assert not p.paths.model.exists()
