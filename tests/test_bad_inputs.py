@@ -97,6 +97,7 @@ CASES = [
     ("model-pipeline-json", ["generate", "a 7", "-m", "{inputs}/bad-pipeline"], 1, "expected JSON with vae and"),
     ("model-config-types", ["generate", "a 7", "-m", "{inputs}/bad-types"], 1, "latent_size: Input should be a valid"),
     ("model-config-json", ["generate", "a 7", "-m", "{inputs}/bad-config"], 1, "invalid model config"),
+    ("model-config-inf", ["generate", "a 7", "-m", "{inputs}/bad-inf"], 1, "cfg_scale: Input should be a finite"),
     (
         "model-tampered",
         ["generate", "a 7", "-m", "{inputs}/tampered"],
@@ -222,6 +223,9 @@ def inputs(tmp_path_factory, exported_model) -> Path:
             json.dumps(json.loads((d / "config.json").read_text()) | {"latent_size": "big"})
         ),
         "bad-config": lambda d: (d / "config.json").write_text("{"),
+        "bad-inf": lambda d: (d / "config.json").write_text(
+            json.dumps(_with_cfg_scale(json.loads((d / "config.json").read_text()), float("inf")))
+        ),
     }.items():  # wrong files under a manifest that matches them: the parsing is what refuses them
         shutil.copytree(exported_model, root / name)
         edit(root / name)
@@ -234,6 +238,10 @@ def inputs(tmp_path_factory, exported_model) -> Path:
         shutil.copytree(exported_model, root / name)
         edit(root / name)
     return root
+
+
+def _with_cfg_scale(config: dict, value: float) -> dict:
+    return config | {"sampling": config["sampling"] | {"cfg_scale": value}}  # json writes inf as Infinity
 
 
 def _flip_4096_bytes(folder: Path) -> None:
