@@ -302,7 +302,8 @@ def test_align_disabled_passes_the_trained_model_through(tiny_pipeline, align_ju
 @pytest.mark.parametrize(
     "stop, code, line",
     [
-        ("SIGTERM", 143, "terminated by SIGTERM"),  # a scheduler's stop, to the process alone
+        # a scheduler's stop, to the process alone: align.preempt_checkpoint saves the iteration in flight
+        ("SIGTERM", 143, r"terminated by SIGTERM after saving the checkpoint of iteration (\d+)"),
         pytest.param("SIGINT", 130, "interrupted", marks=pytest.mark.slow),  # Ctrl-C, to the process group
     ],
 )
@@ -310,9 +311,11 @@ def test_a_stop_then_resume_repeats_the_uninterrupted_align_rewards(
     tiny_pipeline, align_judge, tmp_path, text_tokenizer, stop, code, line
 ):
     """SIGTERM or Ctrl-C in `transfusion align`: exit 143 or 130, one line, the MLflow run
-    KILLED, nothing exported; `--resume` continues in the same run from the newest checkpoint,
-    and its rows (reward, KL, clip fraction, gradient norm) equal the uninterrupted run's."""
+    KILLED, nothing exported; `--resume` continues in the same run from the newest checkpoint
+    (after SIGTERM: the iteration in flight, off the checkpoint_every schedule), and its rows
+    (reward, KL, clip fraction, gradient norm) equal the uninterrupted run's."""
     import os
+    import re
     import signal
 
     import yaml
@@ -321,7 +324,8 @@ def test_a_stop_then_resume_repeats_the_uninterrupted_align_rewards(
     from stages import align
     from transfusion.tracking import find_runs
 
-    settings = dict(TINY_ALIGN, method="raft", iterations=60, checkpoint_every=2)
+    # after SIGTERM the only checkpoint is the one the stop saved (every 60: the last iteration alone)
+    settings = dict(TINY_ALIGN, method="raft", iterations=60, checkpoint_every=60 if stop == "SIGTERM" else 2)
     whole = align_params(tiny_pipeline, align_judge, tmp_path / "whole", text_tokenizer, **settings)
     align.run(whole)
     rows = _rows(whole.paths.align_plot)
@@ -338,9 +342,12 @@ def test_a_stop_then_resume_repeats_the_uninterrupted_align_rewards(
     else:
         proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == code, log.read_text()[-2000:]
-    assert [x for x in log.read_text().splitlines() if x.startswith("error:")] == [
-        f"error: {line} (an align run continues with `transfusion align --resume`)"
-    ]
+    (said,) = [x for x in log.read_text().splitlines() if x.startswith("error:")]
+    stopped = re.fullmatch(f"error: {line} \\(an align run continues with `transfusion align --resume`\\)", said)
+    assert stopped, said
+    newest = sorted(c.name for c in cut.paths.align_checkpoints.iterdir() if c.name.startswith("step-"))[-1]
+    if stop == "SIGTERM":  # the checkpoint of the iteration it stopped at
+        assert newest == f"step-{int(stopped.group(1)):08d}" and 5 <= int(stopped.group(1)) < 60
     (run,) = find_runs(cut.tracking, "align")
     assert run["status"] == "KILLED" and not cut.paths.aligned_model.exists()
     metrics = align.run(cut, resume=True)

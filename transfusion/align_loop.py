@@ -24,7 +24,9 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from transfusion import stopping
 from transfusion.config import AlignConfig, DiffusionConfig, MixtureConfig, Params, PathsConfig, SamplingConfig
+from transfusion.errors import Terminated
 
 
 class AlignRun(BaseModel):
@@ -117,17 +119,20 @@ def align_loop(run: AlignRun, runtime=None) -> list[dict]:
         rows = load_checkpoint(run.store.fetch(name), model, optimizer, schedule)["history"]
         sys.stderr.write(f"[align] resuming after iteration {len(rows)} ({run.store.describe(name)})\n")
     pool, log, text_ids = prompt_pool(cfg, run.palette, run.grid), _row_logger(run), _training_text(run, pipe.tokenizer)
-    for it in range(len(rows), cfg.iterations):
-        start = time.perf_counter()
-        prompts = iteration_prompts(pool, cfg.prompts_per_iteration, cfg.seed, it)
-        reward_fn = judged_reward(pipe, judge, prompts, cfg.group_size)
-        stats = _step(run, pipe, reference, optimizer, prompts, reward_fn, it, text_ids)
-        rows.append({"iteration": it + 1, "lr": cfg.lr} | stats | {"seconds": time.perf_counter() - start})
-        log(rows[-1])
-        if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations:
-            state = {"history": rows, "run_id": run.run_id}
-            staged = run.store.save(len(rows), model, optimizer, schedule, None, state) if rt.rank == 0 else None
-            rt.commit(run.store, staged, len(rows))
+    with stopping.deferred(cfg.preempt_checkpoint):  # a SIGTERM is acted on after the iteration in flight
+        for it in range(len(rows), cfg.iterations):
+            start = time.perf_counter()
+            prompts = iteration_prompts(pool, cfg.prompts_per_iteration, cfg.seed, it)
+            reward_fn = judged_reward(pipe, judge, prompts, cfg.group_size)
+            stats = _step(run, pipe, reference, optimizer, prompts, reward_fn, it, text_ids)
+            rows.append({"iteration": it + 1, "lr": cfg.lr} | stats | {"seconds": time.perf_counter() - start})
+            log(rows[-1])
+            if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations or stopping.requested():
+                state = {"history": rows, "run_id": run.run_id}
+                staged = run.store.save(len(rows), model, optimizer, schedule, None, state) if rt.rank == 0 else None
+                rt.commit(run.store, staged, len(rows))
+            if stopping.requested():  # preempted: this iteration's checkpoint is saved
+                raise Terminated(f"terminated by SIGTERM after saving the checkpoint of iteration {it + 1}")
     return rows
 
 

@@ -473,6 +473,7 @@ class AlignConfig(Section):
     held_out_fraction: Annotated[float, Field(ge=0, lt=1)]  # of each category's combinations, never aligned on
     checkpoint_every: PositiveInt
     keep_checkpoints: PositiveInt
+    preempt_checkpoint: bool  # SIGTERM: save the iteration in flight, then stop (exit 143)
     quick_prompts: PositiveInt  # balanced prompts per category scored before and after (seen / held out)
     seed: int
 
