@@ -249,6 +249,7 @@ def _cut(path: Path) -> None:
         ("val", lambda p: p.write_bytes(p.read_bytes() + b"\0" * 64), "(truncated or altered)"),
         ("test", lambda p: p.unlink(), "missing (index.jsonl lists"),
         ("train", lambda p: p.write_bytes(b"\xff" * 8 + p.read_bytes()[8:]), "not a readable shard"),
+        ("val", lambda p: p.write_bytes(len(b"[1]").to_bytes(8, "little") + b"[1]"), "not a readable shard"),
     ],
 )
 def test_a_bad_latent_shard_is_named_before_training_starts(tiny_pipeline, tmp_path, split, damage, expected):

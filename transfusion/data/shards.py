@@ -90,7 +90,7 @@ def shard_header(path: Path) -> tuple[dict, int]:
                 raise ValueError(f"header of {length} bytes")
             header = json.loads(fh.read(length))
         end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-    except (OSError, ValueError, struct.error, KeyError, TypeError, IndexError) as err:
+    except (OSError, ValueError, struct.error, KeyError, TypeError, IndexError, AttributeError) as err:
         raise DataError(f"{path}: not a readable shard ({err})") from None
     return header, 8 + length + end
 
