@@ -26,7 +26,6 @@ from pydantic import BaseModel, ConfigDict
 
 from transfusion import stopping
 from transfusion.config import AlignConfig, DiffusionConfig, MixtureConfig, Params, PathsConfig, SamplingConfig
-from transfusion.errors import Terminated
 
 
 class AlignRun(BaseModel):
@@ -131,8 +130,7 @@ def align_loop(run: AlignRun, runtime=None) -> list[dict]:
                 state = {"history": rows, "run_id": run.run_id}
                 staged = run.store.save(len(rows), model, optimizer, schedule, None, state) if rt.rank == 0 else None
                 rt.commit(run.store, staged, len(rows))
-            if stopping.requested():  # preempted: this iteration's checkpoint is saved
-                raise Terminated(f"terminated by SIGTERM after saving the checkpoint of iteration {it + 1}")
+            stopping.stop_if_requested("iteration", it + 1)  # preempted: this iteration's checkpoint is saved
     return rows
 
 

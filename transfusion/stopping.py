@@ -71,3 +71,10 @@ def deferred(enabled: bool = True) -> Iterator[None]:
 def requested() -> bool:
     """Whether a deferred SIGTERM waits to be acted on."""
     return bool(_state["requested"])
+
+
+def stop_if_requested(unit: str, n: int) -> None:
+    """Act on a deferred SIGTERM, once the checkpoint of ``unit`` ``n`` (step 12, iteration 5)
+    is saved: ``Terminated``, its message naming that checkpoint."""
+    if requested():
+        raise Terminated(f"terminated by SIGTERM after saving the checkpoint of {unit} {n}")

@@ -41,7 +41,7 @@ from torch import nn
 
 from transfusion import stopping
 from transfusion.config import DiffusionConfig, TrainConfig
-from transfusion.errors import Terminated, UserError
+from transfusion.errors import UserError
 from transfusion.optim import warmup_cosine
 from transfusion.train.run import TrainRun
 
@@ -232,8 +232,7 @@ def train_loop(cfg: TrainRun, runtime: Runtime | None = None) -> dict:
                 st.probes.append(watch.probe(st))
             if step % tc.checkpoint_every == 0 or step == tc.steps or stopping.requested():
                 _checkpoint(st, cfg, rt)
-            if stopping.requested():  # preempted: the checkpoint of this step is saved
-                raise Terminated(f"terminated by SIGTERM after saving the checkpoint of step {step}")
+            stopping.stop_if_requested("step", step)  # preempted: the checkpoint of this step is saved
             if is_main and step % tc.sample_every == 0 and step < tc.steps:  # the final grid: the training stage
                 watch.sample_grid(st, step)
     # 3. the run's metrics (Ray hands rank 0's to the driver)
