@@ -3,7 +3,7 @@ SHELL := /bin/bash
 include transfusion/defaults.env  # the environment of every entry point, written once
 .EXPORT_ALL_VARIABLES:
 
-.PHONY: setup repro test test-all lint lock
+.PHONY: setup browser repro test test-all lint lock
 
 setup:
 	@scripts/setup.sh
@@ -14,7 +14,10 @@ repro: setup  ## set up, then run the default pipeline
 test: setup  ## set up, then run the test suite (slow tests excluded)
 	.venv/bin/python -m pytest -m "not slow and not gpu"
 
-test-all: setup  ## everything but the GPU tests (slow ones included)
+browser:  ## Debian's chromium, for the MLflow UI test (slow) and screenshots; apt-get needs root
+	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; }
+
+test-all: setup browser  ## everything but the GPU tests (slow ones included)
 	.venv/bin/python -m pytest -m "not gpu"
 
 lint: setup  ## ruff: lint and format check (settings in pyproject.toml)

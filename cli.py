@@ -119,6 +119,7 @@ STAGES = {  # the stages without options of their own: name -> help
     "judge": "Stage judge: train the cell classifier that reads scenes; report its test exact match.",
     "reader": "Stage reader: train the second reader (another seed and shape) that checks the judge.",
     "eval": "Stage eval: GenEval-style score, FID/KID, captioning accuracy, text bits per byte.",
+    "track": "Stage track: close the pipeline run's MLflow parent run and register its model (latest).",
 }
 
 
@@ -175,7 +176,11 @@ def align(
 # ---------------------------------------------------------------------------------------------
 ModelOpt = Annotated[
     str | None,
-    typer.Option("--model", "-m", help="Model folder or MLflow URI (runs:/<id>/model). Default: paths.model."),
+    typer.Option(
+        "--model",
+        "-m",
+        help="Model folder or MLflow URI (runs:/<id>/model, models:/transfusion@champion). Default: paths.model.",
+    ),
 ]
 IntervalOpt = Annotated[
     tuple[float, float] | None,
@@ -370,14 +375,80 @@ def runs(
     params: ParamsOpt = None,
     set_: SetOpt = None,
     stage: Annotated[str | None, typer.Option(help="Only runs of this stage.")] = None,
+    compare: Annotated[
+        bool, typer.Option("--compare", help="Pipeline runs side by side: headline metrics, params that differ.")
+    ] = False,
+    run: Annotated[
+        list[str] | None, typer.Option("--run", help="With --compare: a pipeline run's name or id (repeatable).")
+    ] = None,
+    last: Annotated[int, typer.Option(min=1, max=50, help="With --compare and no --run: the newest N.")] = 3,
 ) -> None:
-    """List the MLflow runs of the experiment (newest first) with their metrics."""
-    from transfusion.tracking import find_runs
+    """List the MLflow runs of the experiment (newest first) with their metrics, or compare
+    pipeline runs (one MLflow parent run per `dvc repro` / `dvc exp run`)."""
+    from transfusion import tracking
 
     cfg = _load(params, set_)
-    for r in _guard(lambda: find_runs(cfg.tracking, stage), code=2):
+    if compare:
+        rows = _guard(lambda: tracking.compare(tracking.find_parents(cfg.tracking, run, last)), code=2)
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        for row in rows:
+            typer.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+        return
+    for r in _guard(lambda: tracking.find_runs(cfg.tracking, stage), code=2):
         shown = ", ".join(f"{k}={v:.4g}" for k, v in sorted(r["metrics"].items()))
-        typer.echo(f"{r['run_id']}  {r['name']:<10} {r['status']:<9} {shown}")
+        parent = r["tags"].get("mlflow.parentRunId")
+        typer.echo(f"{r['run_id']}  {r['name']:<16} {r['status']:<9} {'  ' if parent else ''}{shown}")
+
+
+@app.command()
+def promote(
+    params: ParamsOpt = None,
+    set_: SetOpt = None,
+    run: Annotated[
+        str | None, typer.Option("--run", help="The pipeline run (name or id) to promote; default: the best.")
+    ] = None,
+    metric: Annotated[str, typer.Option(help="The eval metric compared (on the pipeline runs).")] = "geneval_overall",
+    lower_is_better: Annotated[bool, typer.Option("--lower-is-better", help="For losses, FID, bits/byte.")] = False,
+) -> None:
+    """Alias the registered model's version `champion` when its pipeline run's METRIC beats the
+    current champion's (models:/transfusion@champion)."""
+    from transfusion import tracking
+
+    cfg = _load(params, set_)
+    out = _guard(lambda: tracking.promote(cfg.tracking, metric, not lower_is_better, run))
+    name = cfg.tracking.registered_model
+    if out["promoted"]:
+        typer.echo(f"{name}@champion -> version {out['champion']} ({metric} {out['score']:.4g})")
+    else:
+        typer.echo(
+            f"{name}@champion stays version {out['champion']} ({metric} {out['champion_score']:.4g}; "
+            f"best candidate version {out['candidate']}: {out['score']:.4g})"
+        )
+
+
+@app.command()
+def ui(
+    params: ParamsOpt = None,
+    set_: SetOpt = None,
+    host: Annotated[str, typer.Option(help="Address to serve on (loopback: this machine only).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 5000,
+) -> None:
+    """MLflow's UI on the tracking store (`mlflow ui`), after printing the link that opens on this
+    experiment's runs table; with a tracking server, only the link."""
+    import subprocess
+
+    from transfusion import tracking
+
+    cfg = _load(params, set_)
+    uri, exp_id = _guard(lambda: tracking.experiment(cfg.tracking))
+    if uri.startswith(("http://", "https://")):
+        typer.echo(f"runs: {tracking.ui_url(uri, exp_id)}")
+        return
+    typer.echo(f"runs: {tracking.ui_url(f'http://{host}:{port}', exp_id)}", nl=True)
+    sys.stdout.flush()
+    mlflow = Path(sys.executable).parent / "mlflow"
+    cmd = [str(mlflow), "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    raise typer.Exit(_guard(lambda: subprocess.run(cmd).returncode))
 
 
 def main() -> None:  # pragma: no cover - `python cli.py`

@@ -182,6 +182,31 @@ CASES = [
         2,
         "no tracking database there",
     ),  # fmt: skip
+    (
+        "runs-compare-typo",
+        ["runs", "-p", P, "-S", "tracking.tracking_uri=sqlite:///typo.db", "--compare"],
+        2,
+        "no tracking database there",
+    ),
+    (
+        "promote-sqlite-typo",
+        ["promote", "-p", P, "-S", "tracking.tracking_uri=sqlite:///typo.db"],
+        1,
+        "no tracking database there",
+    ),
+    (
+        "ui-sqlite-typo",
+        ["ui", "-p", P, "-S", "tracking.tracking_uri=sqlite:///typo.db"],
+        1,
+        "no tracking database there",
+    ),
+    ("ui-port", ["ui", "-p", P, "--port", "0"], 2, "'--port'"),
+    (
+        "track-model-name",
+        ["track", "-p", P, "-S", "tracking.registered_model=my model"],
+        2,
+        "tracking.registered_model",
+    ),
     ("unknown-command", ["nosuch"], 2, "No such command 'nosuch'"),
     ("unknown-option", ["generate", "a 7", "--nosuch"], 2, "No such option: --nosuch"),
 ]

@@ -70,7 +70,7 @@ def tiny_repo(tmp_path_factory) -> tuple[Path, dict, str]:
 def test_dvc_repro_end_to_end(tiny_repo, tmp_path):
     repo, resolved, first = tiny_repo
     assert sorted(_ran(first)) == sorted(
-        ["data", "tokenizer", "vae", "latents", "train", "judge", "reader", "align", "eval"]
+        ["data", "tokenizer", "vae", "latents", "train", "judge", "reader", "align", "eval", "track"]
     )
     for key in (
         "data_metrics",
@@ -88,12 +88,12 @@ def test_dvc_repro_end_to_end(tiny_repo, tmp_path):
     assert (repo / "dvc.lock").is_file()
 
     second = _run(["dvc", "repro"], repo)
-    assert _ran(second) == [], second
+    assert _ran(second) == ["track"], second  # only the closing stage, which adds no pipeline run
 
     resolved["vae"]["steps"] = 20
     (repo / "params.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
     third = _run(["dvc", "repro"], repo)
-    assert _ran(third) == ["vae", "latents", "train", "align", "eval"], third
+    assert _ran(third) == ["vae", "latents", "train", "align", "eval", "track"], third
 
     metrics = _run(["dvc", "metrics", "show", "--json"], repo)
     assert "test_psnr" in metrics and "scaling_factor" in metrics and "final_diffusion_loss" in metrics
@@ -137,12 +137,120 @@ def test_dvc_repro_end_to_end(tiny_repo, tmp_path):
     _run(["git", "clone", "-q", str(repo), str(clone)], tmp_path)
     assert not (clone / resolved["paths"]["model"]).exists()
     _run(["dvc", "pull"], clone)
-    assert "Data and pipelines are up to date" in _run(["dvc", "status"], clone)
+    assert " ".join(_run(["dvc", "status"], clone).split()) == "track: always changed"  # all else current
     for key in ("scenes", "latents", "tokenizer", "vae", "judge", "model"):
         assert (clone / resolved["paths"][key]).is_dir(), key
     png = tmp_path / "from-clone.png"
     _run(["python", "cli.py", "generate", "a 7", "-n", "1", "--steps", "2", "--out", str(png)], clone)
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+STAGES = ["data", "tokenizer", "vae", "latents", "train", "judge", "reader", "align", "eval"]
+
+
+def _pipeline_runs(tracking) -> dict[str, dict]:
+    """Every pipeline run (MLflow parent) by name, with its stage runs by stage."""
+    from mlflow import MlflowClient
+
+    from transfusion.tracking import as_dict, find_parents, tracking_uri
+
+    client = MlflowClient(tracking_uri(tracking))
+    out = {}
+    for parent in find_parents(tracking, last=100):
+        children = client.search_runs(
+            [client.get_run(parent["run_id"]).info.experiment_id],
+            f"tags.`mlflow.parentRunId` = '{parent['run_id']}'",
+        )
+        parent["stages"] = {r.data.tags["dvc_stage"]: as_dict(r) for r in children}
+        out[parent["name"]] = parent
+    return out
+
+
+def test_each_pipeline_run_is_an_mlflow_parent_with_its_stages_lineage_and_registered_model(tiny_repo, tmp_path):
+    """The repro(s) of the e2e test and two `dvc exp run`s: one parent each, every stage nested
+    (cached ones linked to the run that produced them), headline metrics equal to the eval run's,
+    inputs as datasets with their dvc.lock digests; models:/transfusion@latest samples an image,
+    a wrong alias is one line, `promote` sets champion, `runs --compare` shows both experiments."""
+    repo, resolved, _ = tiny_repo
+    _run(["dvc", "repro"], repo)  # (whatever an earlier test changed)
+    _run(["git", "add", "-A"], repo)
+    _run(["git", "-c", "user.name=ci", "-c", "user.email=ci@localhost", "commit", "-qm", "base", "--allow-empty"], repo)
+    tracking = load_params(repo / "params.yaml").tracking
+    before = _pipeline_runs(tracking)
+    assert before, "the first dvc repro made no pipeline run"
+    first = list(before.values())[-1]  # the oldest: the first `dvc repro`, every stage ran
+    assert sorted(first["stages"]) == sorted(STAGES)
+    assert all(r["tags"]["transfusion.role"] == "stage" for r in first["stages"].values())
+    for name, seed in (("seed-a", 1), ("seed-b", 2)):
+        out = _run(["dvc", "exp", "run", "-n", name, "-S", f"eval.seed={seed}"], repo)
+        assert _ran(out) == ["eval", "track"], out
+    after = _pipeline_runs(tracking)
+    assert set(after) - set(before) == {"seed-a", "seed-b"}
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]  # the workspace holds seed-b
+    newest = next(iter(before.values()))
+    for name in ("seed-a", "seed-b"):
+        parent = after[name]
+        assert sorted(parent["stages"]) == sorted(STAGES), name
+        assert parent["status"] == "FINISHED" and parent["params"] == {"eval.seed": str(1 + (name == "seed-b"))}
+        ran = parent["stages"]["eval"]
+        assert ran["tags"]["transfusion.role"] == "stage" and ran["status"] == "FINISHED"
+        for stage in STAGES[:-1]:  # skipped by DVC: linked to the run of the newest repro that made it
+            cached = parent["stages"][stage]
+            assert cached["tags"]["transfusion.role"] == "cached", stage
+            assert cached["tags"]["transfusion.produced_by"] == newest["stages"][stage]["tags"].get(
+                "transfusion.produced_by", newest["stages"][stage]["run_id"]
+            ), stage
+            assert cached["metrics"] == {} and cached["params"] == {}  # linked, not re-logged
+        headline = {k: v for k, v in ran["metrics"].items() if k in parent["metrics"]}
+        assert {"text_bits_per_byte", "caption_exact"} <= set(headline)
+        assert parent["metrics"] == pytest.approx(
+            headline | {k: parent["metrics"][k] for k in ("train_wall_s", "train_images_per_s")}
+        )
+    # lineage: the eval run's inputs carry the digests dvc.lock gives them; git commit and dirty flag
+    from mlflow import MlflowClient
+
+    from transfusion.tracking import tracking_uri
+
+    client = MlflowClient(tracking_uri(tracking))
+    eval_run = client.get_run(after["seed-b"]["stages"]["eval"]["run_id"])
+    datasets = {d.dataset.name: d.dataset for d in eval_run.inputs.dataset_inputs}
+    produced = {o["path"]: o["md5"] for entry in lock.values() for o in entry.get("outs", [])}
+    assert {"aligned_model", "judge", "reader", "scenes", "text"} <= set(datasets)
+    for name, dataset in datasets.items():
+        assert dataset.digest == produced[resolved["paths"][name]].removesuffix(".dir"), name
+        assert json.loads(dataset.source)["uri"] == (repo / resolved["paths"][name]).resolve().as_uri()
+    assert eval_run.data.tags["git_dirty"] in ("true", "false") and len(eval_run.data.tags["git_commit"]) == 40
+    eval_lock = {k: v for k, v in eval_run.data.tags.items() if k.startswith("dvc.dep.")}
+    assert eval_lock == {f"dvc.dep.{d['path']}": d["md5"] for d in lock["eval"]["deps"]}
+
+    # the registry: latest is the newest pipeline run's model; a wrong alias is one line
+    png = tmp_path / "latest.png"
+    _run(["python", "cli.py", "generate", "a 7", "-n", "1", "--steps", "2", "-m", "models:/transfusion@latest",
+          "--out", str(png)], repo)  # fmt: skip
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    bad = subprocess.run(["python", "cli.py", "caption", str(png), "-m", "models:/transfusion@nope"], cwd=repo,
+                         env=_env(), capture_output=True, text=True)  # fmt: skip
+    assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    assert "models:/transfusion@nope" in bad.stderr
+    promoted = _run(["python", "cli.py", "promote", "--metric", "text_bits_per_byte", "--lower-is-better"], repo)
+    assert "transfusion@champion -> version" in promoted
+    import mlflow
+
+    from transfusion.tracking.store import use
+
+    use(mlflow, tracking_uri(tracking))  # (without exporting MLFLOW_TRACKING_URI to later tests)
+    drawn = mlflow.pyfunc.load_model("models:/transfusion@champion").predict(["a 7"])  # pyfunc, no pickle
+    assert drawn.shape[0] == 1 and drawn.shape[-1] == 3 and str(drawn.dtype) == "uint8"
+    table = _run(["python", "cli.py", "runs", "--compare", "--run", "seed-a", "--run", "seed-b"], repo)
+    header, *rows = table.splitlines()
+    assert header.split() == ["seed-a", "seed-b"]
+    assert any(r.split() == ["param", "eval.seed", "1", "2"] for r in rows), table
+    assert any(r.startswith("text_bits_per_byte") for r in rows), table
+    missing = subprocess.run(["python", "cli.py", "runs", "--compare", "--run", "nope"], cwd=repo, env=_env(),
+                             capture_output=True, text=True)  # fmt: skip
+    assert missing.returncode == 2 and missing.stderr.strip().splitlines() == [
+        "error: --compare nope: no pipeline run of that name or id in 'transfusion'"
+    ]
 
 
 def _caption_folder(folder: Path, n: int = 24) -> Path:
@@ -213,7 +321,7 @@ def test_dvc_repro_on_a_caption_folder_without_a_judge(tmp_path):
 
     out = _run(["dvc", "repro"], repo)
     assert sorted(_ran(out)) == sorted(
-        ["data", "tokenizer", "vae", "latents", "train", "judge", "reader", "align", "eval"]
+        ["data", "tokenizer", "vae", "latents", "train", "judge", "reader", "align", "eval", "track"]
     )
     judge = json.loads((repo / resolved["paths"]["judge_metrics"]).read_text())
     assert judge["judge_available"] == 0.0

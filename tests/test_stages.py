@@ -90,7 +90,8 @@ def test_streaming_reader_shards_rows_across_workers(tiny_pipeline):
 
 
 def test_mlflow_runs_hold_params_metrics_and_tags(tiny_pipeline):
-    from transfusion.tracking import find_runs, git_commit
+    from transfusion.lineage import git_state
+    from transfusion.tracking import find_runs
 
     runs = {r["name"]: r for r in find_runs(tiny_pipeline.tracking)}
     assert {"data", "tokenizer", "vae", "latents"} <= set(runs)  # (other tests add judge, train runs)
@@ -98,7 +99,7 @@ def test_mlflow_runs_hold_params_metrics_and_tags(tiny_pipeline):
     assert vae_run["status"] == "FINISHED"
     assert vae_run["tags"]["dvc_stage"] == "vae"
     assert vae_run["tags"]["params_hash"] == tiny_pipeline.digest()
-    assert vae_run["tags"]["git_commit"] == git_commit()
+    assert vae_run["tags"]["git_commit"] == git_state()[0]
     assert vae_run["params"]["vae.steps"] == "30"
     vae_metrics = json.loads(tiny_pipeline.paths.vae_metrics.read_text())
     assert vae_run["metrics"]["test_psnr"] == pytest.approx(vae_metrics["test_psnr"])
@@ -133,12 +134,15 @@ def test_a_run_does_not_redirect_later_runs(tiny_params, tmp_path):
     assert "MLFLOW_TRACKING_URI" not in os.environ
 
 
+NEW = {"registered_model": "transfusion", "system_metrics": False, "system_metrics_interval_s": 10}
+
+
 def test_relative_sqlite_uri_is_made_absolute(tmp_path, monkeypatch):
     from transfusion.config import TrackingConfig
     from transfusion.tracking import tracking_uri
 
     monkeypatch.chdir(tmp_path)
-    cfg = lambda uri: TrackingConfig(experiment="x", tracking_uri=uri, artifact_location=None)  # noqa: E731
+    cfg = lambda uri: TrackingConfig(experiment="x", tracking_uri=uri, artifact_location=None, **NEW)  # noqa: E731
     assert tracking_uri(cfg("sqlite:///mlflow.db")) == f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert tracking_uri(cfg("sqlite:////abs/x.db")) == "sqlite:////abs/x.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
@@ -152,7 +156,7 @@ def test_artifact_location_follows_the_store(tmp_path, monkeypatch):
     from transfusion.tracking import artifact_location
 
     monkeypatch.chdir(tmp_path)
-    cfg = TrackingConfig(experiment="x", tracking_uri="unused", artifact_location="mlartifacts")
+    cfg = TrackingConfig(experiment="x", tracking_uri="unused", artifact_location="mlartifacts", **NEW)
     db = tmp_path / "elsewhere" / "mlflow.db"
     assert artifact_location(cfg, f"sqlite:///{db}") == (db.parent / "mlartifacts").as_uri()
     assert artifact_location(cfg, "http://127.0.0.1:5000") is None

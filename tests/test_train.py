@@ -274,6 +274,21 @@ def test_training_logs_to_a_tracking_server(tiny_pipeline, tmp_path):
         assert client.get_run(run_id).info.artifact_uri.startswith("mlflow-artifacts:")  # through the server
         assert list((store / "artifacts").rglob("step-00000004.png"))  # ... into its destination
         assert not (tmp_path / "mlartifacts").exists() and not any(tmp_path.rglob("mlartifacts"))
+
+        # the registry through the server: the export registered, then read back by alias over HTTP
+        import mlflow
+
+        from transfusion.pipeline import TransfusionPipeline
+        from transfusion.tracking import registry
+        from transfusion.tracking.store import use
+
+        use(mlflow, uri)
+        assert registry.register(mlflow, client, "transfusion", run_id, p.paths.model) == "1"
+        client.set_registered_model_alias("transfusion", "champion", "1")
+        for alias in ("latest", "champion"):
+            pipe = TransfusionPipeline.from_uri(f"models:/transfusion@{alias}", uri)  # what -m does
+            assert pipe.sample_images(["a 7"], steps=2).shape == (1, pipe.image_size, pipe.image_size, 3)
+        assert list((store / "artifacts").rglob("MLmodel"))  # uploaded through the server
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -101,6 +101,11 @@ class TrackingConfig(Section):
     # Where a new experiment stores artifacts: a folder (beside a sqlite database), a URI
     # (s3://...), or null; a tracking server (http://) keeps them itself (--artifacts-destination).
     artifact_location: str | None
+    # Each pipeline run's model is registered under this name (aliases latest, champion).
+    registered_model: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")]
+    # CPU, memory (and GPU, with nvidia-ml-py) sampled into the training stages' runs.
+    system_metrics: bool
+    system_metrics_interval_s: Annotated[float, Field(ge=1.0)]
 
 
 # ---------------------------------------------------------------------------------------------

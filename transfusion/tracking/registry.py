@@ -1,0 +1,103 @@
+"""The model registry: each pipeline run's model (what ``eval`` scored) logged as an MLflow pyfunc
+model on the parent run (the pipeline folder as its data, loaded by ``transfusion.serving``: no
+pickle) and registered under ``tracking.registered_model``, one version per pipeline run, so
+``models:/transfusion@latest`` (MLflow's reserved alias: the highest version) is the newest
+pipeline run's model. :func:`promote` moves ``champion`` by comparing the parents' eval metrics.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from transfusion.errors import BadInput, MissingInput
+from transfusion.io import MANIFEST, sha256_of
+
+WEIGHTS_TAG, RUN_TAG = "weights_sha256", "pipeline_run"
+
+
+def register(mlflow, client, name: str, parent: str, folder: Path, description: str = "") -> str:
+    """A new version of ``name`` for the pipeline run ``parent`` (MLflow's reserved alias
+    ``latest`` is always the highest version: this one). Weights registered before (same
+    manifest sha256) are not uploaded again: the version points at their logged model."""
+    weights = sha256_of(Path(folder) / MANIFEST)
+    same = [v for v in _versions(client, name) if v.tags.get(WEIGHTS_TAG) == weights]
+    tags = {WEIGHTS_TAG: weights, RUN_TAG: parent}
+    if same:
+        old = same[0]
+        version = client.create_model_version(
+            name, old.source, run_id=parent, tags=tags, model_id=getattr(old, "model_id", None)
+        ).version
+    else:
+        with mlflow.start_run(run_id=parent):
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                loader_module="transfusion.serving",
+                data_path=str(folder),
+                pip_requirements=["transfusion"],
+                registered_model_name=name,
+            )
+        version = str(info.registered_model_version)
+        for key, value in tags.items():
+            client.set_model_version_tag(name, version, key, value)
+    if description:
+        client.update_model_version(name, str(version), description=description)
+    client.set_tag(parent, "model_version", f"{name}/{version}")
+    return str(version)
+
+
+def _versions(client, name: str) -> list:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        return []
+    return sorted(client.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version))
+
+
+def _metric(client, run_id: str, metric: str) -> float | None:
+    return client.get_run(run_id).data.metrics.get(metric)
+
+
+def promote(client, name: str, metric: str, higher: bool, run: str | None = None) -> dict[str, Any]:
+    """Alias ``champion`` to the version of ``run`` (a parent run id or name; None: the best
+    version) when its ``metric`` beats the current champion's (or there is none)."""
+    versions = _versions(client, name)
+    if not versions:
+        raise MissingInput(f"registered model {name!r}: no versions (a `dvc repro` registers one)")
+    scored = [(v, _metric(client, v.tags.get(RUN_TAG, v.run_id), metric)) for v in versions]
+    if run is not None:
+        scored = [(v, s) for v, s in scored if run in (v.tags.get(RUN_TAG), v.run_id, _run_name(client, v))]
+        if not scored:
+            raise MissingInput(f"--run {run}: no version of {name!r} was registered by that run")
+    scored = [(v, s) for v, s in scored if s is not None]
+    if not scored:
+        raise BadInput(f"--metric {metric}: no registered version's run has this metric")
+    sign = 1.0 if higher else -1.0
+    candidate, score = max(scored, key=lambda vs: sign * vs[1])
+    current = _alias(client, name, "champion")
+    held = _metric(client, current.tags.get(RUN_TAG, current.run_id), metric) if current else None
+    promoted = current is None or (held is None or sign * score > sign * held)
+    if promoted:
+        client.set_registered_model_alias(name, "champion", candidate.version)
+    return {
+        "promoted": promoted,
+        "candidate": str(candidate.version),
+        "score": score,
+        "champion": str(candidate.version if promoted else current.version),
+        "champion_score": score if promoted else held,
+    }
+
+
+def _run_name(client, version) -> str:
+    return client.get_run(version.tags.get(RUN_TAG, version.run_id)).info.run_name
+
+
+def _alias(client, name: str, alias: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
