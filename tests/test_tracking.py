@@ -201,3 +201,61 @@ def test_each_pipeline_run_registers_a_version_and_promote_moves_champion_by_an_
     with pytest.raises(MissingInput, match=r"^models:/transfusion@nope: cannot fetch") as err:
         download_artifacts("models:/transfusion@nope", uri)
     assert "\n" not in str(err.value)
+
+
+def test_closing_links_cached_stages_to_their_producer_and_a_no_op_makes_no_parent(tmp_path, monkeypatch):
+    """`track` outside a running pipeline (its own key): the first close makes a parent whose
+    stages DVC skipped are FINISHED `(cached)` runs; a stage run tagged with the same dvc.lock
+    entry is named as their producer; closing again with the same dvc.lock makes no new parent;
+    a changed dvc.lock does. The parent ends FINISHED with the eval metrics file's headline."""
+    import json
+
+    import mlflow
+
+    from transfusion.tracking import close_pipeline, find_parents, tracking_uri
+    from transfusion.tracking.store import open_store
+
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    stages = {"data": {"cmd": "a", "outs": ["d"]}, "eval": {"cmd": "b", "deps": ["d"], "outs": ["e"]}}
+    (work / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages | {"track": {"cmd": "c"}}}))
+
+    def lock(eval_md5: str) -> dict:
+        return {
+            "data": {"cmd": "a", "outs": [{"path": "d", "md5": "1" * 32}]},
+            "eval": {"cmd": "b", "deps": [{"path": "d", "md5": "1" * 32}], "outs": [{"path": "e", "md5": eval_md5}]},
+        }
+
+    (work / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": lock("2" * 32)}))
+    params = _params(tmp_path)
+    moved = {"eval_metrics": work / "eval.json", "train_metrics": work / "train.json", "aligned_model": work / "none"}
+    params = params.model_copy(update={"paths": params.paths.model_copy(update=moved)})
+    (work / "eval.json").write_text(json.dumps({"geneval_overall": 0.5, "geneval_overall_se": 0.01, "other": 3.0}))
+    # an earlier run of `data` whose dvc.lock entry is today's: the producer to name
+    from transfusion.lineage import lock_digest
+
+    _, client, exp_id = open_store(params.tracking)
+    tags = {"dvc_stage": "data", "transfusion.role": "stage", "dvc.lock_md5": lock_digest(lock("")["data"])}
+    producer = client.create_run(exp_id, run_name="data", tags=tags).info.run_id
+    client.set_terminated(producer)
+
+    first = close_pipeline(params)
+    assert not first["unchanged"] and first["ran"] == 0
+    client = mlflow.MlflowClient(tracking_uri(params.tracking))
+    parent = client.get_run(first["pipeline_run"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics == {"geneval_overall": 0.5, "geneval_overall_se": 0.01}  # headline only
+    children = client.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{first['pipeline_run']}'")
+    by_stage = {r.data.tags["dvc_stage"]: r for r in children}
+    assert sorted(by_stage) == ["data", "eval"] and all(r.info.status == "FINISHED" for r in children)
+    assert by_stage["data"].data.tags["transfusion.produced_by"] == producer
+    assert by_stage["eval"].data.tags["transfusion.produced_by"] == "unknown"
+    assert "no run in this experiment recorded" in by_stage["eval"].data.tags["mlflow.note.content"]
+
+    again = close_pipeline(params)
+    assert again["unchanged"] and again["pipeline_run"] == first["pipeline_run"]
+    (work / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": lock("3" * 32)}))
+    third = close_pipeline(params)
+    assert not third["unchanged"] and third["pipeline_run"] != first["pipeline_run"]
+    assert len(find_parents(params.tracking, last=10)) == 2

@@ -52,7 +52,7 @@ def close_pipeline(params: Params) -> dict[str, Any]:
     headline metrics) and register the model ``eval`` scored as a new version (``@latest``)."""
     mlflow, client, exp_id = open_store(params.tracking)
     result = parents.close_pipeline(mlflow, client, exp_id, params)
-    if result["ran"] == 0:
+    if result["unchanged"]:  # DVC ran nothing: no new pipeline run
         return result
     parent, folder = result["pipeline_run"], params.paths.aligned_model
     try:

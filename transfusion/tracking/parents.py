@@ -196,7 +196,7 @@ def close_pipeline(mlflow, client, exp_id: str, params: Params) -> dict[str, Any
         found = _find(client, exp_id, key)
         newest = _newest_parent(client, exp_id) if found is None else None
         if newest is not None and newest.data.tags.get(STATE_TAG) == state:
-            return {"pipeline_run": newest.info.run_id, "name": newest.info.run_name, "ran": 0}
+            return {"pipeline_run": newest.info.run_id, "name": newest.info.run_name, "ran": 0, "unchanged": True}
         parent = found.info.run_id if found else _create(client, exp_id, key, params)
     children, sources = _children(client, exp_id, parent), {}
     for stage in stages:
@@ -215,4 +215,5 @@ def close_pipeline(mlflow, client, exp_id: str, params: Params) -> dict[str, Any
         client.log_batch(parent, metrics=[Metric(k, v, now, 0) for k, v in sorted(headline.items())])
     client.set_tag(parent, STATE_TAG, state)
     ran = sum(1 for s in stages if s in children)
-    return {"pipeline_run": parent, "name": client.get_run(parent).info.run_name, "ran": ran, "metrics": headline}
+    name = client.get_run(parent).info.run_name
+    return {"pipeline_run": parent, "name": name, "ran": ran, "metrics": headline, "unchanged": False}
