@@ -409,20 +409,24 @@ def promote(
     ] = None,
     metric: Annotated[str, typer.Option(help="The eval metric compared (on the pipeline runs).")] = "geneval_overall",
     lower_is_better: Annotated[bool, typer.Option("--lower-is-better", help="For losses, FID, bits/byte.")] = False,
+    min_se: Annotated[
+        float, typer.Option("--min-se", min=0.0, max=10.0, help="Standard errors of the gap a challenger must beat.")
+    ] = 2.0,
 ) -> None:
     """Alias the registered model's version `champion` when its pipeline run's METRIC beats the
-    current champion's (models:/transfusion@champion)."""
+    current champion's by more than --min-se standard errors of the gap (models:/transfusion@champion)."""
     from transfusion import tracking
 
     cfg = _load(params, set_)
-    out = _guard(lambda: tracking.promote(cfg.tracking, metric, not lower_is_better, run))
+    out = _guard(lambda: tracking.promote(cfg.tracking, metric, not lower_is_better, run, min_se))
     name = cfg.tracking.registered_model
     if out["promoted"]:
         typer.echo(f"{name}@champion -> version {out['champion']} ({metric} {out['score']:.4g})")
     else:
         typer.echo(
             f"{name}@champion stays version {out['champion']} ({metric} {out['champion_score']:.4g}; "
-            f"best candidate version {out['candidate']}: {out['score']:.4g})"
+            f"best candidate version {out['candidate']}: {out['score']:.4g}, a gap under {out['needed']:.2g} "
+            f"= {min_se:g} standard errors)"
         )
 
 

@@ -385,3 +385,10 @@ def test_two_queued_experiments_in_parallel_are_two_mlflow_runs(tiny_repo):
     mlflow_rows = sorted((float(r["params"]["train.lr"]), r["metrics"]["final_loss"]) for r in runs)
     assert mlflow_rows == sorted((float(lr), loss) for lr, loss in dvc_rows.values())
     assert len({r["run_id"] for r in find_runs(tracking, "eval")}) >= 3  # the base run's eval + one per experiment
+    # each queued experiment is its own pipeline run (parent), named after it, its train run nested
+    parents = _pipeline_runs(tracking)
+    assert {"lr-a", "lr-b"} <= set(parents)
+    for name, lr in lrs.items():
+        assert parents[name]["status"] == "FINISHED" and parents[name]["params"]["train.lr"] == lr
+        assert parents[name]["stages"]["train"]["tags"]["transfusion.role"] == "stage"
+        assert parents[name]["stages"]["train"]["params"]["train.lr"] == lr

@@ -179,11 +179,14 @@ def test_each_pipeline_run_registers_a_version_and_promote_moves_champion_by_an_
         return tmp_path / name
 
     a, b = folder("a", b"1" * 100), folder("b", b"2" * 100)
-    runs = []
-    for weights, score in ((a, 0.5), (b, 0.7), (a, 0.6)):
+
+    def pipeline_run(weights: Path, score: float) -> tuple[str, str]:
         run = client.create_run(exp_id, tags={"transfusion.role": "pipeline"}).info.run_id
         client.log_metric(run, "geneval_overall", score)
-        runs.append((run, registry.register(mlflow, client, "transfusion", run, weights)))
+        client.log_metric(run, "geneval_overall_se", 0.01)
+        return run, registry.register(mlflow, client, "transfusion", run, weights)
+
+    runs = [pipeline_run(weights, score) for weights, score in ((a, 0.5), (b, 0.7), (a, 0.6))]
     assert [v for _, v in runs] == ["1", "2", "3"]
     v1, v3 = client.get_model_version("transfusion", "1"), client.get_model_version("transfusion", "3")
     assert v3.source == v1.source and v3.run_id == runs[2][0]  # the same upload, its own pipeline run
@@ -198,6 +201,11 @@ def test_each_pipeline_run_registers_a_version_and_promote_moves_champion_by_an_
     lower = promote(params.tracking, "geneval_overall", higher=False)  # 0.5 beats 0.7 when lower wins
     assert lower["promoted"] and lower["champion"] == "1"
     assert (download_artifacts("models:/transfusion@champion", uri) / "model.safetensors").read_bytes() == b"1" * 100
+    assert promote(params.tracking, "geneval_overall")["champion"] == "2"  # back: 0.7 - 0.5 >> 2 SE
+    pipeline_run(b, 0.71)  # version 4: 0.01 better, within 2 standard errors of the gap (0.028)
+    noise = promote(params.tracking, "geneval_overall")
+    assert not noise["promoted"] and noise["candidate"] == "4" and noise["needed"] == pytest.approx(0.02828, abs=1e-4)
+    assert promote(params.tracking, "geneval_overall", z=0.0)["champion"] == "4"  # told to take any gain
     with pytest.raises(MissingInput, match=r"^models:/transfusion@nope: cannot fetch") as err:
         download_artifacts("models:/transfusion@nope", uri)
     assert "\n" not in str(err.value)
@@ -259,3 +267,21 @@ def test_closing_links_cached_stages_to_their_producer_and_a_no_op_makes_no_pare
     third = close_pipeline(params)
     assert not third["unchanged"] and third["pipeline_run"] != first["pipeline_run"]
     assert len(find_parents(params.tracking, last=10)) == 2
+
+
+def test_the_params_that_differ_are_measured_against_the_committed_params_resolved(tmp_path, monkeypatch):
+    """params.yaml committed with `system_metrics_interval_s: 10` (an int) and the run's resolved
+    10.0 are one value; an override is the one difference."""
+    from transfusion.config import load_params
+    from transfusion.lineage import baseline_params, params_diff
+
+    repo = Path(__file__).resolve().parents[1]
+    (tmp_path / "params.yaml").write_text((repo / "params.yaml").read_text())
+    assert "system_metrics_interval_s: 10\n" in (tmp_path / "params.yaml").read_text()
+    commit = ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "p"]
+    for args in (["init", "-q"], ["add", "params.yaml"], commit):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DVC_EXP_BASELINE_REV", raising=False)
+    run = load_params([tmp_path / "params.yaml"], ["train.lr=0.5"])
+    assert params_diff(run.model_dump(mode="json"), baseline_params()) == {"train.lr": "0.5"}

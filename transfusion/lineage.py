@@ -84,8 +84,20 @@ def baseline_params(cwd: Path | None = None) -> dict[str, Any] | None:
     text = _git("show", f"{rev}:params.yaml", cwd=cwd)
     if text is None:
         return None
-    loaded = yaml.safe_load(text)
-    return loaded if isinstance(loaded, dict) else None
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return None
+    if not isinstance(loaded, dict):
+        return None
+    from pydantic import ValidationError
+
+    from transfusion.config import Params
+
+    try:  # resolved as the run's own params are (10 and 10.0 are one value), else as written
+        return Params.model_validate(loaded).model_dump(mode="json")
+    except ValidationError:
+        return loaded
 
 
 def params_diff(current: dict[str, Any], baseline: dict[str, Any] | None) -> dict[str, str]:

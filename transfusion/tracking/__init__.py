@@ -72,11 +72,13 @@ def _summary(result: dict[str, Any]) -> str:
     return f"pipeline run {result['name']}" + (f": {scores}" if scores else "")
 
 
-def promote(cfg: TrackingConfig, metric: str, higher: bool = True, run: str | None = None) -> dict[str, Any]:
+def promote(
+    cfg: TrackingConfig, metric: str, higher: bool = True, run: str | None = None, z: float = 2.0
+) -> dict[str, Any]:
     """Alias ``champion`` to the registered version whose pipeline run has the best ``metric``
-    (or ``run``'s version) if it beats the current champion."""
+    (or ``run``'s version) if it beats the current champion by more than ``z`` standard errors."""
     _, client, _ = read_store(cfg)
-    return registry.promote(client, cfg.registered_model, metric, higher, run)
+    return registry.promote(client, cfg.registered_model, metric, higher, run, z)
 
 
 def find_parents(cfg: TrackingConfig, names: list[str] | None = None, last: int = 3) -> list[dict[str, Any]]:

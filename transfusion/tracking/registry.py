@@ -7,6 +7,7 @@ pipeline run's model. :func:`promote` moves ``champion`` by comparing the parent
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -56,38 +57,43 @@ def _versions(client, name: str) -> list:
     return sorted(client.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version))
 
 
-def _metric(client, run_id: str, metric: str) -> float | None:
-    return client.get_run(run_id).data.metrics.get(metric)
-
-
-def promote(client, name: str, metric: str, higher: bool, run: str | None = None) -> dict[str, Any]:
+def promote(client, name: str, metric: str, higher: bool, run: str | None = None, z: float = 2.0) -> dict[str, Any]:
     """Alias ``champion`` to the version of ``run`` (a parent run id or name; None: the best
-    version) when its ``metric`` beats the current champion's (or there is none)."""
+    version) when its ``metric`` beats the current champion's by more than ``z`` standard errors
+    of the gap (``<metric>_se`` on both runs; a gap under two of them is noise), or there is none."""
     versions = _versions(client, name)
     if not versions:
         raise MissingInput(f"registered model {name!r}: no versions (a `dvc repro` registers one)")
-    scored = [(v, _metric(client, v.tags.get(RUN_TAG, v.run_id), metric)) for v in versions]
+    scored = [(v, _score(client, v, metric)) for v in versions]
     if run is not None:
         scored = [(v, s) for v, s in scored if run in (v.tags.get(RUN_TAG), v.run_id, _run_name(client, v))]
         if not scored:
             raise MissingInput(f"--run {run}: no version of {name!r} was registered by that run")
-    scored = [(v, s) for v, s in scored if s is not None]
+    scored = [(v, s) for v, s in scored if s[0] is not None]
     if not scored:
         raise BadInput(f"--metric {metric}: no registered version's run has this metric")
     sign = 1.0 if higher else -1.0
-    candidate, score = max(scored, key=lambda vs: sign * vs[1])
+    candidate, (score, se) = max(scored, key=lambda vs: sign * vs[1][0])
     current = _alias(client, name, "champion")
-    held = _metric(client, current.tags.get(RUN_TAG, current.run_id), metric) if current else None
-    promoted = current is None or (held is None or sign * score > sign * held)
+    held, held_se = _score(client, current, metric) if current else (None, None)
+    needed = z * math.hypot(se, held_se) if se is not None and held_se is not None else 0.0
+    promoted = held is None or sign * (score - held) > needed
     if promoted:
         client.set_registered_model_alias(name, "champion", candidate.version)
     return {
         "promoted": promoted,
         "candidate": str(candidate.version),
         "score": score,
+        "needed": needed,
         "champion": str(candidate.version if promoted else current.version),
         "champion_score": score if promoted else held,
     }
+
+
+def _score(client, version, metric: str) -> tuple[float | None, float | None]:
+    """(metric, its standard error or None) on the pipeline run that registered ``version``."""
+    metrics = client.get_run(version.tags.get(RUN_TAG, version.run_id)).data.metrics
+    return metrics.get(metric), metrics.get(f"{metric}_se")
 
 
 def _run_name(client, version) -> str:
