@@ -425,8 +425,8 @@ def promote(
     else:
         typer.echo(
             f"{name}@champion stays version {out['champion']} ({metric} {out['champion_score']:.4g}; "
-            f"best candidate version {out['candidate']}: {out['score']:.4g}, a gap under {out['needed']:.2g} "
-            f"= {min_se:g} standard errors)"
+            f"candidate version {out['candidate']}: {out['score']:.4g}, not better by more than "
+            f"{out['needed']:.2g} = {min_se:g} standard errors of the gap)"
         )
 
 
