@@ -448,7 +448,7 @@ def ui(
     if uri.startswith(("http://", "https://")):
         typer.echo(f"runs: {tracking.ui_url(uri, exp_id)}")
         return
-    typer.echo(f"runs: {tracking.ui_url(f'http://{host}:{port}', exp_id)}", nl=True)
+    typer.echo(f"runs: {tracking.ui_url(f'http://{host}:{port}', exp_id)}")
     sys.stdout.flush()
     mlflow = Path(sys.executable).parent / "mlflow"
     cmd = [str(mlflow), "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]

@@ -17,6 +17,7 @@ import os
 import re
 import socket
 import subprocess
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,14 +40,14 @@ def _is_dvc(cmdline: list[str]) -> bool:
     return "dvc" in words or (len(cmdline) > 2 and cmdline[1:3] == ["-m", "dvc"])
 
 
-def invocation_key(pid: int | None = None) -> str | None:
+def invocation_key() -> str | None:
     """``host:pid:start`` of the nearest ``dvc`` process above this one (None: not under DVC):
     one value for every stage of a pipeline run, another for the next run."""
     import psutil
 
     if dvc_stage() is None:
         return None
-    proc = psutil.Process(pid or os.getpid()).parent()
+    proc = psutil.Process().parent()
     while proc is not None:
         try:
             if _is_dvc(proc.cmdline()):
@@ -100,20 +101,23 @@ def baseline_params(cwd: Path | None = None) -> dict[str, Any] | None:
         return loaded
 
 
-def params_diff(current: dict[str, Any], baseline: dict[str, Any] | None) -> dict[str, str]:
-    """Flat ``section.key -> value`` of ``current`` where it differs from ``baseline``."""
-    now, then = _flat(current), _flat(baseline or {})
-    return {k: v for k, v in now.items() if then.get(k) != v}
-
-
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    out: dict[str, str] = {}
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"vae": {"lr": 1e-3}}`` -> ``{"vae.lr": 1e-3}`` (lists and None as strings): params as
+    MLflow logs them."""
+    out: dict[str, Any] = {}
     for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, key + "."))
         else:
-            out[f"{prefix}{k}"] = json.dumps(v, sort_keys=True, default=str)
+            out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
     return out
+
+
+def params_diff(current: dict[str, Any], baseline: dict[str, Any] | None) -> dict[str, str]:
+    """Flat ``section.key -> value`` (as text) of ``current`` where it differs from ``baseline``."""
+    now, then = flatten(current), flatten(baseline or {})
+    return {k: str(v) for k, v in now.items() if k not in then or str(then[k]) != str(v)}
 
 
 def short_hash(text: str, n: int = 8) -> str:

@@ -14,6 +14,7 @@ from typing import Any
 
 from transfusion.config import Params, TrackingConfig
 from transfusion.errors import BadInput, MissingInput
+from transfusion.lineage import flatten
 from transfusion.tracking import parents, registry
 from transfusion.tracking.runs import (
     NullLogger,
@@ -22,7 +23,6 @@ from transfusion.tracking.runs import (
     as_dict,
     download_artifacts,
     find_runs,
-    flatten,
     stage_run,
 )
 from transfusion.tracking.store import artifact_location, open_store, read_store, sqlite_path, tracking_uri

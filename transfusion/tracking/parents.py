@@ -23,7 +23,7 @@ from typing import Any
 
 from transfusion import lineage
 from transfusion.config import Params
-from transfusion.tracking.store import first_use_lock, tracking_uri
+from transfusion.tracking.store import first_use_lock, log_metrics, log_params, tracking_uri
 
 PIPELINE_TAG = "transfusion.pipeline"  # the pipeline run's key, on the parent
 ROLE_TAG = "transfusion.role"  # pipeline | stage | cached
@@ -62,13 +62,9 @@ def _create(client, exp_id: str, key: str, params: Params) -> str:
     commit = tags["git_commit"][:7] if tags["git_commit"] != "unknown" else "no-commit"
     name = lineage.experiment_name() or f"{commit}-{params.digest()[:8]}"
     run = client.create_run(exp_id, run_name=name, tags=tags)
-    diff = lineage.params_diff(params.model_dump(mode="json"), lineage.baseline_params())
-    items = [(k, v[:6000]) for k, v in sorted(diff.items())]
-    from mlflow.entities import Param
-
-    for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
-        client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in items[i : i + 100]])
-    client.set_tag(run.info.run_id, "params_changed", ", ".join(k for k, _ in items) or "none")
+    diff = dict(sorted(lineage.params_diff(params.model_dump(mode="json"), lineage.baseline_params()).items()))
+    log_params(client, run.info.run_id, diff)
+    client.set_tag(run.info.run_id, "params_changed", ", ".join(diff) or "none")
     return run.info.run_id
 
 
@@ -84,18 +80,23 @@ def open_parent(client, exp_id: str, params: Params) -> str | None:
     return parent
 
 
-def log_inputs(mlflow, stage: str, params: Params) -> None:
-    """The stage's inputs that other stages wrote, as MLflow datasets of the active run: name,
-    ``dvc.lock`` md5, source (the path; the context names the stage that wrote it)."""
-    root = Path.cwd()
-    if stage == "data":  # the raw data enters here: the pinned archives, by their sha256
+def log_inputs(mlflow, stages: list[str], params: Params) -> None:
+    """The inputs of ``stages`` as MLflow datasets of the active run, each path once: the pinned
+    archives (``data``: the raw data enters there, by their sha256) and what other stages wrote
+    (``dvc.lock`` md5; the context names the stage that reads it and the one that wrote it). A
+    stage run logs its own; a parent, its pipeline's (the runs table's Dataset column)."""
+    root, seen = Path.cwd(), set()
+    if "data" in stages:
         for inp in lineage.raw_inputs(params.data):
             mlflow.log_input(_dataset(root, inp), context="data (pinned archive)")
     if not (root / "dvc.yaml").is_file():
         return
     paths = {k: str(v) for k, v in params.paths.model_dump(mode="json").items()}
-    for inp in lineage.stage_inputs(root, stage, paths):
-        mlflow.log_input(_dataset(root, inp), context=f"{stage} (from {inp.producer})")
+    for stage in stages:
+        for inp in lineage.stage_inputs(root, stage, paths):
+            if inp.path not in seen:
+                seen.add(inp.path)
+                mlflow.log_input(_dataset(root, inp), context=f"{stage} (from {inp.producer})")
 
 
 def _dataset(root: Path, inp: lineage.Input):
@@ -108,21 +109,6 @@ def _dataset(root: Path, inp: lineage.Input):
         warnings.simplefilter("ignore", UserWarning)
         source = resolve_dataset_source(uri)
     return MetaDataset(source, name=inp.name, digest=inp.digest.removesuffix(".dir")[:36])
-
-
-def _log_pipeline_inputs(mlflow, parent: str, stages: list[str], params: Params) -> None:
-    """The pinned archives and every data product one stage hands another (scenes, text,
-    latents, model ...), once, as the parent's datasets: the Dataset column of the runs table."""
-    root, seen = Path.cwd(), set()
-    paths = {k: str(v) for k, v in params.paths.model_dump(mode="json").items()}
-    with mlflow.start_run(run_id=parent):
-        for inp in lineage.raw_inputs(params.data):
-            mlflow.log_input(_dataset(root, inp), context="data (pinned archive)")
-        for stage in stages:
-            for inp in lineage.stage_inputs(root, stage, paths):
-                if inp.path not in seen:
-                    seen.add(inp.path)
-                    mlflow.log_input(_dataset(root, inp), context=f"from {inp.producer}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,13 +199,11 @@ def close_pipeline(mlflow, client, exp_id: str, params: Params) -> dict[str, Any
             sources[stage] = children[stage]
         else:
             sources[stage] = _link_cached(client, exp_id, parent, stage, lock[stage])
-    _log_pipeline_inputs(mlflow, parent, stages, params)
+    with mlflow.start_run(run_id=parent):
+        log_inputs(mlflow, stages, params)
     headline = _headline(client, sources, params)
     if headline:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        client.log_batch(parent, metrics=[Metric(k, v, now, 0) for k, v in sorted(headline.items())])
+        log_metrics(client, parent, dict(sorted(headline.items())))
     client.set_tag(parent, STATE_TAG, state)
     ran = sum(1 for s in stages if s in children)
     name = client.get_run(parent).info.run_name

@@ -64,9 +64,10 @@ def promote(client, name: str, metric: str, higher: bool, run: str | None = None
     versions = _versions(client, name)
     if not versions:
         raise MissingInput(f"registered model {name!r}: no versions (a `dvc repro` registers one)")
-    scored = [(v, _score(client, v, metric)) for v in versions]
+    runs = {v.version: _pipeline_run(client, v) for v in versions}
+    scored = [(v, _score(runs[v.version], metric)) for v in versions]
     if run is not None:
-        scored = [(v, s) for v, s in scored if run in (v.tags.get(RUN_TAG), v.run_id, _run_name(client, v))]
+        scored = [(v, s) for v, s in scored if run in (runs[v.version].info.run_id, runs[v.version].info.run_name)]
         if not scored:
             raise MissingInput(f"--run {run}: no version of {name!r} was registered by that run")
     scored = [(v, s) for v, s in scored if s[0] is not None]
@@ -75,7 +76,7 @@ def promote(client, name: str, metric: str, higher: bool, run: str | None = None
     sign = 1.0 if higher else -1.0
     candidate, (score, se) = max(scored, key=lambda vs: sign * vs[1][0])
     current = _alias(client, name, "champion")
-    held, held_se = _score(client, current, metric) if current else (None, None)
+    held, held_se = _score(_pipeline_run(client, current), metric) if current else (None, None)
     needed = z * math.hypot(se, held_se) if se is not None and held_se is not None else 0.0
     promoted = held is None or sign * (score - held) > needed
     if promoted:
@@ -90,14 +91,14 @@ def promote(client, name: str, metric: str, higher: bool, run: str | None = None
     }
 
 
-def _score(client, version, metric: str) -> tuple[float | None, float | None]:
-    """(metric, its standard error or None) on the pipeline run that registered ``version``."""
-    metrics = client.get_run(version.tags.get(RUN_TAG, version.run_id)).data.metrics
-    return metrics.get(metric), metrics.get(f"{metric}_se")
+def _pipeline_run(client, version):
+    """The pipeline run (parent) that registered ``version``."""
+    return client.get_run(version.tags.get(RUN_TAG, version.run_id))
 
 
-def _run_name(client, version) -> str:
-    return client.get_run(version.tags.get(RUN_TAG, version.run_id)).info.run_name
+def _score(run, metric: str) -> tuple[float | None, float | None]:
+    """(metric, its standard error or None) on a pipeline run."""
+    return run.data.metrics.get(metric), run.data.metrics.get(f"{metric}_se")
 
 
 def _alias(client, name: str, alias: str):

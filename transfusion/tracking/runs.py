@@ -16,22 +16,11 @@ from typing import Any
 from transfusion import env
 from transfusion.config import Params, TrackingConfig
 from transfusion.errors import BadInput, MissingInput, UserError
+from transfusion.lineage import flatten
 from transfusion.tracking import parents
-from transfusion.tracking.store import existing, open_store, read_store, use
+from transfusion.tracking.store import existing, log_metrics, log_params, open_store, read_store, use
 
 env.apply()
-
-
-def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"vae": {"lr": 1e-3}}`` -> ``{"vae.lr": 1e-3}`` (lists and None as strings)."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
-    return out
 
 
 class NullLogger:
@@ -61,13 +50,7 @@ class RunLogger(NullLogger):
         self.run_id = run_id
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        import time
-
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
-        self.client.log_batch(self.run_id, metrics=batch)
+        log_metrics(self.client, self.run_id, metrics, step or 0)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         path = Path(path)
@@ -119,8 +102,8 @@ def stage_run(params: Params, stage: str, run_id: str | None = None) -> Iterator
             log_system_metrics=system,
         ) as run:
             if run_id is None:
-                _log_params(mlflow, params)
-                parents.log_inputs(mlflow, stage, params)
+                log_params(client, run.info.run_id, flatten(params.model_dump(mode="json")))
+                parents.log_inputs(mlflow, [stage], params)
             try:
                 yield StageRun(client.tracking_uri, run)
             except KeyboardInterrupt:  # stopped by the user, not failed
@@ -131,12 +114,6 @@ def stage_run(params: Params, stage: str, run_id: str | None = None) -> Iterator
     finally:
         if parent is not None:
             client.set_terminated(parent, status)
-
-
-def _log_params(mlflow, params: Params) -> None:
-    items = list(flatten(params.model_dump(mode="json")).items())
-    for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
-        mlflow.log_params(dict(items[i : i + 100]))
 
 
 def find_runs(cfg: TrackingConfig, stage: str | None = None) -> list[dict[str, Any]]:

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from transfusion import env
 from transfusion.config import TrackingConfig
@@ -126,3 +128,20 @@ def read_store(cfg: TrackingConfig):
     uri = existing(tracking_uri(cfg), "runs")
     use(mlflow, uri)
     return mlflow, mlflow.MlflowClient(uri), mlflow.get_experiment_by_name(cfg.experiment)
+
+
+def log_params(client, run_id: str, params: Mapping[str, Any]) -> None:
+    """Params into a run, as text, in MLflow's batches of at most 100."""
+    from mlflow.entities import Param
+
+    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[i : i + 100])
+
+
+def log_metrics(client, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+    """Metrics into a run at ``step``, in one batch."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
