@@ -32,9 +32,11 @@ def fit_reader(params: Params, name: str) -> dict[str, float]:
 
     paths, cfg, scenes = params.paths, getattr(params, name), params.data.scenes
     out, metrics_path = getattr(paths, name), getattr(paths, f"{name}_metrics")
-    train = load_image_split(paths.scenes, "train")
     test = load_image_split(paths.scenes, "test")
-    if not all(r.get("content") for r in train.records + test.records):
+    if not all(r.get("content") for r in test.records):  # a caption folder or a stream: no scenes
+        return _no_judge(params, name)
+    train = load_image_split(paths.scenes, "train")
+    if not all(r.get("content") for r in train.records):
         return _no_judge(params, name)
     with tracking.stage_run(params, name) as run:
         x, y = training_cells(train.images, train.records, scenes.grid, cfg.empty_fraction, cfg.seed)

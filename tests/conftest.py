@@ -224,7 +224,7 @@ def ray_local(tmp_path_factory):
     """One local Ray for every test that trains on it (starting Ray costs ~30 s)."""
     import ray
 
-    from transfusion.train.ray_train import ensure_ray
+    from transfusion.ray_session import ensure_ray
 
     ensure_ray(None, tmp_path_factory.mktemp("ray"), num_cpus=2)
     yield

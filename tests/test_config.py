@@ -55,7 +55,18 @@ def test_overrides_parse_yaml_values():
         ("data:\n  mnist:\n    local_path: /no/such/mnist.npz\n", "data.mnist.local_path"),
         ("data:\n  mnist:\n    archive:\n      sha256: abc\n", "data.mnist.archive"),
         ("data:\n  scenes:\n    canvas: 30\n    grid: 4\n", "canvas (30) must be divisible by grid (4)"),
-        ("data:\n  scenes:\n    canvas: 34\n    grid: 2\n", "does not divide data.scenes.canvas (34)"),
+        (
+            "data:\n  scenes:\n    canvas: 34\n    grid: 2\n",
+            "data.scenes.canvas (34) must equal vae.downsample (4) x latents.size (8)",
+        ),
+        ("vae:\n  block_out_channels: [16, 32]\n", "block_out_channels: 2 blocks downsample by 2, but downsample is 4"),
+        ("model:\n  patch_size: 3\n", "model.patch_size (3) must divide latents.size (8)"),
+        (
+            "data:\n  scenes: {canvas: 256}\nlatents:\n  size: 64\nmodel:\n  patch_size: 4\n",
+            "model.max_length (256) must exceed an image's 256 patches + BOI/EOI (latents.size 64 / model.patch_size 4",
+        ),
+        ("data:\n  source: parquet\n", "source is parquet but stream.urls is empty"),
+        ("data:\n  max_bad_fraction: 2\n", "data.max_bad_fraction: Input should be less than or equal to 1"),
         ("data:\n  scenes:\n    categories: {sculpture: 1}\n", "data.scenes.categories.sculpture"),
         ("diffusion:\n  objective: ddpm\n", "sampling: sampler 'flow_euler' does not fit a model trained with 'ddpm'"),
         (
@@ -146,3 +157,23 @@ def test_cli_override_flag(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     shown = yaml.safe_load(result.output)
     assert shown["vae"]["steps"] == 7 and shown["data"]["scenes"]["n_test"] == 5
+
+
+@pytest.mark.parametrize(
+    ("canvas", "blocks", "latent", "patch", "max_length"),
+    [(64, [8, 16, 16], 16, 4, 256), (128, [8, 16, 16, 16], 16, 2, 512), (256, [8, 16, 16, 16], 32, 4, 256)],
+)
+def test_resolution_keys_for_64_128_and_256_px(canvas, blocks, latent, patch, max_length):
+    """Image size, VAE downsampling, latent size and patch size set together load as one
+    consistent resolution (the README's 64 and 256 px settings among them)."""
+    overrides = [
+        f"data.scenes.canvas={canvas}",
+        f"vae.block_out_channels={blocks}",
+        f"vae.downsample={2 ** (len(blocks) - 1)}",
+        f"latents.size={latent}",
+        f"model.patch_size={patch}",
+        f"model.max_length={max_length}",
+    ]
+    p = load_params(REPO / "params.yaml", overrides)
+    assert p.data.scenes.canvas == p.vae.downsample * p.latents.size
+    assert (p.latents.size // p.model.patch_size) ** 2 + 2 < p.model.max_length

@@ -84,7 +84,7 @@ def test_dvc_repro_end_to_end(tiny_repo, tmp_path):
         "eval_metrics",
     ):
         assert json.loads((repo / resolved["paths"][key]).read_text())
-    assert json.loads((repo / "metrics/latents.json").read_text())["scaled_train_std"] > 0.99
+    assert json.loads((repo / "metrics/latents.json").read_text())["scaled_test_std"] == pytest.approx(1.0, abs=0.1)
     assert (repo / "dvc.lock").is_file()
 
     second = _run(["dvc", "repro"], repo)
@@ -302,7 +302,7 @@ def test_dvc_repro_on_a_caption_folder_without_a_judge(tmp_path):
     resolved["paths"]["cache"] = str(REPO / ".cache" / "archives")
     resolved["tracking"]["tracking_uri"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
     resolved["data"] |= {"source": "caption_folder", "caption_folder": str(_caption_folder(tmp_path / "mine"))}
-    resolved["data"] |= {"caption_folder_val_fraction": 0.2, "caption_folder_test_fraction": 0.25}
+    resolved["data"] |= {"val_fraction": 0.2, "test_fraction": 0.25}
     resolved["train"] |= {"use_ray": False}
     resolved["align"] |= {"enabled": False}  # no judge, no reward: the trained model passes through
     resolved["eval"] |= {
@@ -338,6 +338,59 @@ def test_dvc_repro_on_a_caption_folder_without_a_judge(tmp_path):
     assert sorted(p.name for p in layout.iterdir()) == ["00000", "00001"]
     assert json.loads((layout / "00001" / "metadata.jsonl").read_text()) == prompts[1]
     assert len(list((layout / "00001" / "samples").glob("*.png"))) == resolved["eval"]["images_per_prompt"]
+
+
+@pytest.mark.parametrize(
+    ("source", "n"),
+    [
+        ("webdataset", 160),
+        pytest.param("webdataset", 2000, marks=pytest.mark.slow),
+        pytest.param("parquet", 2000, marks=pytest.mark.slow),
+    ],
+)
+def test_dvc_repro_on_a_streamed_source_with_a_pretrained_vae(tmp_path, source, n):
+    """A WebDataset / Parquet set of 64 px images with a few corrupt records, and a team's own
+    AutoencoderKL: data -> latents (Ray Data, 2 workers) -> tiny train -> eval under `dvc repro`."""
+    from streamed_data import make_parquet, make_webdataset, save_pretrained_vae
+
+    repo = _repo(tmp_path)
+    make = make_webdataset if source == "webdataset" else make_parquet
+    shards = make(tmp_path / "shards", n, 64, 400, bad=(3, 10))
+    params = load_params([REPO / "params.yaml", REPO / "pipelines" / "cpu-tiny.yaml"])
+    resolved = params.model_dump(mode="json")
+    resolved["paths"]["cache"] = str(REPO / ".cache" / "archives")
+    resolved["tracking"]["tracking_uri"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    resolved["data"] |= {"source": source, "val_fraction": 0.1, "test_fraction": 0.15, "max_bad_fraction": 0.02}
+    resolved["data"]["stream"] |= {"urls": [str(shards)], "caption_key": "txt" if source == "webdataset" else "text"}
+    resolved["data"]["scenes"] |= {"canvas": 64, "shard_size": 64 if n < 1000 else 256}
+    resolved["vae"] |= {"pretrained": str(save_pretrained_vae(tmp_path / "team-vae"))}
+    resolved["latents"] |= {"size": 16, "workers": 2, "cpus_per_worker": 1}
+    resolved["train"] |= {"use_ray": False}
+    resolved["align"] |= {"enabled": False}
+    resolved["eval"] |= {
+        "feature_extractor": "inception",
+        "inception_weights": str(_random_inception_weights(tmp_path / "inception.pt")),
+        "fid_samples": 8,
+    }
+    (repo / "params.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+
+    out = _run(["dvc", "repro"], repo)
+    assert sorted(_ran(out)) == sorted(
+        ["data", "tokenizer", "vae", "latents", "train", "judge", "reader", "align", "eval", "track"]
+    )
+    data = json.loads((repo / resolved["paths"]["data_metrics"]).read_text())
+    assert data["records_read"] == n and data["bad_records"] == 2 and len(data["bad_records_first"]) == 2
+    assert data["train_images"] + data["val_images"] + data["test_images"] == n - 2
+    vae = json.loads((repo / resolved["paths"]["vae_metrics"]).read_text())
+    assert vae["pretrained"] == 1.0 and vae["scaling_factor_config"] == pytest.approx(0.5)
+    latents = json.loads((repo / resolved["paths"]["latents_metrics"]).read_text())
+    assert latents["images"] == n - 2 and latents["workers"] == 2 and latents["images_per_s"] > 0
+    assert latents["decode_test_psnr"] == pytest.approx(vae["test_psnr"], abs=0.05)
+    meta = json.loads((repo / resolved["paths"]["latents"] / "meta.json").read_text())
+    assert meta["latent_shape"] == [4, 16, 16]
+    evaluation = json.loads((repo / resolved["paths"]["eval_metrics"]).read_text())
+    assert evaluation["fid_inception"] == evaluation["fid_inception"] and evaluation["text_bits_per_byte"] > 0
+    assert _ran(_run(["dvc", "repro"], repo)) == ["track"]  # nothing else is stale
 
 
 @pytest.mark.slow  # two tiny train + eval experiments side by side: ~4 min (make test-all)

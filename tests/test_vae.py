@@ -24,7 +24,8 @@ def images(n: int = 32, size: int = 32) -> np.ndarray:
 def test_latent_shape_follows_params():
     vae = build_vae(section("vae", **TINY, latent_channels=4), image_size=32)
     assert encode(vae, images(4)).shape == (4, 4, 8, 8)
-    vae2 = build_vae(section("vae", **{**TINY, "block_out_channels": [8, 16]}, latent_channels=3), image_size=32)
+    two_blocks = section("vae", **{**TINY, "block_out_channels": [8, 16]}, downsample=2, latent_channels=3)
+    vae2 = build_vae(two_blocks, image_size=32)
     assert encode(vae2, images(4)).shape == (4, 3, 16, 16)
 
 

@@ -159,13 +159,30 @@ class ScenesConfig(Section):
         return self
 
 
+class StreamConfig(Section):
+    """A sharded image-caption dataset read as a stream (``data.source: webdataset | parquet``)."""
+
+    # Shard files or folders of them, local paths or storage URIs (s3://bucket/prefix/...);
+    # brace patterns expand (train-{000..099}.tar). A folder means its *.tar / *.parquet files.
+    urls: list[str]
+    caption_key: str  # webdataset: KEY.txt, or this field of KEY.json; parquet: this column
+    image_column: str  # parquet: binary bytes, or Hugging Face's {"bytes", "path"} struct
+    key_column: str | None  # parquet: a unique key per row (null: <file>/<row>)
+    max_records: PositiveInt | None  # read at most this many records (null: all)
+
+
 class DataConfig(Section):
     seed: int
-    # mnist_scenes: composed from MNIST; caption_folder: your own images + captions.jsonl
-    source: Literal["mnist_scenes", "caption_folder"]
+    # mnist_scenes: composed from MNIST; caption_folder: your own images + captions.jsonl;
+    # webdataset / parquet: sharded image-caption sets streamed from data.stream.urls
+    source: Literal["mnist_scenes", "caption_folder", "webdataset", "parquet"]
     caption_folder: DirectoryPath | None
-    caption_folder_val_fraction: Annotated[float, Field(gt=0, lt=0.5)]
-    caption_folder_test_fraction: Annotated[float, Field(gt=0, lt=0.5)]
+    val_fraction: Annotated[float, Field(gt=0, lt=0.5)]  # of a caption folder or a stream
+    test_fraction: Annotated[float, Field(gt=0, lt=0.5)]
+    # A record that cannot be used (undecodable image, missing caption) is skipped and counted;
+    # more than this share of the records read stops the stage.
+    max_bad_fraction: Annotated[float, Field(ge=0, le=1)]
+    stream: StreamConfig
     mnist: MnistConfig
     text: TextConfig
     scenes: ScenesConfig
@@ -174,7 +191,13 @@ class DataConfig(Section):
     def _check(self) -> DataConfig:
         if self.source == "caption_folder" and self.caption_folder is None:
             raise ValueError("source is caption_folder but caption_folder is not set")
+        if self.source in ("webdataset", "parquet") and not self.stream.urls:
+            raise ValueError(f"source is {self.source} but stream.urls is empty")
         return self
+
+    @property
+    def streamed(self) -> bool:
+        return self.source in ("webdataset", "parquet")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,6 +212,10 @@ class TokenizerConfig(Section):
 
 
 class VAEConfig(Section):
+    # A local diffusers AutoencoderKL folder: used as it is (no training; the architecture keys
+    # below are ignored, `downsample` is checked against its config).
+    pretrained: DirectoryPath | None
+    downsample: PositiveInt  # image side / latent side
     latent_channels: PositiveInt
     # One encoder block per entry; all but the last halve the resolution (32 -> 8 for 3 blocks).
     block_out_channels: Annotated[list[PositiveInt], Field(min_length=1)]
@@ -215,16 +242,25 @@ class VAEConfig(Section):
         bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
         if bad:
             raise ValueError(f"block_out_channels {bad} must be multiples of norm_num_groups ({self.norm_num_groups})")
+        blocks = 2 ** (len(self.block_out_channels) - 1)
+        if self.pretrained is None and blocks != self.downsample:
+            raise ValueError(
+                f"block_out_channels: {len(self.block_out_channels)} blocks downsample by {blocks}, "
+                f"but downsample is {self.downsample}"
+            )
         return self
-
-    @property
-    def downsample(self) -> int:
-        return 2 ** (len(self.block_out_channels) - 1)
 
 
 class LatentsConfig(Section):
-    batch_size: PositiveInt
-    shard_size: PositiveInt
+    size: PositiveInt  # latent side: data.scenes.canvas / vae.downsample
+    batch_size: PositiveInt  # images per VAE forward
+    workers: PositiveInt  # Ray Data encoder actors (one per GPU with use_gpu)
+    cpus_per_worker: PositiveInt
+    use_gpu: bool
+    address: str | None  # a Ray cluster (RAY_ADDRESS wins); null: local Ray
+    # null: shards in paths.latents; a URI (s3://bucket/prefix): shards there, paths.latents
+    # keeps meta.json and the indexes. Finished shards are kept, so a re-run resumes.
+    storage: str | None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -529,12 +565,7 @@ class Params(Section):
     def _check(self) -> Params:
         for where in ("sampling", "eval.sampling", "train.sampling", "train.probe.sampling"):
             self.sampling_for(where).fits(self.diffusion.objective, where)
-        canvas, down = self.data.scenes.canvas, self.vae.downsample
-        if canvas % down:
-            raise ValueError(
-                f"vae.block_out_channels: {len(self.vae.block_out_channels)} blocks downsample by "
-                f"{down}, which does not divide data.scenes.canvas ({canvas})"
-            )
+        self._check_resolution()
         if self.mixture.text_length > self.model.max_length - 2:
             raise ValueError(
                 f"mixture.text_length ({self.mixture.text_length}) must be <= model.max_length - 2 "
@@ -545,15 +576,29 @@ class Params(Section):
                 "align.method: grpo samples flow models' SDE (diffusion.objective: flow); "
                 "use align.method: raft for a ddpm model"
             )
-        latent, p = canvas // down, self.model.patch_size
-        if latent % p:
-            raise ValueError(f"model.patch_size ({p}) must divide the latent size ({latent})")
+        p = self.model.patch_size
         if self.model.patch_encoder == "unet" and p != 2 ** (len(self.model.unet_channels)):
             raise ValueError(
                 f"model.unet_channels: {len(self.model.unet_channels)} U-Net levels downsample by "
                 f"{2 ** len(self.model.unet_channels)}, which must equal model.patch_size ({p})"
             )
         return self
+
+    def _check_resolution(self) -> None:
+        """Image size, VAE downsampling, latent size and patch size agree, and an image's patches
+        (with BOI / EOI) fit model.max_length."""
+        canvas, down, latent, p = self.data.scenes.canvas, self.vae.downsample, self.latents.size, self.model.patch_size
+        if canvas != down * latent:
+            raise ValueError(
+                f"data.scenes.canvas ({canvas}) must equal vae.downsample ({down}) x latents.size ({latent})"
+            )
+        if latent % p:
+            raise ValueError(f"model.patch_size ({p}) must divide latents.size ({latent})")
+        if (latent // p) ** 2 + 2 >= self.model.max_length:
+            raise ValueError(
+                f"model.max_length ({self.model.max_length}) must exceed an image's {(latent // p) ** 2} "
+                f"patches + BOI/EOI (latents.size {latent} / model.patch_size {p}, squared)"
+            )
 
     def sampling_for(self, where: str) -> SamplingConfig:
         """The sampling settings of ``where`` (``eval.sampling``, ``train.probe.sampling`` ...):

@@ -116,6 +116,20 @@ class Store:
         except (FileNotFoundError, OSError):
             return None
 
+    def write(self, name: str, data: bytes) -> None:
+        """File ``name`` (a path inside the store) with ``data``, whole or not at all: a local
+        file through a renamed temp file, an object through one upload."""
+        if self.local:
+            from transfusion.io import atomic_file
+
+            with atomic_file(self.local_path(name), "wb") as fh:
+                fh.write(data)
+            return
+        if "/" in name:
+            self.fs.create_dir(self.path(name.rsplit("/", 1)[0]), recursive=True)
+        with self.fs.open_output_stream(self.path(name)) as dst:
+            dst.write(data)
+
     def get(self, name: str, local: Path) -> Path:
         """Download ``name`` into the folder ``local`` (written whole or not at all)."""
         from transfusion.io import atomic_dir

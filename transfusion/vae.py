@@ -1,4 +1,5 @@
-"""The image autoencoder: diffusers' ``AutoencoderKL`` built from params, trained from scratch.
+"""The image autoencoder: diffusers' ``AutoencoderKL`` built from params and trained from scratch,
+or a team's own pretrained one (``vae.pretrained``: a local diffusers folder).
 
 Images enter as (B, 3, H, W) floats in [-1, 1]; latents are (B, C, H/f, W/f) with f the
 downsampling factor (2 ** (blocks - 1)). Training minimises the mean squared reconstruction error
@@ -39,13 +40,13 @@ def build_vae(cfg: VAEConfig, image_size: int, channels: int = 3):
     )
 
 
-def load_vae(path: Path):
+def load_vae(path: Path, hint: str = "run the vae stage first"):
     """``AutoencoderKL.from_pretrained`` on a local folder (safetensors only), in eval mode."""
     from diffusers import AutoencoderKL
 
     path = Path(path)
     if not (path / "config.json").is_file():
-        raise MissingInput(f"{path}: not a saved VAE (no config.json); run the vae stage first")
+        raise MissingInput(f"{path}: not a saved VAE (no config.json); {hint}")
     try:
         vae = AutoencoderKL.from_pretrained(
             str(path), use_safetensors=True, local_files_only=True, low_cpu_mem_usage=False
@@ -53,6 +54,28 @@ def load_vae(path: Path):
     except (OSError, ValueError, RuntimeError) as err:
         raise BadInput(f"{path}: cannot load the VAE ({str(err).splitlines()[0]})") from None
     return vae.eval()
+
+
+def load_pretrained(cfg: VAEConfig, canvas: int):
+    """``vae.pretrained`` loaded and checked against the params: an RGB AutoencoderKL whose
+    blocks downsample by ``vae.downsample`` (one line naming the keys otherwise)."""
+    path = cfg.pretrained
+    vae = load_vae(path, "vae.pretrained must be a local diffusers AutoencoderKL folder")
+    config = vae.config
+    down = 2 ** (len(config.block_out_channels) - 1)
+    if down != cfg.downsample:
+        raise BadInput(
+            f"vae.pretrained: {path} downsamples by {down} ({len(config.block_out_channels)} blocks), "
+            f"but vae.downsample is {cfg.downsample}"
+        )
+    if config.in_channels != 3 or config.out_channels != 3:
+        raise BadInput(f"vae.pretrained: {path} maps {config.in_channels} -> {config.out_channels} channels, not RGB")
+    return vae
+
+
+def computed_scaling_factor(vae, images: np.ndarray, batch_size: int = 256) -> float:
+    """1 / std of the posterior means of ``images``: the factor that gives unit-variance latents."""
+    return float(1.0 / encode(vae, images, batch_size).std())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,7 +177,7 @@ def _in_batches(fn, items, batch_size: int, bf16: bool) -> list:
 def encode(vae, images: np.ndarray, batch_size: int = 256, bf16: bool = False) -> torch.Tensor:
     """uint8 images (N, H, W, 3) -> posterior means (N, C, h, w) float32."""
     vae.eval()
-    posterior_mean = lambda x: vae.encode(to_tensor(x)).latent_dist.mean.float()  # noqa: E731
+    posterior_mean = lambda x: vae.encode(to_tensor(x).to(vae.device)).latent_dist.mean.float().cpu()  # noqa: E731
     return torch.cat(_in_batches(posterior_mean, images, batch_size, bf16))
 
 
@@ -162,7 +185,7 @@ def encode(vae, images: np.ndarray, batch_size: int = 256, bf16: bool = False) -
 def decode(vae, latents: torch.Tensor, batch_size: int = 256, bf16: bool = False) -> np.ndarray:
     """Unscaled latents (N, C, h, w) -> uint8 images (N, H, W, 3)."""
     vae.eval()
-    pixels = lambda z: to_uint8(vae.decode(z.float()).sample)  # noqa: E731
+    pixels = lambda z: to_uint8(vae.decode(z.float().to(vae.device)).sample)  # noqa: E731
     return np.concatenate(_in_batches(pixels, latents, batch_size, bf16))
 
 

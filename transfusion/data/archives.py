@@ -210,9 +210,7 @@ class NumpyOnlyUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         factory = self._ALLOWED.get((module, name))
         if factory is None:
-            raise UnsafePickleError(
-                f"refusing to unpickle {module}.{name}: only numpy arrays are allowed"
-            )
+            raise UnsafePickleError(f"refusing to unpickle {module}.{name}: only numpy arrays are allowed")
         return factory()
 
 

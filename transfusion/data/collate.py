@@ -29,14 +29,13 @@ pure noise, so it must see the whole noise range).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
 
 import torch
 
 from transfusion.errors import BadInput
 from transfusion.layout import PAD, PATCH, TEXT, TIME, Batch, SpecialIds
 
-Part = Union[list[int], torch.Tensor]
+Part = list[int] | torch.Tensor
 
 
 @dataclass

@@ -1,72 +1,170 @@
-"""Precomputed VAE latents: scaling, shards on disk, and the streaming reader training uses.
+"""Precomputed VAE latents: one latent shard per data shard, their scaling, and the streaming
+reader training uses.
 
-Layout under ``paths.latents``::
+Layout::
 
-    meta.json                      {"scaling_factor", "latent_shape", "vae", "raw_std", ...}
-    <split>/latents-00000.safetensors   scaled latents (N, C, h, w) float32
-    <split>/index.jsonl            caption + structured content of each row
+    paths.latents/meta.json             {"scaling_factor", "latent_shape", "location", "splits", ...}
+    paths.latents/<split>/index.jsonl   the data shards' index: caption + content of each row
+    <location>/<split>/latents-00000.safetensors   raw posterior means (N, C, h, w) float32
 
-Stored latents are already multiplied by ``scaling_factor`` (unit variance on train); divide by
-it before ``vae.decode``.
+``location`` is ``paths.latents`` itself (``latents.storage: null``) or a storage URI. Shards hold
+the VAE's raw latents; readers multiply by ``scaling_factor`` (unit variance on train) and
+``vae.decode`` takes latents divided by it again.
+
+``encode_shard`` is the one unit of work (read one data shard, encode it, write its latent shard,
+return its sums); ``transfusion.data.latents_ray`` runs it on Ray Data actors, ``encode_here`` in
+this process. A shard already written is read back instead of encoded, so a re-run resumes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
+import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from transfusion.errors import DataError
-from transfusion.data.prepare import ImageSplit
-from transfusion.data.shards import check_shards, iter_shards, num_shards, write_shards
+from transfusion.data.shards import INDEX, check_shards, num_shards, read_index, shard_name
 from transfusion.data.sources import SPLITS
+from transfusion.errors import DataError
 from transfusion.io import atomic_dir
+from transfusion.storage import Store, is_uri, join
 
 META = "meta.json"
 KEY = "latents"
 
 
-def scaling_factor(latents: torch.Tensor) -> float:
-    """1 / std of the (train) latents, so that scaled latents have unit variance."""
-    return float(1.0 / latents.float().std())
+# ---------------------------------------------------------------------------------------------
+# writing: one shard at a time
+# ---------------------------------------------------------------------------------------------
+def fingerprint(scenes: Path, vae_path: Path) -> str:
+    """What the latents depend on: the VAE's files and the data shards' indexes and sizes."""
+    digest = hashlib.sha256()
+    for folder in (Path(vae_path), Path(scenes)):
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            digest.update(f"{path.relative_to(folder)}:{path.stat().st_size}".encode())
+            if folder == Path(vae_path) or path.name == INDEX:  # the data shards: by size
+                digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()[:16]
 
 
-def encode_splits(vae, splits: dict[str, ImageSplit], batch_size: int) -> dict[str, torch.Tensor]:
+def shard_tasks(scenes: Path) -> list[tuple[str, int]]:
+    """``(split, shard)`` for every data shard."""
+    return [(split, s) for split in SPLITS for s in range(num_shards(Path(scenes) / split))]
+
+
+def _shard_bytes(latents: np.ndarray) -> bytes:
+    from safetensors.numpy import save
+
+    return save({KEY: np.ascontiguousarray(latents, dtype=np.float32)})
+
+
+def _load_shard(blob: bytes, where: str) -> np.ndarray:
+    from safetensors.numpy import load
+
+    try:
+        return load(blob)[KEY]
+    except Exception as err:  # noqa: BLE001 - any unreadable shard is one line
+        raise DataError(f"{where}: unreadable latent shard ({err})") from None
+
+
+def encode_shard(vae, scenes: Path, split: str, shard: int, out: Store, batch_size: int) -> dict:
+    """Encode data shard ``split/shard`` into ``out`` (or read it back if a whole one is there);
+    returns its row count, sum and sum of squares (float64) and whether it was encoded."""
+    from safetensors.numpy import load_file
+
     from transfusion.vae import encode
 
-    return {s: encode(vae, splits[s].images, batch_size) for s in SPLITS}
+    start, name = time.perf_counter(), f"{split}/{shard_name(KEY, shard)}"
+    rows = sum(1 for r in read_index(Path(scenes) / split) if r["shard"] == shard)
+    blob = out.read(name)
+    latents = _load_shard(blob, out.path(name)) if blob is not None else None
+    encoded = latents is None or len(latents) != rows
+    if encoded:
+        images = load_file(str(Path(scenes) / split / shard_name("images", shard)))["images"]
+        latents = encode(vae, images, batch_size).numpy()
+        out.write(name, _shard_bytes(latents))
+    x = latents.astype(np.float64)
+    return {"split": split, "shard": shard, "rows": len(x), "sum": float(x.sum()), "sumsq": float((x * x).sum()),
+            "encoded": encoded, "seconds": time.perf_counter() - start}  # fmt: skip
 
 
-def save_latents(
-    root: Path, raw: dict[str, torch.Tensor], splits: dict[str, ImageSplit], vae_path: Path, shard_size: int
-) -> dict:
-    """Scale the raw latents by the train split's factor and write shards + ``meta.json``."""
-    scale = scaling_factor(raw["train"])
+def encode_here(vae_path: Path, scenes: Path, out: Store, batch_size: int, tasks: list[tuple[str, int]]) -> list[dict]:
+    """``encode_shard`` over ``tasks`` in this process (what each Ray Data actor does for its own)."""
+    from transfusion.vae import load_vae
+
+    vae = load_vae(vae_path)
+    return [encode_shard(vae, scenes, split, shard, out, batch_size) for split, shard in tasks]
+
+
+def work_location(storage: str | None, runs: Path, fp: str) -> str:
+    """Where shards are written while the stage runs: ``<storage>/<fingerprint>`` or, locally,
+    ``<paths.runs>/latents/<fingerprint>`` (kept across failed runs: a re-run resumes)."""
+    return join(storage, fp) if storage else str(Path(runs) / "latents" / fp)
+
+
+def finish(root: Path, scenes: Path, vae_path: Path, location: str, results: list[dict]) -> dict:
+    """``meta.json`` and the indexes under ``root``; local shards move in beside them. The
+    scaling factor is 1 / std of every train latent (from the shards' sums)."""
+    train = [r for r in results if r["split"] == "train"]
+    shape = _latent_shape(Store(location), results)
+    per_row = math.prod(shape)
+    n = sum(r["rows"] for r in train) * per_row
+    mean = sum(r["sum"] for r in train) / n
+    var = (sum(r["sumsq"] for r in train) - n * mean * mean) / (n - 1)
     meta = {
-        "scaling_factor": scale,
-        "latent_shape": list(raw["train"].shape[1:]),
-        "raw_mean": float(raw["train"].mean()),
-        "raw_std": float(raw["train"].std()),
+        "scaling_factor": 1.0 / math.sqrt(var),
+        "latent_shape": shape,
+        "raw_mean": mean,
+        "raw_std": math.sqrt(var),
         "vae": str(vae_path),
-        "splits": {s: len(raw[s]) for s in SPLITS},
-        "shard_size": shard_size,
+        "splits": {s: sum(r["rows"] for r in results if r["split"] == s) for s in SPLITS},
+        "shard_size": _shard_size(scenes),
+        "location": location if is_uri(location) else None,
     }
     with atomic_dir(root) as tmp:
-        for s in SPLITS:
-            records = [{k: v for k, v in r.items() if k not in ("shard", "row")} for r in splits[s].records]
-            write_shards(tmp / s, KEY, (raw[s] * scale).numpy().astype(np.float32), records, shard_size)
+        for split in SPLITS:
+            (tmp / split).mkdir()
+            shutil.copy(Path(scenes) / split / INDEX, tmp / split / INDEX)
+            if not is_uri(location):
+                for shard in sorted((Path(location) / split).glob(f"{KEY}-*.safetensors")):
+                    shard.rename(tmp / split / shard.name)
         (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
+    if not is_uri(location):
+        shutil.rmtree(location, ignore_errors=True)
     return meta
 
 
+def _latent_shape(store: Store, results: list[dict]) -> list[int]:
+    first = next(r for r in results if r["rows"])
+    name = f"{first['split']}/{shard_name(KEY, first['shard'])}"
+    return list(_load_shard(store.read(name), store.path(name)).shape[1:])
+
+
+def _shard_size(scenes: Path) -> int:
+    """Rows per data shard (all but the last of a split are full)."""
+    return max(r["row"] for r in read_index(Path(scenes) / "train")) + 1
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+# ---------------------------------------------------------------------------------------------
 def load_meta(root: Path) -> dict:
     path = Path(root) / META
     if not path.is_file():
         raise DataError(f"{path}: missing; run the latents stage first")
     return json.loads(path.read_text())
+
+
+def shard_store(root: Path, split: str, meta: dict | None = None) -> Store:
+    """The folder (local or a URI) that holds ``split``'s latent shards."""
+    location = (meta or load_meta(root)).get("location")
+    return Store(join(location, split) if location else Path(root) / split)
 
 
 def check_latents(root: Path) -> None:
@@ -75,17 +173,20 @@ def check_latents(root: Path) -> None:
     training reaches it hours later. Reads no latents."""
     meta = load_meta(root)
     for split, count in meta["splits"].items():
-        rows = check_shards(Path(root) / split, KEY, list(meta["latent_shape"]))
+        store = shard_store(root, split, meta)
+        rows = check_shards(Path(root) / split, KEY, list(meta["latent_shape"]), files=store)
         if rows != count:
             raise DataError(f"{Path(root) / split}: {rows} rows in its shards, {META} says {count}")
 
 
 class LatentReader(torch.utils.data.IterableDataset):
-    """Stream ``(latent, record)`` pairs of one split, one shard in memory at a time.
+    """Stream ``(scaled latent, record)`` pairs of one split, one shard in memory at a time, from
+    local disk or the storage URI the shards were written to.
 
-    ``rank``/``world_size`` give each data-parallel worker its own rows (every
-    ``world_size``-th row); ``shuffle`` permutes shard order and rows within a shard per epoch;
-    ``repeat`` cycles forever (epoch counter in the shuffle seed).
+    ``rank``/``world_size`` give each data-parallel worker its own data: whole shards (shard
+    ``s`` goes to worker ``s % world_size``) when there are at least as many shards as workers,
+    else every ``world_size``-th row. ``shuffle`` permutes shard order and rows within a shard per
+    epoch; ``repeat`` cycles forever (epoch counter in the shuffle seed).
     """
 
     def __init__(
@@ -102,30 +203,49 @@ class LatentReader(torch.utils.data.IterableDataset):
             raise ValueError(f"rank {rank} outside world of size {world_size}")
         self.folder = Path(root) / split
         self.meta = load_meta(root)
+        self.store = shard_store(root, split, self.meta)
         self.rank, self.world_size = rank, world_size
         self.shuffle, self.seed, self.repeat = shuffle, seed, repeat
-        self.n_shards = num_shards(self.folder)
+        self.rows_of: dict[int, list[dict]] = {}
+        for row in read_index(self.folder):
+            self.rows_of.setdefault(row["shard"], []).append(row)
+        n = len(self.rows_of)
+        self.by_shard = n >= world_size and world_size > 1
+        self.shards = [s for s in sorted(self.rows_of) if not self.by_shard or s % world_size == rank]
 
     def __len__(self) -> int:
-        total = self.meta["splits"][self.folder.name]
-        return len(range(self.rank, total, self.world_size))
+        if self.by_shard:
+            return sum(len(self.rows_of[s]) for s in self.shards)
+        return len(range(self.rank, self.meta["splits"][self.folder.name], self.world_size))
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, dict]]:
         epoch = 0
         while True:
             rng = np.random.default_rng([self.seed, epoch])
-            order = rng.permutation(self.n_shards) if self.shuffle else np.arange(self.n_shards)
-            yield from self._epoch(order.tolist(), rng)
+            order = rng.permutation(len(self.shards)) if self.shuffle else np.arange(len(self.shards))
+            yield from self._epoch([self.shards[i] for i in order], rng)
             epoch += 1
             if not self.repeat:
                 return
 
+    def _shard(self, s: int) -> np.ndarray:
+        name = shard_name(KEY, s)
+        blob = self.store.read(name)
+        if blob is None:
+            raise DataError(f"{self.store.path(name)}: missing latent shard")
+        array = _load_shard(blob, self.store.path(name))
+        if len(array) != len(self.rows_of[s]):
+            raise DataError(f"{self.store.path(name)}: {len(array)} rows but {INDEX} lists {len(self.rows_of[s])}")
+        return array
+
     def _epoch(self, order: list[int], rng: np.random.Generator) -> Iterator[tuple[torch.Tensor, dict]]:
-        for array, recs in iter_shards(self.folder, KEY, order):
-            size = self.meta["shard_size"]
-            rows = [i for i, r in enumerate(recs) if (r["shard"] * size + r["row"]) % self.world_size == self.rank]
+        scale, size = float(self.meta["scaling_factor"]), self.meta["shard_size"]
+        for s in order:
+            array, recs = self._shard(s), self.rows_of[s]
+            rows = list(range(len(recs)))
+            if not self.by_shard:
+                rows = [i for i in rows if (s * size + recs[i]["row"]) % self.world_size == self.rank]
             if self.shuffle:
                 rows = [rows[i] for i in rng.permutation(len(rows))]
             for i in rows:
-                yield torch.from_numpy(array[i]), recs[i]
-
+                yield torch.from_numpy(array[i]) * scale, recs[i]

@@ -5,7 +5,8 @@ tokenized corpus, a caption->image pair or an image->caption pair (both from the
 With ``recaption`` > 0 a caption->image pair's caption is, at that rate, one drawn from every
 template caption true of its scene (``scenes.true_captions``): its relation and colours, which
 its own category's caption leaves unsaid. Data-parallel workers pass their ``rank`` /
-``world_size`` so each reads its own rows and its own text offsets. ``state()``/``load_state()`` make the position resumable.
+``world_size`` so each reads its own rows and its own text offsets. ``state()``/``load_state()``
+make the position resumable.
 """
 
 from __future__ import annotations
@@ -44,7 +45,11 @@ class ExampleStream:
         self.p = weights / weights.sum()
         self.text_ids, self.chunk, self.recaption = text_ids, chunk_length, mixture.recaption
         self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.reader = LatentReader(latents_root, split, rank, world_size, shuffle=True, seed=seed, repeat=True) if self.p[1:].sum() > 0 else None
+        self.reader = (
+            LatentReader(latents_root, split, rank, world_size, shuffle=True, seed=seed, repeat=True)
+            if self.p[1:].sum() > 0
+            else None
+        )
         self.drawn = 0
         self._rows: Iterator | None = None
 
@@ -84,7 +89,6 @@ class ExampleStream:
             options = true_captions(record["content"])
             return options[int(rng.integers(len(options)))]
         return record["caption"]
-
 
 
 def tokenize_corpus(tokenizer, text: str, block: int = 1 << 16) -> np.ndarray:

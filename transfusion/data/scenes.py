@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -192,9 +191,7 @@ def _draw_prompt(rng: np.random.Generator, category: str, cfg: ScenesConfig) -> 
     raise ValueError(f"unknown category {category!r}")
 
 
-def compose_scenes(
-    digits: DigitSplit, n: int, cfg: ScenesConfig, seed: int
-) -> tuple[np.ndarray, list[dict]]:
+def compose_scenes(digits: DigitSplit, n: int, cfg: ScenesConfig, seed: int) -> tuple[np.ndarray, list[dict]]:
     """Draw ``n`` scenes from ``digits``: (N, canvas, canvas, 3) uint8 and one record each.
 
     A record is ``{"caption": str, "content": {...}, "mnist_index": [...]}``.

@@ -37,6 +37,43 @@ def write_shards(folder: Path, key: str, array: np.ndarray, records: list[dict],
     write_jsonl(folder / INDEX, rows)
 
 
+class ShardWriter:
+    """``write_shards`` one row at a time: at most ``shard_size`` rows in memory, index lines
+    appended as each shard is written (the index is complete when ``close`` returns)."""
+
+    def __init__(self, folder: Path, key: str, shard_size: int) -> None:
+        self.folder, self.key, self.shard_size = Path(folder), key, shard_size
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.index = open(self.folder / INDEX, "w")  # noqa: SIM115 - closed by close()
+        self.rows: list[np.ndarray] = []
+        self.records: list[dict] = []
+        self.shards = self.count = 0
+
+    def add(self, row: np.ndarray, record: dict) -> None:
+        self.rows.append(row)
+        self.records.append(record)
+        if len(self.rows) == self.shard_size:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self.rows:
+            return
+        save_file(
+            {self.key: np.ascontiguousarray(np.stack(self.rows))}, str(self.folder / shard_name(self.key, self.shards))
+        )
+        for r, rec in enumerate(self.records):
+            self.index.write(json.dumps({"shard": self.shards, "row": r, **rec}, sort_keys=True) + "\n")
+        self.count += len(self.rows)
+        self.shards += 1
+        self.rows, self.records = [], []
+
+    def close(self) -> int:
+        """Write the last shard; returns the number of rows."""
+        self._flush()
+        self.index.close()
+        return self.count
+
+
 def read_index(folder: Path) -> list[dict]:
     path = folder / INDEX
     if not path.is_file():
@@ -62,12 +99,17 @@ def iter_shards(folder: Path, key: str, shard_ids: list[int] | None = None) -> I
         yield array, recs
 
 
-def read_shards(folder: Path, key: str) -> tuple[np.ndarray, list[dict]]:
-    """The whole split in memory: (N, ...) array and its N records."""
-    arrays, records = [], []
+def read_shards(folder: Path, key: str, limit: int | None = None) -> tuple[np.ndarray, list[dict]]:
+    """The whole split in memory (or its first ``limit`` rows): (N, ...) array and its N records."""
+    arrays, records, n = [], [], 0
     for array, recs in iter_shards(folder, key):
+        if limit is not None and n + len(array) > limit:
+            array, recs = array[: limit - n], recs[: limit - n]
         arrays.append(array)
         records.extend(recs)
+        n += len(array)
+        if limit is not None and n >= limit:
+            break
     if not arrays:
         raise DataError(f"{folder}: empty split")
     return np.concatenate(arrays), records
@@ -80,11 +122,11 @@ def num_shards(folder: Path) -> int:
 MAX_HEADER = 1 << 20  # a shard's JSON header: a few hundred bytes; more is not a shard of ours
 
 
-def shard_header(path: Path) -> tuple[dict, int]:
-    """The safetensors header of ``path`` and the file size it implies (8 + header + data),
-    read without loading the data."""
+def shard_header(fs, path: str) -> tuple[dict, int]:
+    """The safetensors header of file ``path`` on the pyarrow filesystem ``fs`` and the file size
+    it implies (8 + header + data), read without loading the data."""
     try:
-        with open(path, "rb") as fh:
+        with fs.open_input_file(path) as fh:
             (length,) = struct.unpack("<Q", fh.read(8))
             if length > MAX_HEADER:
                 raise ValueError(f"header of {length} bytes")
@@ -95,24 +137,31 @@ def shard_header(path: Path) -> tuple[dict, int]:
     return header, 8 + length + end
 
 
-def check_shards(folder: Path, key: str, row_shape: list[int], dtype: str = "F32") -> int:
+def check_shards(folder: Path, key: str, row_shape: list[int], dtype: str = "F32", files=None) -> int:
     """Every shard the index of ``folder`` lists, checked from its header alone before anything
     reads it: present, ``key`` of ``dtype`` with ``row_shape`` rows, as many rows as the index
     gives it, and exactly the file size its header implies (truncated or padded files fail).
+    The shards are in ``folder`` or in ``files`` (a ``transfusion.storage.Store``: a URI).
     Returns the number of rows; the first bad file is a ``DataError`` naming it."""
+    import pyarrow.fs as pafs
+
+    from transfusion.storage import Store
+
+    files = files or Store(folder)
     rows: dict[int, int] = {}
     for row in read_index(folder):
         rows[row["shard"]] = rows.get(row["shard"], 0) + 1
     for s, count in sorted(rows.items()):
-        path = folder / shard_name(key, s)
-        if not path.is_file():
+        path = files.path(shard_name(key, s))
+        info = files.fs.get_file_info(path)
+        if info.type != pafs.FileType.File:
             raise DataError(f"{path}: missing ({INDEX} lists {count} rows in it)")
-        header, size = shard_header(path)
+        header, size = shard_header(files.fs, path)
         tensor = header.get(key) or {}
         want = [count, *row_shape]
         if tensor.get("dtype") != dtype or tensor.get("shape") != want:
             got = f"{tensor.get('dtype')} {tensor.get('shape')}"
             raise DataError(f"{path}: holds {key} {got}, expected {dtype} {want} from {INDEX}")
-        if path.stat().st_size != size:
-            raise DataError(f"{path}: {path.stat().st_size} bytes, its header says {size} (truncated or altered)")
+        if info.size != size:
+            raise DataError(f"{path}: {info.size} bytes, its header says {size} (truncated or altered)")
     return sum(rows.values())

@@ -158,7 +158,7 @@ MAX_FOLDER_PIXELS = 8192 * 8192  # per image of a caption folder, checked from t
 def _inside(folder: Path, file, where: str) -> Path:
     """``folder/file`` if ``file`` is a relative path that stays inside ``folder``."""
     if not isinstance(file, str) or not file:
-        raise DataError(f"{where}: \"file\" must be a path string, got {file!r}")
+        raise DataError(f'{where}: "file" must be a path string, got {file!r}')
     path = (folder / file).resolve()
     if Path(file).is_absolute() or not path.is_relative_to(folder.resolve()):
         raise DataError(f"{where}: {file!r} is outside {folder} (files are paths relative to the folder)")
@@ -176,7 +176,7 @@ def load_caption_folder(folder: Path, canvas: int) -> tuple[np.ndarray, list[dic
 
     index = folder / "captions.jsonl"
     if not index.is_file():
-        raise DataError(f"{folder}: expected captions.jsonl with one {{\"file\", \"caption\"}} object per line")
+        raise DataError(f'{folder}: expected captions.jsonl with one {{"file", "caption"}} object per line')
     images, records = [], []
     for lineno, line in enumerate(index.read_text().splitlines(), 1):
         if not line.strip():
@@ -185,7 +185,7 @@ def load_caption_folder(folder: Path, canvas: int) -> tuple[np.ndarray, list[dic
             row = json.loads(line)
             file, caption = row["file"], str(row["caption"])
         except (json.JSONDecodeError, KeyError, TypeError):
-            raise DataError(f"{index}:{lineno}: expected {{\"file\": ..., \"caption\": ...}}") from None
+            raise DataError(f'{index}:{lineno}: expected {{"file": ..., "caption": ...}}') from None
         path = _inside(folder, file, f"{index}:{lineno}")
         try:
             im = open_rgb(path, MAX_FOLDER_PIXELS)

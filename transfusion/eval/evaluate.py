@@ -36,6 +36,7 @@ from transfusion.config import EvalConfig, PathsConfig, SamplingConfig
 
 # Independent random streams of one evaluation: each draw starts from cfg.seed + its offset.
 SEED_GENEVAL, SEED_FID, SEED_BINDING = 0, 100_000, 300_000
+MAX_TEST_IMAGES = 20_000  # the test images read (a streamed test split can hold millions)
 SWEEP_COLUMNS = [
     "cfg_scale",
     "geneval_overall",
@@ -83,7 +84,7 @@ def evaluate(pipe, cfg: EvalConfig, sampling: SamplingConfig, inputs: EvalInputs
     bar = progress or (lambda it, desc: it)
     judge_ok = inputs.judge_accuracy >= inputs.judge_min_accuracy
     judge = Judge.load(inputs.judge_path) if judge_ok else None
-    test = load_image_split(inputs.scenes, "test")
+    test = load_image_split(inputs.scenes, "test", MAX_TEST_IMAGES)
     has_content = all(r.get("content") for r in test.records)
     metrics: dict[str, float] = {"judge_scene_exact_match": inputs.judge_accuracy, "judge_ok": float(judge_ok)}
 
@@ -220,7 +221,7 @@ def _fid(cfg: EvalConfig, inputs: EvalInputs, test, judge_ok: bool, sample) -> d
     if name == "judge" and not judge_ok:
         return {}
     generated = sample([r["caption"] for r in test.records[: cfg.fid_samples]])
-    train_images = load_image_split(inputs.scenes, "train").images[: len(generated)]  # the floor at the same N
+    train_images = load_image_split(inputs.scenes, "train", len(generated)).images  # the floor at the same N
     got = fid_kid(generated, test.images, name, inputs.judge_path, cfg.inception_weights)
     floor = fid_kid(train_images, test.images, name, inputs.judge_path, cfg.inception_weights)
     return {

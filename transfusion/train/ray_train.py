@@ -18,7 +18,8 @@ from __future__ import annotations
 import os
 from pathlib import Path, PurePosixPath
 
-from transfusion import env, stopping
+from transfusion import env
+from transfusion.ray_session import ensure_ray
 from transfusion.train.loop import Runtime, TrainingDiverged, TrainingFailed, train_loop
 from transfusion.train.run import TrainRun
 
@@ -79,46 +80,6 @@ def _worker(config: dict) -> dict:
         return train_loop(cfg, RayRuntime())
     except TrainingDiverged as err:
         return {"diverged": str(err)}
-
-
-def ensure_ray(address: str | None, temp_dir: Path, num_cpus: int | None = None) -> None:
-    """Connect to ``address`` (or RAY_ADDRESS), else start a quiet local Ray; reuse if running."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    else:
-        temp_dir = short_temp_dir(Path(temp_dir))
-        temp_dir.mkdir(parents=True, exist_ok=True)
-        ray.init(
-            num_cpus=num_cpus,
-            include_dashboard=False,
-            _temp_dir=str(temp_dir),
-            configure_logging=True,
-            logging_level="warning",
-            # Ray's own actors log at ERROR only (Train's placement-group monitor warns every few
-            # seconds when the state API is not served); our workers' progress lines are prints.
-            logging_config=ray.LoggingConfig(encoding="TEXT", log_level="ERROR"),
-            log_to_driver=True,
-        )
-    stopping.reinstall()  # ray.init's native SIGTERM handler dumps a stack and exits 134
-
-
-def short_temp_dir(wanted: Path, limit: int = 36) -> Path:
-    """``wanted`` if short enough, else a stable short folder in the system temp dir: Ray puts
-    unix sockets under its temp dir, and socket paths may not exceed 107 bytes (Ray adds up to
-    ~64: ``/session_<date>_<time>_<us>_<pid>/sockets/plasma_store``)."""
-    import hashlib
-    import tempfile
-
-    wanted = wanted.resolve()
-    if len(str(wanted)) <= limit:
-        return wanted
-    tag = hashlib.sha1(str(wanted).encode()).hexdigest()[:10]
-    return Path(tempfile.gettempdir()) / f"ray-{tag}"
 
 
 def fit_on_ray(config: TrainRun, address: str | None = None) -> dict:
