@@ -5,6 +5,7 @@ Layout::
 
     paths.latents/meta.json             {"scaling_factor", "latent_shape", "location", "splits", ...}
     paths.latents/<split>/index.jsonl   the data shards' index: caption + content of each row
+    paths.latents/<split>/records-00000.jsonl   the same rows, one file per shard (what readers load)
     <location>/<split>/latents-00000.safetensors   raw posterior means (N, C, h, w) float32
 
 ``location`` is ``paths.latents`` itself (``latents.storage: null``) or a storage URI. Shards hold
@@ -29,10 +30,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from transfusion.data.shards import INDEX, check_shards, num_shards, read_index, shard_name
+from transfusion.data.shards import INDEX, check_shards, index_groups, shard_name
 from transfusion.data.sources import SPLITS
 from transfusion.errors import DataError
-from transfusion.io import atomic_dir
+from transfusion.io import atomic_dir, read_jsonl, sha256_of, write_jsonl
 from transfusion.storage import Store, is_uri, join
 
 META = "meta.json"
@@ -49,13 +50,15 @@ def fingerprint(scenes: Path, vae_path: Path) -> str:
         for path in sorted(p for p in folder.rglob("*") if p.is_file()):
             digest.update(f"{path.relative_to(folder)}:{path.stat().st_size}".encode())
             if folder == Path(vae_path) or path.name == INDEX:  # the data shards: by size
-                digest.update(hashlib.sha256(path.read_bytes()).digest())
+                digest.update(bytes.fromhex(sha256_of(path)))
     return digest.hexdigest()[:16]
 
 
 def shard_tasks(scenes: Path) -> list[tuple[str, int]]:
     """``(split, shard)`` for every data shard."""
-    return [(split, s) for split in SPLITS for s in range(num_shards(Path(scenes) / split))]
+    return [
+        (split, s) for split in SPLITS for s in range(len(list((Path(scenes) / split).glob("images-*.safetensors"))))
+    ]
 
 
 def _shard_bytes(latents: np.ndarray) -> bytes:
@@ -76,17 +79,20 @@ def _load_shard(blob: bytes, where: str) -> np.ndarray:
 def encode_shard(vae, scenes: Path, split: str, shard: int, out: Store, batch_size: int) -> dict:
     """Encode data shard ``split/shard`` into ``out`` (or read it back if a whole one is there);
     returns its row count, sum and sum of squares (float64) and whether it was encoded."""
+    from safetensors import safe_open
     from safetensors.numpy import load_file
 
     from transfusion.vae import encode
 
     start, name = time.perf_counter(), f"{split}/{shard_name(KEY, shard)}"
-    rows = sum(1 for r in read_index(Path(scenes) / split) if r["shard"] == shard)
+    source = Path(scenes) / split / shard_name("images", shard)
+    with safe_open(str(source), "np") as fh:
+        rows = fh.get_slice("images").get_shape()[0]
     blob = out.read(name)
     latents = _load_shard(blob, out.path(name)) if blob is not None else None
     encoded = latents is None or len(latents) != rows
     if encoded:
-        images = load_file(str(Path(scenes) / split / shard_name("images", shard)))["images"]
+        images = load_file(str(source))["images"]
         latents = encode(vae, images, batch_size).numpy()
         out.write(name, _shard_bytes(latents))
     x = latents.astype(np.float64)
@@ -109,8 +115,8 @@ def work_location(storage: str | None, runs: Path, fp: str) -> str:
 
 
 def finish(root: Path, scenes: Path, vae_path: Path, location: str, results: list[dict]) -> dict:
-    """``meta.json`` and the indexes under ``root``; local shards move in beside them. The
-    scaling factor is 1 / std of every train latent (from the shards' sums)."""
+    """``meta.json``, the index and per-shard records under ``root``; local shards move in
+    beside them. The scaling factor is 1 / std of every train latent (from the shards' sums)."""
     train = [r for r in results if r["split"] == "train"]
     shape = _latent_shape(Store(location), results)
     per_row = math.prod(shape)
@@ -124,13 +130,16 @@ def finish(root: Path, scenes: Path, vae_path: Path, location: str, results: lis
         "raw_std": math.sqrt(var),
         "vae": str(vae_path),
         "splits": {s: sum(r["rows"] for r in results if r["split"] == s) for s in SPLITS},
-        "shard_size": _shard_size(scenes),
+        "shard_rows": {s: [r["rows"] for r in sorted(results, key=_order) if r["split"] == s] for s in SPLITS},
         "location": location if is_uri(location) else None,
     }
+    meta["shard_size"] = meta["shard_rows"]["train"][0]
     with atomic_dir(root) as tmp:
         for split in SPLITS:
             (tmp / split).mkdir()
             shutil.copy(Path(scenes) / split / INDEX, tmp / split / INDEX)
+            for shard, rows in index_groups(Path(scenes) / split):
+                write_jsonl(tmp / split / records_name(shard), rows)
             if not is_uri(location):
                 for shard in sorted((Path(location) / split).glob(f"{KEY}-*.safetensors")):
                     shard.rename(tmp / split / shard.name)
@@ -146,9 +155,12 @@ def _latent_shape(store: Store, results: list[dict]) -> list[int]:
     return list(_load_shard(store.read(name), store.path(name)).shape[1:])
 
 
-def _shard_size(scenes: Path) -> int:
-    """Rows per data shard (all but the last of a split are full)."""
-    return max(r["row"] for r in read_index(Path(scenes) / "train")) + 1
+def _order(result: dict) -> tuple[int, int]:
+    return SPLITS.index(result["split"]), result["shard"]
+
+
+def records_name(shard: int) -> str:
+    return f"records-{shard:05d}.jsonl"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,7 +186,7 @@ def check_latents(root: Path) -> None:
     meta = load_meta(root)
     for split, count in meta["splits"].items():
         store = shard_store(root, split, meta)
-        rows = check_shards(Path(root) / split, KEY, list(meta["latent_shape"]), files=store)
+        rows = check_shards(store, KEY, list(meta["latent_shape"]), meta["shard_rows"][split])
         if rows != count:
             raise DataError(f"{Path(root) / split}: {rows} rows in its shards, {META} says {count}")
 
@@ -206,17 +218,14 @@ class LatentReader(torch.utils.data.IterableDataset):
         self.store = shard_store(root, split, self.meta)
         self.rank, self.world_size = rank, world_size
         self.shuffle, self.seed, self.repeat = shuffle, seed, repeat
-        self.rows_of: dict[int, list[dict]] = {}
-        for row in read_index(self.folder):
-            self.rows_of.setdefault(row["shard"], []).append(row)
-        n = len(self.rows_of)
-        self.by_shard = n >= world_size and world_size > 1
-        self.shards = [s for s in sorted(self.rows_of) if not self.by_shard or s % world_size == rank]
+        self.rows = self.meta["shard_rows"][split]  # per shard; records are read with their shard
+        self.by_shard = len(self.rows) >= world_size > 1
+        self.shards = [s for s in range(len(self.rows)) if not self.by_shard or s % world_size == rank]
 
     def __len__(self) -> int:
         if self.by_shard:
-            return sum(len(self.rows_of[s]) for s in self.shards)
-        return len(range(self.rank, self.meta["splits"][self.folder.name], self.world_size))
+            return sum(self.rows[s] for s in self.shards)
+        return len(range(self.rank, sum(self.rows), self.world_size))
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, dict]]:
         epoch = 0
@@ -228,20 +237,23 @@ class LatentReader(torch.utils.data.IterableDataset):
             if not self.repeat:
                 return
 
-    def _shard(self, s: int) -> np.ndarray:
+    def _shard(self, s: int) -> tuple[np.ndarray, list[dict]]:
         name = shard_name(KEY, s)
         blob = self.store.read(name)
         if blob is None:
             raise DataError(f"{self.store.path(name)}: missing latent shard")
         array = _load_shard(blob, self.store.path(name))
-        if len(array) != len(self.rows_of[s]):
-            raise DataError(f"{self.store.path(name)}: {len(array)} rows but {INDEX} lists {len(self.rows_of[s])}")
-        return array
+        records = read_jsonl(self.folder / records_name(s))
+        if not len(array) == len(records) == self.rows[s]:
+            raise DataError(
+                f"{self.store.path(name)}: {len(array)} rows, {len(records)} records, {META} says {self.rows[s]}"
+            )
+        return array, records
 
     def _epoch(self, order: list[int], rng: np.random.Generator) -> Iterator[tuple[torch.Tensor, dict]]:
         scale, size = float(self.meta["scaling_factor"]), self.meta["shard_size"]
         for s in order:
-            array, recs = self._shard(s), self.rows_of[s]
+            array, recs = self._shard(s)
             rows = list(range(len(recs)))
             if not self.by_shard:
                 rows = [i for i in rows if (s * size + recs[i]["row"]) % self.world_size == self.rank]

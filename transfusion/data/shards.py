@@ -81,22 +81,48 @@ def read_index(folder: Path) -> list[dict]:
     return read_jsonl(path)
 
 
+def index_groups(folder: Path) -> Iterator[tuple[int, list[dict]]]:
+    """``(shard, rows)`` of the index of ``folder`` read line by line (the index lists shards in
+    order), so that one shard's rows are in memory at a time."""
+    path = folder / INDEX
+    if not path.is_file():
+        raise DataError(f"{folder}: no {INDEX}; run the stage that writes it first")
+    shard, rows = None, []
+    with open(path) as fh:
+        for line in fh:
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if row["shard"] != shard and rows:
+                yield shard, rows
+                rows = []
+            shard = row["shard"]
+            rows.append(row)
+    if rows:
+        yield shard, rows
+
+
+def _load(folder: Path, key: str, s: int, recs: list[dict]) -> np.ndarray:
+    path = folder / shard_name(key, s)
+    try:
+        array = load_file(str(path))[key]
+    except Exception as err:
+        raise DataError(f"{path}: unreadable shard ({err})") from None
+    if len(array) != len(recs):
+        raise DataError(f"{path}: {len(array)} rows but {INDEX} lists {len(recs)}")
+    return array
+
+
 def iter_shards(folder: Path, key: str, shard_ids: list[int] | None = None) -> Iterator[tuple[np.ndarray, list[dict]]]:
-    """Yield ``(array, records)`` one shard at a time (only one shard in memory)."""
-    index = read_index(folder)
-    by_shard: dict[int, list[dict]] = {}
-    for row in index:
-        by_shard.setdefault(row["shard"], []).append(row)
-    for s in shard_ids if shard_ids is not None else sorted(by_shard):
-        path = folder / shard_name(key, s)
-        try:
-            array = load_file(str(path))[key]
-        except Exception as err:
-            raise DataError(f"{path}: unreadable shard ({err})") from None
-        recs = by_shard.get(s, [])
-        if len(array) != len(recs):
-            raise DataError(f"{path}: {len(array)} rows but {INDEX} lists {len(recs)}")
-        yield array, recs
+    """Yield ``(array, records)`` one shard at a time (only one shard in memory; in ``shard_ids``
+    order when given, which reads the whole index first)."""
+    if shard_ids is None:
+        for s, recs in index_groups(folder):
+            yield _load(folder, key, s, recs), recs
+        return
+    by_shard = dict(index_groups(folder))
+    for s in shard_ids:
+        yield _load(folder, key, s, by_shard.get(s, [])), by_shard.get(s, [])
 
 
 def read_shards(folder: Path, key: str, limit: int | None = None) -> tuple[np.ndarray, list[dict]]:
@@ -115,8 +141,9 @@ def read_shards(folder: Path, key: str, limit: int | None = None) -> tuple[np.nd
     return np.concatenate(arrays), records
 
 
-def num_shards(folder: Path) -> int:
-    return len({row["shard"] for row in read_index(folder)})
+def shard_rows(folder: Path) -> list[int]:
+    """Rows per shard of ``folder``, from its index read line by line."""
+    return [len(rows) for _, rows in index_groups(folder)]
 
 
 MAX_HEADER = 1 << 20  # a shard's JSON header: a few hundred bytes; more is not a shard of ours
@@ -137,31 +164,25 @@ def shard_header(fs, path: str) -> tuple[dict, int]:
     return header, 8 + length + end
 
 
-def check_shards(folder: Path, key: str, row_shape: list[int], dtype: str = "F32", files=None) -> int:
-    """Every shard the index of ``folder`` lists, checked from its header alone before anything
-    reads it: present, ``key`` of ``dtype`` with ``row_shape`` rows, as many rows as the index
-    gives it, and exactly the file size its header implies (truncated or padded files fail).
-    The shards are in ``folder`` or in ``files`` (a ``transfusion.storage.Store``: a URI).
-    Returns the number of rows; the first bad file is a ``DataError`` naming it."""
+def check_shards(files, key: str, row_shape: list[int], rows: list[int], dtype: str = "F32") -> int:
+    """The shards ``<key>-00000.safetensors`` ... in ``files`` (a ``transfusion.storage.Store``:
+    a local folder or a URI), checked from their headers alone before anything reads them:
+    present, ``key`` of ``dtype`` with ``row_shape`` rows, ``rows[i]`` rows in shard ``i``, and
+    exactly the file size the header implies (truncated or padded files fail). Returns the
+    number of rows; the first bad file is a ``DataError`` naming it."""
     import pyarrow.fs as pafs
 
-    from transfusion.storage import Store
-
-    files = files or Store(folder)
-    rows: dict[int, int] = {}
-    for row in read_index(folder):
-        rows[row["shard"]] = rows.get(row["shard"], 0) + 1
-    for s, count in sorted(rows.items()):
+    for s, count in enumerate(rows):
         path = files.path(shard_name(key, s))
         info = files.fs.get_file_info(path)
         if info.type != pafs.FileType.File:
-            raise DataError(f"{path}: missing ({INDEX} lists {count} rows in it)")
+            raise DataError(f"{path}: missing (expected {count} rows in it)")
         header, size = shard_header(files.fs, path)
         tensor = header.get(key) or {}
         want = [count, *row_shape]
         if tensor.get("dtype") != dtype or tensor.get("shape") != want:
             got = f"{tensor.get('dtype')} {tensor.get('shape')}"
-            raise DataError(f"{path}: holds {key} {got}, expected {dtype} {want} from {INDEX}")
+            raise DataError(f"{path}: holds {key} {got}, expected {dtype} {want}")
         if info.size != size:
             raise DataError(f"{path}: {info.size} bytes, its header says {size} (truncated or altered)")
-    return sum(rows.values())
+    return sum(rows)
