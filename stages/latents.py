@@ -17,9 +17,9 @@ def run(params: Params) -> dict[str, float]:
 
     from transfusion import tracking
     from transfusion.data.latents import LatentReader, fingerprint, finish, shard_tasks, work_location
-    from transfusion.data.latents_ray import encode_on_ray
     from transfusion.data.prepare import load_image_split
     from transfusion.io import write_json
+    from transfusion.latents_ray import encode_on_ray
     from transfusion.vae import decode, load_vae, psnr
 
     paths, cfg = params.paths, params.latents

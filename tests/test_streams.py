@@ -144,6 +144,10 @@ def test_sources_stream_from_s3_as_from_a_local_folder(tiny_params, tmp_path, s3
     remote = streamed(tiny_params, tmp_path / "s3", source, [uri], **{"data.max_bad_fraction": 0.05})
     assert data.run(remote)["bad_records"] == 1
     data.run(local)
+    missing = streamed(tiny_params, tmp_path / "gone", source, [s3_server.format(name="sources/none")])
+    with pytest.raises(DataError, match=r"^data.stream.urls: s3://runs/sources/none\?.* is neither") as err:
+        data.run(missing)
+    assert "testing" not in str(err.value)  # the credentials in the URI are not shown
     for split in ("train", "val", "test"):
         a, b = load_image_split(local.paths.scenes, split), load_image_split(remote.paths.scenes, split)
         np.testing.assert_array_equal(a.images, b.images)
@@ -238,3 +242,12 @@ def test_latent_shards_at_a_storage_uri_stream_to_each_worker(tiny_pipeline, tmp
     store.write(name, store.read(name)[:-100])
     with pytest.raises(DataError, match=r"latents-00001.safetensors: .*bytes, its header says"):
         check_latents(p.paths.latents)
+
+
+def test_key_hash_splits_take_their_fractions():
+    keys = [f"img/{i:06d}" for i in range(20000)]
+    splits = [split_of(k, 0.05, 0.1) for k in keys]
+    for split, share in (("test", 0.1), ("val", 0.05), ("train", 0.85)):
+        se = (share * (1 - share) / len(keys)) ** 0.5
+        assert abs(splits.count(split) / len(keys) - share) < 4 * se, split
+    assert splits == [split_of(k, 0.05, 0.1) for k in keys]  # a function of the key alone

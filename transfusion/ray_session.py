@@ -1,5 +1,5 @@
 """Starting or joining Ray, once per process: the one place where ``ray.init`` is called (Ray Train
-in ``transfusion.train.ray_train``, Ray Data in ``transfusion.data.latents_ray``).
+in ``transfusion.train.ray_train``, Ray Data in ``transfusion.latents_ray``).
 
 One machine: a quiet local Ray (no usage stats, no dashboard server) with its temp files under
 the pipeline's ``paths.runs``. A cluster: an address (params, ``--address`` or ``RAY_ADDRESS``,

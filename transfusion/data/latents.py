@@ -13,7 +13,7 @@ the VAE's raw latents; readers multiply by ``scaling_factor`` (unit variance on 
 ``vae.decode`` takes latents divided by it again.
 
 ``encode_shard`` is the one unit of work (read one data shard, encode it, write its latent shard,
-return its sums); ``transfusion.data.latents_ray`` runs it on Ray Data actors, ``encode_here`` in
+return its sums); ``transfusion.latents_ray`` runs it on Ray Data actors, ``encode_here`` in
 this process. A shard already written is read back instead of encoded, so a re-run resumes.
 """
 

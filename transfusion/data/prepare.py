@@ -12,7 +12,7 @@ from transfusion.config import DataConfig
 from transfusion.data.scenes import compose_scenes
 from transfusion.data.shards import ShardWriter, read_shards, write_shards
 from transfusion.data.sources import SPLITS, load_caption_folder, load_mnist, load_text_works
-from transfusion.data.streams import BadRecords, iter_records, split_of, usable
+from transfusion.data.streams import BadRecords, iter_records, shown, split_of, usable
 from transfusion.errors import DataError
 from transfusion.io import atomic_dir
 
@@ -102,7 +102,7 @@ def save_stream(cfg: DataConfig, scenes_dir: Path) -> StreamReport:
             split = split_of(record.key, cfg.val_fraction, cfg.test_fraction)
             writers[split].add(pixels, {"caption": record.caption, "content": None, "source": record.key})
         images = {s: w.close() for s, w in writers.items()}
-        bad.check(read, cfg.max_bad_fraction, f"data.stream.urls {cfg.stream.urls}")
+        bad.check(read, cfg.max_bad_fraction, f"data.stream.urls {[shown(u) for u in cfg.stream.urls]}")
         empty = [s for s in SPLITS if not images[s]]
         if empty:
             raise DataError(f"data.stream.urls: {read} records leave {empty} empty (data.val_fraction / test_fraction)")

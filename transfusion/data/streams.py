@@ -88,7 +88,7 @@ def expand_urls(urls: list[str], source: str) -> list[str]:
             continue
         files = [p for p in store.files("") if p.endswith(suffix)] if kind == pafs.FileType.Directory else []
         if not files:
-            raise DataError(f"data.stream.urls: {url} is neither a {suffix} file nor a folder holding some")
+            raise DataError(f"data.stream.urls: {shown(url)} is neither a {suffix} file nor a folder holding some")
         base = url.partition("?")[0].rstrip("/")  # keeps a URI's scheme and credentials
         out += [f"{base}{p[len(store.root.rstrip('/')) :]}{_query(url)}" for p in files]
     return out
@@ -99,9 +99,14 @@ def _query(url: str) -> str:
     return f"{sep}{query}"
 
 
-def _open(url: str):
+def _open(url: str, seekable: bool = False):
     store = Store(url)
-    return store.fs.open_input_file(store.root)
+    return store.fs.open_input_file(store.root) if seekable else store.fs.open_input_stream(store.root)
+
+
+def shown(url: str) -> str:
+    """``url`` as messages and metrics show it: without credentials (``s3://key:secret@...``)."""
+    return re.sub(r"://[^/@]*@", "://", url)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,12 +144,12 @@ def read_parquet(url: str, image_column: str, caption_column: str, key_column: s
     """The rows of one Parquet file, read ``PARQUET_BATCH`` rows at a time."""
     import pyarrow.parquet as pq
 
-    with _open(url) as stream:
+    with _open(url, seekable=True) as stream:
         pf = pq.ParquetFile(stream)
         columns = [image_column, caption_column] + ([key_column] if key_column else [])
         missing = [c for c in columns if c not in pf.schema_arrow.names]
         if missing:
-            raise DataError(f"{url}: no column {missing} (columns: {pf.schema_arrow.names}); see data.stream")
+            raise DataError(f"{shown(url)}: no column {missing} (columns: {pf.schema_arrow.names}); see data.stream")
         stem, row = Path(url.partition("?")[0]).stem, 0
         for batch in pf.iter_batches(batch_size=PARQUET_BATCH, columns=columns):
             data = batch.to_pydict()
@@ -173,7 +178,7 @@ def iter_records(cfg: DataConfig, bad: BadRecords) -> Iterator[Record]:
         except DataError:
             raise
         except Exception as err:  # noqa: BLE001 - a bad shard is counted like a bad record
-            bad.add(url, f"shard unreadable after {n} records ({type(err).__name__}: {err})")
+            bad.add(shown(url), f"shard unreadable after {n} records ({type(err).__name__}: {err})")
 
 
 class _Named(io.BytesIO):
