@@ -1,7 +1,7 @@
 """Peak memory of the data and latents stages against dataset size, and latents throughput on
 1 and 2 Ray Data encoder workers.
 
-    python benchmarks/data_scale.py [--sizes 1000 100000] [--work DIR]
+    python benchmarks/data_scale.py [--sizes 1000 100000] [--stages data latents] [--work DIR]
 
 For each size N it writes a synthetic WebDataset of N captioned 64 px PNGs (1,000 per tar shard;
 kept in --work for the next run), then runs the real stages as the CLI does (`python cli.py data`,
@@ -128,6 +128,7 @@ def write_params(work: Path, n: int, shards: Path, vae: Path, workers: int) -> P
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 100_000])
+    ap.add_argument("--stages", nargs="+", choices=["data", "latents"], default=["data", "latents"])
     ap.add_argument("--work", type=Path, default=Path("/tmp/transfusion-data-scale"))
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -135,19 +136,20 @@ def main() -> None:
     rows = []
     for n in args.sizes:
         shards = dataset(args.work, n)
-        for workers in (1, 2):
+        for workers in (1, 2) if "latents" in args.stages else (1,):
             params = write_params(args.work, n, shards, vae, workers)
-            if workers == 1:
+            if workers == 1 and "data" in args.stages:
                 peak, wall, m = run_stage("data", params)
                 rows.append(("data", n, 1, peak, wall, m["images_per_s"]))
-                data_dir = Path(yaml.safe_load(params.read_text())["paths"]["scenes"])
-            else:  # the second run reads the data the first wrote
+                print(f"# {rows[-1]}", flush=True)
+            if workers == 2:  # the second run reads the data the first wrote
                 p = yaml.safe_load(params.read_text())
-                p["paths"]["scenes"] = str(data_dir)
+                p["paths"]["scenes"] = p["paths"]["scenes"].replace(f"run-{n}-2", f"run-{n}-1")
                 params.write_text(yaml.safe_dump(p, sort_keys=False))
-            peak, wall, m = run_stage("latents", params)
-            rows.append(("latents", n, workers, peak, wall, m["images_per_s"]))
-            print(f"# {rows[-1]}", flush=True)
+            if "latents" in args.stages:
+                peak, wall, m = run_stage("latents", params)
+                rows.append(("latents", n, workers, peak, wall, m["images_per_s"]))
+                print(f"# {rows[-1]}", flush=True)
     print(f"\n{'stage':8} {'images':>8} {'workers':>7} {'peak PSS MiB':>12} {'wall s':>7} {'images/s':>9}")
     for stage, n, workers, peak, wall, ips in rows:
         print(f"{stage:8} {n:>8} {workers:>7} {peak:>12.0f} {wall:>7.1f} {ips:>9.0f}")

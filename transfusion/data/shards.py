@@ -38,34 +38,35 @@ def write_shards(folder: Path, key: str, array: np.ndarray, records: list[dict],
 
 
 class ShardWriter:
-    """``write_shards`` one row at a time: at most ``shard_size`` rows in memory, index lines
-    appended as each shard is written (the index is complete when ``close`` returns)."""
+    """``write_shards`` one row at a time into one preallocated shard buffer (``shard_size`` rows,
+    reused for every shard, so memory does not grow with the dataset); index lines are appended as
+    each shard is written (the index is complete when ``close`` returns)."""
 
     def __init__(self, folder: Path, key: str, shard_size: int) -> None:
         self.folder, self.key, self.shard_size = Path(folder), key, shard_size
         self.folder.mkdir(parents=True, exist_ok=True)
         self.index = open(self.folder / INDEX, "w")  # noqa: SIM115 - closed by close()
-        self.rows: list[np.ndarray] = []
+        self.buffer: np.ndarray | None = None
         self.records: list[dict] = []
         self.shards = self.count = 0
 
     def add(self, row: np.ndarray, record: dict) -> None:
-        self.rows.append(row)
+        if self.buffer is None:
+            self.buffer = np.empty((self.shard_size, *row.shape), row.dtype)
+        self.buffer[len(self.records)] = row
         self.records.append(record)
-        if len(self.rows) == self.shard_size:
+        if len(self.records) == self.shard_size:
             self._flush()
 
     def _flush(self) -> None:
-        if not self.rows:
+        if not self.records:
             return
-        save_file(
-            {self.key: np.ascontiguousarray(np.stack(self.rows))}, str(self.folder / shard_name(self.key, self.shards))
-        )
+        save_file({self.key: self.buffer[: len(self.records)]}, str(self.folder / shard_name(self.key, self.shards)))
         for r, rec in enumerate(self.records):
             self.index.write(json.dumps({"shard": self.shards, "row": r, **rec}, sort_keys=True) + "\n")
-        self.count += len(self.rows)
+        self.count += len(self.records)
         self.shards += 1
-        self.rows, self.records = [], []
+        self.records = []
 
     def close(self) -> int:
         """Write the last shard; returns the number of rows."""
@@ -126,14 +127,20 @@ def iter_shards(folder: Path, key: str, shard_ids: list[int] | None = None) -> I
 
 
 def read_shards(folder: Path, key: str, limit: int | None = None) -> tuple[np.ndarray, list[dict]]:
-    """The whole split in memory (or its first ``limit`` rows): (N, ...) array and its N records."""
+    """The whole split in memory (or its first ``limit`` rows, reading no more of the last shard
+    than they need): (N, ...) array and its N records."""
+    from safetensors import safe_open
+
     arrays, records, n = [], [], 0
-    for array, recs in iter_shards(folder, key):
-        if limit is not None and n + len(array) > limit:
-            array, recs = array[: limit - n], recs[: limit - n]
-        arrays.append(array)
+    for s, recs in index_groups(folder):
+        if limit is not None and n + len(recs) > limit:
+            recs = recs[: limit - n]
+            with safe_open(str(folder / shard_name(key, s)), "np") as fh:
+                arrays.append(fh.get_slice(key)[: len(recs)])
+        else:
+            arrays.append(_load(folder, key, s, recs))
         records.extend(recs)
-        n += len(array)
+        n += len(recs)
         if limit is not None and n >= limit:
             break
     if not arrays:
