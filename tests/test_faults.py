@@ -247,7 +247,7 @@ def _cut(path: Path) -> None:
     [
         ("train", _cut, "bytes, its header says"),  # the last train shard: read last of all
         ("val", lambda p: p.write_bytes(p.read_bytes() + b"\0" * 64), "(truncated or altered)"),
-        ("test", lambda p: p.unlink(), "missing (index.jsonl lists"),
+        ("test", lambda p: p.unlink(), "missing (expected 60 rows in it)"),
         ("train", lambda p: p.write_bytes(b"\xff" * 8 + p.read_bytes()[8:]), "not a readable shard"),
         ("val", lambda p: p.write_bytes(len(b"[1]").to_bytes(8, "little") + b"[1]"), "not a readable shard"),
     ],
