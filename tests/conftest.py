@@ -143,6 +143,34 @@ def section(name: str, **changes):
     return type(current).model_validate({**current.model_dump(), **changes})
 
 
+def attention_twins(tok, patch_encoder: str = "linear", device: str = "cpu"):
+    """A default-params model with ``attention: sdpa`` and its twin with ``attention: flex``, the
+    same weights, both in eval mode on ``device``."""
+    import torch
+
+    from transfusion.model import TransfusionModel
+
+    torch.manual_seed(0)
+    model = section("model", patch_encoder=patch_encoder)
+    dense = TransfusionModel.from_params(model, section("diffusion"), section("sampling"), tok, LATENT).to(device)
+    flex = TransfusionModel(dense.config.model_copy(update={"attention": "flex"})).to(device)
+    flex.load_state_dict(dense.state_dict())
+    return dense.eval(), flex.eval()
+
+
+def assert_twins_agree(dense, flex, batch, tol: float) -> None:
+    """Hidden states (real tokens) and image predictions of the twins equal within ``tol``."""
+    import torch
+
+    x = torch.randn(batch.images.shape, device=batch.valid.device)
+    t = torch.rand(len(x), device=batch.valid.device) * 999
+    with torch.no_grad():
+        hd, pd = dense(batch, x, t)
+        hf, pf = flex(batch, x, t)
+    torch.testing.assert_close(hf[batch.valid], hd[batch.valid], rtol=tol, atol=tol)
+    torch.testing.assert_close(pf, pd, rtol=tol, atol=tol)
+
+
 def diffusion_config(objective: str, **kw):
     """The diffusion section for ``objective``."""
     return section("diffusion", objective=objective, **kw)

@@ -8,22 +8,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import section
+from conftest import LATENT, assert_twins_agree, attention_twins
 from transfusion.data.collate import Collator, Example, caption_to_image, image_to_caption, text_example
 from transfusion.data.tokenizer import train_bpe
-from transfusion.model import TransfusionModel
-
-LATENT = (4, 8, 8)
 
 
 @pytest.fixture(scope="module")
 def models():
     tok = train_bpe(["a red 4 and a blue 3 to the left of a 7", "to be or not to be"] * 50, vocab_size=300)
-    torch.manual_seed(0)
-    dense = TransfusionModel.from_params(section("model"), section("diffusion"), section("sampling"), tok, LATENT)
-    flex = TransfusionModel(dense.config.model_copy(update={"attention": "flex"}))
-    flex.load_state_dict(dense.state_dict())
-    return tok, dense.eval(), flex.eval()
+    return tok, *attention_twins(tok)
 
 
 def _batch(tok, model):
@@ -48,14 +41,7 @@ def _compare(models, seed: int = 0) -> None:
     batch = _batch(tok, dense)
     assert batch.valid.shape[0] >= 2 and not batch.valid.all()  # packed rows, with padding
     assert int(batch.image_block.max()) >= 3  # several images, one block each
-    x = torch.randn(batch.images.shape)
-    t = torch.rand(len(x)) * 999
-    with torch.no_grad():
-        hd, pd = dense(batch, x, t)
-        hf, pf = flex(batch, x, t)
-    valid = batch.valid
-    torch.testing.assert_close(hf[valid], hd[valid], rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(pf, pd, rtol=1e-4, atol=1e-4)
+    assert_twins_agree(dense, flex, batch, tol=1e-4)
 
 
 def test_flex_attention_equals_sdpa_on_cpu(models):
