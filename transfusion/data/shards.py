@@ -114,18 +114,6 @@ def _load(folder: Path, key: str, s: int, recs: list[dict]) -> np.ndarray:
     return array
 
 
-def iter_shards(folder: Path, key: str, shard_ids: list[int] | None = None) -> Iterator[tuple[np.ndarray, list[dict]]]:
-    """Yield ``(array, records)`` one shard at a time (only one shard in memory; in ``shard_ids``
-    order when given, which reads the whole index first)."""
-    if shard_ids is None:
-        for s, recs in index_groups(folder):
-            yield _load(folder, key, s, recs), recs
-        return
-    by_shard = dict(index_groups(folder))
-    for s in shard_ids:
-        yield _load(folder, key, s, by_shard.get(s, [])), by_shard.get(s, [])
-
-
 def read_shards(folder: Path, key: str, limit: int | None = None) -> tuple[np.ndarray, list[dict]]:
     """The whole split in memory (or its first ``limit`` rows, reading no more of the last shard
     than they need): (N, ...) array and its N records."""
@@ -146,11 +134,6 @@ def read_shards(folder: Path, key: str, limit: int | None = None) -> tuple[np.nd
     if not arrays:
         raise DataError(f"{folder}: empty split")
     return np.concatenate(arrays), records
-
-
-def shard_rows(folder: Path) -> list[int]:
-    """Rows per shard of ``folder``, from its index read line by line."""
-    return [len(rows) for _, rows in index_groups(folder)]
 
 
 MAX_HEADER = 1 << 20  # a shard's JSON header: a few hundred bytes; more is not a shard of ours
