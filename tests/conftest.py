@@ -146,13 +146,11 @@ def section(name: str, **changes):
 def attention_twins(tok, patch_encoder: str = "linear", device: str = "cpu"):
     """A default-params model with ``attention: sdpa`` and its twin with ``attention: flex``, the
     same weights, both in eval mode on ``device``."""
-    import torch
-
     from transfusion.model import TransfusionModel
 
-    torch.manual_seed(0)
-    model = section("model", patch_encoder=patch_encoder)
-    dense = TransfusionModel.from_params(model, section("diffusion"), section("sampling"), tok, LATENT).to(device)
+    patch = section("model").patch_size  # the default layout; output layers random, so predictions are not 0
+    dense = build_tiny_model(tok, diffusion=section("diffusion"), patch_size=patch, patch_encoder=patch_encoder)
+    dense = dense.to(device)
     flex = TransfusionModel(dense.config.model_copy(update={"attention": "flex"})).to(device)
     flex.load_state_dict(dense.state_dict())
     return dense.eval(), flex.eval()

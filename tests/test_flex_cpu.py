@@ -1,7 +1,9 @@
 """FlexAttention checked on CPU (forward only: the locked torch has no CPU backward for it): the
 whole model with `attention: flex` equals `attention: sdpa` on the same weights, on packed
 batches with several documents, several images per document, caption-first and image-first
-examples and padding; and the comparison fails when the flex rule lets an image see a later one."""
+examples and padding; and the comparison fails when the flex rule lets an image see a later one.
+The KV-cached sampler with flex (its dense masks over the cache become BlockMasks) equals the
+uncached one and the sdpa model, for images (with CFG) and text."""
 
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ import torch
 from conftest import LATENT, assert_twins_agree, attention_twins
 from transfusion.data.collate import Collator, Example, caption_to_image, image_to_caption, text_example
 from transfusion.data.tokenizer import train_bpe
+from transfusion.diffusion import build_scheduler
+from transfusion.sampling import generate_text, sample_latents
 
 
 @pytest.fixture(scope="module")
@@ -66,3 +70,45 @@ def test_the_comparison_fails_when_an_image_may_see_a_later_image(models, monkey
     monkeypatch.setattr(network, "hybrid_block_mask", leaky)
     with pytest.raises(AssertionError):
         _compare(models)
+
+
+def _latents(model, captions, use_cache: bool) -> torch.Tensor:
+    sched = build_scheduler(model.config.diffusion, model.config.sampling.sampler)
+    # CFG guided at high noise only: steps run both the [cond; uncond] rows and the cond rows alone
+    return sample_latents(model, captions, sched, 4, 3.0, seed=1, use_cache=use_cache, cfg_interval=(0.5, 1.0))
+
+
+def test_cached_sampler_with_flex_equals_uncached_and_sdpa(models):
+    tok, dense, flex = models
+    captions = [tok(c, add_special_tokens=False)["input_ids"] for c in ("a red 4", "a 2 to the left of a 9")]
+    assert len(captions[0]) != len(captions[1])  # left padding in the cache
+    cached, uncached = _latents(flex, captions, True), _latents(flex, captions, False)
+    reference = _latents(dense, captions, True)
+    start = torch.randn(reference.shape, generator=torch.Generator().manual_seed(1))
+    assert (reference - start).abs().mean() > 0.1  # the network moved the latents: not a vacuous match
+    torch.testing.assert_close(cached, uncached, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(cached, reference, rtol=1e-4, atol=1e-4)
+
+
+def _compare_text(models) -> None:
+    tok, dense, flex = models
+    prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in ("to be", "a red 4 and a blue")]
+    ids, logits = generate_text(flex, prompts, max_new_tokens=3, return_logits=True)
+    ids_ref, logits_ref = generate_text(flex, prompts, max_new_tokens=3, use_cache=False, return_logits=True)
+    _, logits_sdpa = generate_text(dense, prompts, max_new_tokens=3, return_logits=True)
+    assert ids == ids_ref
+    torch.testing.assert_close(logits, logits_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(logits, logits_sdpa, rtol=1e-4, atol=1e-4)
+
+
+def test_cached_text_generation_with_flex_equals_uncached(models):
+    _compare_text(models)
+
+
+def test_the_text_comparison_fails_when_the_cache_mask_is_ignored(models, monkeypatch):
+    import transfusion.model.transfusion as network
+    from transfusion.model.mask import dense_to_block_mask
+
+    monkeypatch.setattr(network, "dense_to_block_mask", lambda mask: dense_to_block_mask(torch.ones_like(mask)))
+    with pytest.raises(AssertionError):  # the shorter prompt's left padding is seen
+        _compare_text(models)

@@ -36,3 +36,17 @@ def hybrid_block_mask(document: torch.Tensor, image_block: torch.Tensor, valid: 
         return (same_doc & ((kv <= q) | same_image) & valid[b, kv]) | (q == kv)
 
     return create_block_mask(mask_mod, B, None, L, L, device=str(document.device))
+
+
+def dense_to_block_mask(mask: torch.Tensor):
+    """A bool (B, 1, q, K) mask (True = may attend) as a FlexAttention ``BlockMask``: the KV-cached
+    sampler builds dense masks over its cache; transformers' flex path would otherwise add a
+    tensor mask to the scores as 0/1 instead of masking."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    B, _, q, K = mask.shape
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return mask[b, 0, q_idx, kv_idx]
+
+    return create_block_mask(mask_mod, B, None, q, K, device=str(mask.device))

@@ -12,6 +12,7 @@ together. Inference (text, images, captions, interleaved) is ``transfusion.pipel
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ from transfusion.diffusion import build_objective
 from transfusion.errors import BadInput, MissingInput
 from transfusion.layout import PATCH, TIME, Batch, SpecialIds
 from transfusion.model import backbone as bb
-from transfusion.model.mask import hybrid_block_mask, hybrid_mask
+from transfusion.model.mask import dense_to_block_mask, hybrid_block_mask, hybrid_mask
 from transfusion.model.patching import build_patching
 from transfusion.model.positions import PatchPositions
 
@@ -189,10 +190,21 @@ class TransfusionModel(nn.Module):
     def transformer(self, embeds: torch.Tensor, mask, positions: torch.Tensor | None, cache=None) -> torch.Tensor:
         """The backbone's layers over (B, q, D) ``embeds`` -> hidden states (B, q, D). ``mask``:
         bool (B, 1, q, K + q) for sdpa, a BlockMask, or None (plain causal); ``positions``: (B, q)
-        or None (0, 1, ...); ``cache``: a KV cache to extend."""
-        out = self.backbone.model(
-            inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache, use_cache=cache is not None
-        )
+        or None (0, 1, ...); ``cache``: a KV cache to extend. With ``attention: flex`` a bool
+        mask becomes a BlockMask here (the cached sampler's masks are dense)."""
+        static = contextlib.nullcontext()
+        if self.config.attention == "flex":
+            mask = dense_to_block_mask(mask) if isinstance(mask, torch.Tensor) else mask
+            if embeds.device.type == "cpu":  # torch's CPU flex kernel fails to compile for dynamic shapes
+                static = torch._dynamo.config.patch(automatic_dynamic_shapes=False)
+        with static:
+            out = self.backbone.model(
+                inputs_embeds=embeds,
+                attention_mask=mask,
+                position_ids=positions,
+                cache=cache,
+                use_cache=cache is not None,
+            )
         return out.last_hidden_state
 
     def new_cache(self):
