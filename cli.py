@@ -371,6 +371,41 @@ def show_params(params: ParamsOpt = None, set_: SetOpt = None) -> None:
 
 
 @app.command()
+def plan(
+    params: ParamsOpt = None,
+    set_: SetOpt = None,
+    gpu: Annotated[str, typer.Option(help="The GPU a worker trains on: h200, h100, a100-80gb, a100-40gb.")] = "h200",
+    mfu: Annotated[float, typer.Option(min=0.01, max=1.0, help="Assumed model FLOPs utilisation.")] = 0.4,
+    measure: Annotated[
+        bool, typer.Option("--measure", help="Also run one real training micro-step on this CPU and compare.")
+    ] = False,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the plan as JSON here.")] = None,
+) -> None:
+    """Parameters, FLOPs per step, memory per GPU and time per step of the params' training run,
+    from the model built on the meta device (no weights, no memory): in seconds, 7B included."""
+    from transfusion import plan as planning
+
+    if gpu not in planning.GPUS:
+        _fail(f"--gpu: expected one of {', '.join(planning.GPUS)}, got {gpu!r}", 2)
+    cfg = _load(params, set_)
+    made = _guard(lambda: planning.make_plan(cfg, planning.GPUS[gpu], mfu))
+    typer.echo(planning.format_plan(made, cfg))
+    if measure:
+        checked = _guard(lambda: planning.check_against_cpu(cfg, made))
+        typer.echo("check        one real micro-step on this CPU (sdpa), estimate / measured:")
+        for what, (estimate, measured) in checked.items():
+            typer.echo(f"  {what:<36} {estimate:>12.4g} {measured:>12.4g}   {estimate / measured:.3f}")
+    if json_out is not None:
+        import json
+
+        from transfusion.io import atomic_file
+
+        payload = made.to_dict() | ({"check": checked} if measure else {})
+        with atomic_file(json_out) as fh:
+            fh.write(json.dumps(payload, indent=2, default=str) + "\n")
+
+
+@app.command()
 def runs(
     params: ParamsOpt = None,
     set_: SetOpt = None,

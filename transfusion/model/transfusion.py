@@ -257,7 +257,6 @@ class TransfusionModel(nn.Module):
         """A new model from the ``model`` / ``diffusion`` / ``sampling`` params sections and the
         tokenizer."""
         special = SpecialIds.from_tokenizer(tokenizer)
-        channels, size, _ = latent_shape
         if model_cfg.pretrained is not None:
             backbone = bb.load_pretrained_backbone(Path(model_cfg.pretrained), len(tokenizer), model_cfg.attention)
             backbone.config.pad_token_id = special.pad
@@ -270,22 +269,8 @@ class TransfusionModel(nn.Module):
                 model_cfg.attention,
                 special.__dict__,
             )
-        config = TransfusionConfig(
-            backbone=backbone.config.to_dict(),
-            latent_channels=channels,
-            latent_size=size,
-            patch_size=model_cfg.patch_size,
-            patch_encoder=model_cfg.patch_encoder,
-            unet_channels=model_cfg.unet_channels,
-            unet_skips=model_cfg.unet_skips,
-            time_conditioning=model_cfg.time_conditioning,
-            patch_positions=model_cfg.patch_positions,
-            image_attention=model_cfg.image_attention,
-            attention=model_cfg.attention,
-            freeze_text=model_cfg.freeze_text,
-            special=dict(special.__dict__),
-            diffusion=diffusion_cfg.schedule,
-            sampling=sampling,
+        config = config_from_params(
+            model_cfg, diffusion_cfg, sampling, backbone.config.to_dict(), special, latent_shape
         )
         return cls(config, backbone)
 
@@ -329,3 +314,33 @@ class TransfusionModel(nn.Module):
         except Exception as err:
             raise BadInput(f"{directory / WEIGHTS_NAME}: cannot load weights ({str(err).splitlines()[0]})") from None
         return model.eval()
+
+
+def config_from_params(
+    model_cfg,
+    diffusion_cfg: DiffusionConfig,
+    sampling: SamplingConfig,
+    backbone: dict,
+    special: SpecialIds,
+    latent_shape,
+) -> TransfusionConfig:
+    """The saved config of a model built from the params sections, around ``backbone`` (the
+    Hugging Face config as a dict) for latents of ``latent_shape`` (C, H, W)."""
+    channels, size, _ = latent_shape
+    return TransfusionConfig(
+        backbone=backbone,
+        latent_channels=channels,
+        latent_size=size,
+        patch_size=model_cfg.patch_size,
+        patch_encoder=model_cfg.patch_encoder,
+        unet_channels=model_cfg.unet_channels,
+        unet_skips=model_cfg.unet_skips,
+        time_conditioning=model_cfg.time_conditioning,
+        patch_positions=model_cfg.patch_positions,
+        image_attention=model_cfg.image_attention,
+        attention=model_cfg.attention,
+        freeze_text=model_cfg.freeze_text,
+        special=dict(special.__dict__),
+        diffusion=diffusion_cfg.schedule,
+        sampling=sampling,
+    )
