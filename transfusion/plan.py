@@ -359,6 +359,14 @@ def _gb(n: float) -> str:
     return f"{n / GB:,.2f} GB"
 
 
+def _seconds(t: float) -> str:
+    return f"{t:,.2f} s" if t >= 1 else f"{1e3 * t:,.1f} ms"
+
+
+def _flops(n: float) -> str:
+    return f"{n / 1e12:,.2f} TFLOP" if n >= 1e12 else f"{n / 1e9:,.2f} GFLOP"
+
+
 def _count(n: int) -> str:
     return f"{n / 1e9:,.2f} B" if n >= 1e9 else f"{n / 1e6:,.2f} M"
 
@@ -374,7 +382,7 @@ def format_plan(plan: Plan, cfg) -> str:
         f"embedding {_count(p['embedding'])} (token table + LM head)",
         f"micro-step   per worker: {cfg.train.batch_size} examples -> {s.rows} rows x {s.length} tokens, "
         f"{s.images} images, {s.targets:,} text targets (captions of {CAPTION_TOKENS} tokens assumed)",
-        f"FLOPs        {plan.flops_per_step / 1e12:,.3f} TFLOP per optimizer step per worker "
+        f"FLOPs        {_flops(plan.flops_per_step)} per optimizer step per worker "
         f"({plan.micro_steps} micro-step(s); x{plan.workers} workers)",
         f"memory       per {'GPU' if cfg.train.use_gpu else 'process'}, {precision}, {plan.workers} worker(s):",
     ]
@@ -391,7 +399,7 @@ def format_plan(plan: Plan, cfg) -> str:
     )
     if plan.step_seconds is not None:
         lines.append(
-            f"time/step    {plan.step_seconds:,.3f} s at {100 * plan.mfu:.0f}% MFU "
+            f"time/step    {_seconds(plan.step_seconds)} at {100 * plan.mfu:.0f}% MFU "
             f"({plan.peak_tflops:g} TFLOPS {'bf16' if plan.bf16 else 'fp32'} peak)"
         )
     else:
