@@ -389,9 +389,9 @@ def plan(
         _fail(f"--gpu: expected one of {', '.join(planning.GPUS)}, got {gpu!r}", 2)
     cfg = _load(params, set_)
     made = _guard(lambda: planning.make_plan(cfg, planning.GPUS[gpu], mfu))
+    checked = _guard(lambda: planning.check_against_cpu(cfg, made)) if measure else {}  # refused: one line
     typer.echo(planning.format_plan(made, cfg))
     if measure:
-        checked = _guard(lambda: planning.check_against_cpu(cfg, made))
         typer.echo("check        one real micro-step on this CPU (sdpa), estimate / measured:")
         for what, (estimate, measured) in checked.items():
             typer.echo(f"  {what:<36} {estimate:>12.4g} {measured:>12.4g}   {estimate / measured:.3f}")

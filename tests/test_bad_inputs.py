@@ -207,6 +207,14 @@ CASES = [
         2,
         "tracking.registered_model",
     ),
+    ("plan-gpu", ["plan", "-p", P, "--gpu", "v100"], 2, "--gpu: expected one of h200"),
+    ("plan-mfu", ["plan", "-p", P, "--mfu", "0"], 2, "'--mfu'"),
+    (
+        "plan-measure-7b",
+        ["plan", "-p", P, "-p", str(REPO / "pipelines" / "cluster-7b.yaml"), "--measure", "--json", "plan.json"],
+        1,
+        "too large to run on this CPU",
+    ),
     ("unknown-command", ["nosuch"], 2, "No such command 'nosuch'"),
     ("unknown-option", ["generate", "a 7", "--nosuch"], 2, "No such option: --nosuch"),
 ]
