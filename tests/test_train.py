@@ -380,3 +380,48 @@ def test_runs_and_generate_from_a_run_uri_through_the_cli(tiny_pipeline, tmp_pat
 
     copy = Path(download_artifacts(uri, tracking_uri(p.tracking)))  # MLflow's copy carries the manifest
     assert json.loads((copy / "manifest.json").read_text()) == json.loads((p.paths.model / "manifest.json").read_text())
+
+
+def test_zero1_on_two_ray_workers_equals_ddp_and_resumes(tiny_pipeline, tmp_path, ray_local):
+    """train.shard_optimizer (ZeRO-1: each of 2 workers keeps half of AdamW's moments) trains the
+    same weights as plain DDP; its checkpoint gathers the whole optimizer state, and a run resumed
+    from it ends where the uninterrupted one does."""
+    from transfusion.train.fit import fit
+    from transfusion.train.run import TrainRun
+
+    def run(folder: str, shard: bool, resume_from: str | None = None):
+        p = train_params(
+            tiny_pipeline,
+            tmp_path / folder,
+            use_ray=True,
+            num_workers=2,
+            cpus_per_worker=1,
+            steps=4,
+            checkpoint_every=2,
+            log_every=1,
+            sample_every=4,
+            eval_every=4,
+            warmup_steps=1,
+            shard_optimizer=shard,
+        )
+        return fit(TrainRun.from_params(p).model_copy(update={"resume_from": resume_from})), p
+
+    ddp, ddp_params = run("ddp", shard=False)
+    ddp_ck = ddp_params.paths.checkpoints
+    zero, p = run("zero", shard=True)
+    assert (zero.metrics["optimizer_shards"], ddp.metrics["optimizer_shards"]) == (2, 1)
+    assert [r["loss"] for r in zero.history] == pytest.approx([r["loss"] for r in ddp.history], rel=1e-5)
+    for (name, a), b in zip(zero.model.state_dict().items(), ddp.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    # the checkpoint holds the whole AdamW state, gathered from both workers: equal to DDP's
+    from safetensors.torch import load_file
+
+    moments = [load_file(str(latest_checkpoint(q) / "optimizer.safetensors")) for q in (p.paths.checkpoints, ddp_ck)]
+    assert moments[0].keys() == moments[1].keys() and sum(k.endswith(".exp_avg") for k in moments[0]) > 10
+    for key, value in moments[0].items():
+        torch.testing.assert_close(value, moments[1][key], rtol=1e-5, atol=1e-7, msg=key)
+    # resumed from step 2 of the sharded run (its store), on 2 workers again: the same end
+    shutil.rmtree(p.paths.checkpoints / "step-00000004")
+    resumed, _ = run("zero", shard=True, resume_from="step-00000002")
+    for (name, a), b in zip(resumed.model.state_dict().items(), zero.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)

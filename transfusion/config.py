@@ -451,6 +451,9 @@ class TrainConfig(Section):
     warmup_steps: Annotated[int, Field(ge=0)]
     min_lr_ratio: Annotated[float, Field(ge=0, le=1)]
     grad_clip: Annotated[float, Field(gt=0)]
+    # ZeRO-1: AdamW's moments split across the workers (torch's ZeroRedundancyOptimizer), 1/N of
+    # them per worker; with one worker a plain AdamW. The 7B preset needs it (`transfusion plan`).
+    shard_optimizer: bool
     precision: Literal["auto", "fp32", "bf16"]  # auto: bf16 where the device is faster with it
     ema_decay: Annotated[float, Field(ge=0, lt=1)]  # 0 disables the EMA
     ema_warmup: bool  # decay min(ema_decay, (1 + n) / (10 + n)) after n updates

@@ -2,8 +2,9 @@
 
 The model is built on the meta device from the params (no memory, no weights). Memory per GPU is
 what the training loop (``transfusion.train.loop``) holds: fp32 weights (autocast keeps fp32
-masters), the EMA's copy, fp32 gradients, AdamW's two moments, DDP's gradient buckets with more
-than one worker, the bf16 weight copies autocast saves for backward, and the tensors one
+masters), the EMA's copy, fp32 gradients (views into DDP's all-reduce buckets: no second copy),
+AdamW's two moments (1/N of them per worker with ``train.shard_optimizer``, ZeRO-1), the bf16
+weight copies autocast saves for backward, and the tensors one
 micro-step saves for backward (activations). Per decoder layer and token, LLaMA / Qwen2 layers
 save (bytes; D hidden, Dkv key/value width, I MLP width, H heads; read off the saved tensors on
 CPU, :func:`measure_step`)::
@@ -302,14 +303,14 @@ def precision_is_bf16(cfg) -> bool:
 
 
 def state_bytes(counts: dict[str, int], cast: int, cfg, bf16: bool) -> dict[str, int]:
-    """Weights, EMA, gradients, optimizer, DDP buckets and bf16 weight copies, in bytes."""
+    """Weights, EMA, gradients, AdamW (its 1/N share under ZeRO-1) and bf16 weight copies, in
+    bytes. DDP's all-reduce buckets add nothing: the gradients are views into them."""
     tc = cfg.train
     return {
         "weights (fp32)": 4 * counts["total"],
         "EMA copy": 4 * counts["total"] if tc.ema_decay > 0 else 0,
         "gradients (fp32)": 4 * counts["trainable"],
-        "AdamW moments": 8 * counts["trainable"],
-        "DDP buckets": 4 * counts["trainable"] if tc.num_workers > 1 else 0,
+        "AdamW moments": 8 * counts["trainable"] // (tc.num_workers if tc.shard_optimizer else 1),
         "bf16 weight copies": 2 * cast if bf16 else 0,
     }
 

@@ -119,13 +119,27 @@ def ema_update(decay: float, warmup: bool):
     return update
 
 
-def adamw(params: list[nn.Parameter], tc: TrainConfig) -> torch.optim.AdamW:
+def adamw(params: list[nn.Parameter], tc: TrainConfig, shard: bool = False) -> torch.optim.Optimizer:
     """AdamW over ``params`` as ``train`` says; weight decay on tensors of 2 or more dimensions
-    only (not on norms and biases)."""
+    only (not on norms and biases). ``shard``: ZeRO-1 over the process group, each rank keeping
+    the moments of its share of the parameters (the update is the same, then broadcast)."""
     decay = [q for q in params if q.dim() >= 2]
     no_decay = [q for q in params if q.dim() < 2]
     groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if shard:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        return ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, lr=tc.lr, betas=tc.betas, eps=tc.eps)
     return torch.optim.AdamW(groups, lr=tc.lr, betas=tc.betas, eps=tc.eps)
+
+
+def consolidate(optimizer: torch.optim.Optimizer) -> None:
+    """Gather a sharded optimizer's state on rank 0 (every rank calls it) so that rank 0's
+    checkpoint holds the whole state; a plain optimizer has it already."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    if isinstance(optimizer, ZeroRedundancyOptimizer):
+        optimizer.consolidate_state_dict(to=0)
 
 
 class TrainState:
@@ -167,7 +181,7 @@ class TrainState:
         self.model.to(rt.device)
         self.step_module = rt.prepare(_LossStep(self.model, cfg.diffusion))
         self.params = [q for q in self.model.parameters() if q.requires_grad]
-        self.optimizer = adamw(self.params, tc)
+        self.optimizer = adamw(self.params, tc, shard=tc.shard_optimizer and rt.world_size > 1)
         self.scheduler = warmup_cosine(self.optimizer, tc.warmup_steps, tc.steps, tc.min_lr_ratio)
         self.ema = None
         if tc.ema_decay > 0:
@@ -238,6 +252,7 @@ def train_loop(cfg: TrainRun, runtime: Runtime | None = None) -> dict:
     # 3. the run's metrics (Ray hands rank 0's to the driver)
     metrics = _final_metrics(st.history, time.perf_counter() - t_start, tc.steps - start)
     metrics |= {"images_seen": st.seen, "setup_s": setup, "resumed_at_step": start}
+    metrics["optimizer_shards"] = getattr(st.optimizer, "world_size", 1)  # ZeRO-1: the workers sharing AdamW's state
     metrics |= {k: v for k, v in (st.probes[-1] if st.probes else {}).items() if k not in ("step", "images_seen")}
     return metrics
 
@@ -320,6 +335,7 @@ def _log_row(window: dict, step: int, lr: float, dt: float) -> dict:
 def _checkpoint(st: TrainState, cfg: TrainRun, rt: Runtime) -> None:
     """Rank 0 stages the checkpoint (every rank's data state gathered), the runtime stores it."""
     data_states = _gather_data_states(st.data_state(), rt)
+    consolidate(st.optimizer)
     staged = None
     if rt.rank == 0:
         trainer_state = {

@@ -40,7 +40,9 @@ class RayRuntime(Runtime):
     def prepare(self, module):
         import ray.train.torch
 
-        return ray.train.torch.prepare_model(module, parallel_strategy_kwargs={"find_unused_parameters": True})
+        # gradients as views into DDP's all-reduce buckets: no second copy of them (plan.py)
+        ddp = {"find_unused_parameters": True, "gradient_as_bucket_view": True}
+        return ray.train.torch.prepare_model(module, parallel_strategy_kwargs=ddp)
 
     def restored(self) -> str | None:
         """The newest checkpoint reported in this run, which Ray hands a restarted worker."""
