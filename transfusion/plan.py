@@ -50,7 +50,7 @@ GPUS = {
     "h200": Gpu("H200", 141, 989, 67),
     "h100": Gpu("H100 80GB", 80, 989, 67),
     "a100-80gb": Gpu("A100 80GB", 80, 312, 19.5),
-    "a100-40gb": Gpu("A100 40GB", 40, 312, 19.5),  # p4d.24xlarge: pipelines/ray/cluster.yaml
+    "a100-40gb": Gpu("A100 40GB", 40, 312, 19.5),  # AWS p4d.24xlarge
 }
 
 
