@@ -34,7 +34,6 @@ from transfusion import plan as P  # noqa: E402
 from transfusion.config import load_params  # noqa: E402
 
 PRESETS = {"tiny": [], "base": ["pipelines/cpu-quality.yaml"], "small": ["pipelines/gpu-1.yaml"]}
-PEAKS = {"H200": P.GPUS["h200"], "H100": P.GPUS["h100"], "A100": P.GPUS["a100-80gb"]}
 
 
 def params(overlays: list[str], overrides: list[str]):
@@ -45,8 +44,8 @@ def gpu_peak(device: str) -> float | None:
     """The bf16 dense peak TFLOPS of this GPU, where the plan's table knows it."""
     if device != "cuda":
         return None
-    name = torch.cuda.get_device_name()
-    return next((gpu.bf16_tflops for key, gpu in PEAKS.items() if key in name), None)
+    name = torch.cuda.get_device_name()  # e.g. "NVIDIA H200": the plan's GPUs by model
+    return next((gpu.bf16_tflops for gpu in P.GPUS.values() if gpu.name.split()[0] in name), None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,12 +108,11 @@ def step_row(name: str, device: str, steps: int, warmup: int) -> dict:
 
 
 def _row(name: str, config, model, batch, bf16: bool, seconds: float, device: str) -> dict:
-    shape, dims = P.StepShape.of_batch(batch), P.Dims.of(model.backbone.config)
-    image_saved, image_flops = P.image_path(config, bf16)
-    flops = 3 * P.forward_flops(dims, shape, image_flops)
+    shape = P.StepShape.of_batch(batch)
+    acts, forward, _ = P.batch_estimate(config, model, batch, bf16)
+    flops = 3 * forward
     total = sum(p.numel() for p in model.parameters())
-    activations = sum(P.activation_bytes(dims, shape, bf16, config.attention == "flex", image_saved).values())
-    estimate = 16 * total + (2 * P.cast_params(model) if bf16 else 0) + activations  # weights, grads, AdamW
+    estimate = sum(P.state_bytes(model, bf16).values()) + sum(acts.values())  # weights, grads, AdamW, no EMA
     peak = gpu_peak(device)
     return {
         "preset": name,

@@ -156,6 +156,26 @@ def attention_twins(tok, patch_encoder: str = "linear", device: str = "cpu"):
     return dense.eval(), flex.eval()
 
 
+def mixed_rows(tok, model, max_length: int, seed: int = 0):
+    """Packed rows of at most ``max_length`` tokens: caption->image, a document with two images,
+    image->caption, text and caption->image (several documents to a row when they fit)."""
+    import torch
+
+    from transfusion.data.collate import Collator, Example, caption_to_image, image_to_caption, text_example
+
+    ids = tok("a red 4", add_special_tokens=False)["input_ids"]
+    g = torch.Generator().manual_seed(seed)
+    z = lambda: torch.randn(LATENT, generator=g)  # noqa: E731
+    examples = [
+        caption_to_image(ids, z()),
+        Example([ids, z(), ids, z()]),
+        image_to_caption(z(), ids),
+        text_example(ids * 3),
+        caption_to_image(ids, z()),
+    ]
+    return Collator(model.special, model.config.patches_per_image, max_length)(examples)
+
+
 def assert_twins_agree(dense, flex, batch, tol: float) -> None:
     """Hidden states (real tokens) and image predictions of the twins equal within ``tol``."""
     import torch

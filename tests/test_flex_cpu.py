@@ -10,8 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import LATENT, assert_twins_agree, attention_twins
-from transfusion.data.collate import Collator, Example, caption_to_image, image_to_caption, text_example
+from conftest import assert_twins_agree, attention_twins, mixed_rows
 from transfusion.data.tokenizer import train_bpe
 from transfusion.diffusion import build_scheduler
 from transfusion.sampling import generate_text, sample_latents
@@ -23,26 +22,10 @@ def models():
     return tok, *attention_twins(tok)
 
 
-def _batch(tok, model):
-    """Packed rows of at most 32 tokens: caption->image, a document with two images, image->caption,
-    text and caption->image, several documents to a row, the last row padded."""
-    ids = tok("a red 4", add_special_tokens=False)["input_ids"]
-    z = lambda: torch.randn(LATENT)  # noqa: E731
-    col = Collator(model.special, model.config.patches_per_image, 32)
-    examples = [
-        caption_to_image(ids, z()),
-        Example([ids, z(), ids, z()]),
-        image_to_caption(z(), ids),
-        text_example(ids * 3),
-        caption_to_image(ids, z()),
-    ]
-    return col(examples)
-
-
 def _compare(models, seed: int = 0) -> None:
     tok, dense, flex = models
     torch.manual_seed(seed)
-    batch = _batch(tok, dense)
+    batch = mixed_rows(tok, dense, 32, seed)  # several documents to a row, the last row padded
     assert batch.valid.shape[0] >= 2 and not batch.valid.all()  # packed rows, with padding
     assert int(batch.image_block.max()) >= 3  # several images, one block each
     assert_twins_agree(dense, flex, batch, tol=1e-4)

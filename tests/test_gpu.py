@@ -8,8 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import LATENT, assert_twins_agree, attention_twins
-from transfusion.data.collate import Collator, Example, caption_to_image, image_to_caption, text_example
+from conftest import LATENT, assert_twins_agree, attention_twins, mixed_rows
 from transfusion.data.tokenizer import train_bpe
 from transfusion.diffusion import build_scheduler
 from transfusion.sampling import sample_latents
@@ -22,24 +21,10 @@ def tok():
     return train_bpe(["a red 4 and a blue 3 to the left of a 7", "to be or not to be"] * 50, vocab_size=300)
 
 
-def _batch(tok, model):
-    ids = tok("a red 4", add_special_tokens=False)["input_ids"]
-    g = torch.Generator().manual_seed(0)
-    z = lambda: torch.randn(LATENT, generator=g)  # noqa: E731
-    col = Collator(model.special, model.config.patches_per_image, 128)
-    examples = [
-        caption_to_image(ids, z()),
-        Example([ids, z(), ids, z()]),
-        image_to_caption(z(), ids),
-        text_example(ids * 5),
-    ]
-    return col(examples).to("cuda")
-
-
 @pytest.mark.parametrize("patch_encoder", ["linear", "unet"])
 def test_flex_attention_matches_dense_sdpa_forward_and_backward(tok, patch_encoder):
     dense, flex = attention_twins(tok, patch_encoder, device="cuda")
-    batch = _batch(tok, dense)
+    batch = mixed_rows(tok, dense, 128).to("cuda")
     assert_twins_agree(dense, flex, batch, tol=1e-3)
     grads = []
     for model in (dense, flex):  # the same loss draw on both: the gradients must agree
@@ -56,7 +41,7 @@ def test_flex_attention_matches_dense_sdpa_forward_and_backward(tok, patch_encod
 def test_bf16_training_steps_learn_on_cuda(tok, attention):
     dense, flex = attention_twins(tok, device="cuda")
     model = (dense if attention == "sdpa" else flex).train()
-    batch = _batch(tok, model)
+    batch = mixed_rows(tok, model, 128).to("cuda")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     losses = []
     for _ in range(30):  # one batch again and again, the same noise: the loss must fall

@@ -79,6 +79,7 @@ class Dims:
     """The backbone's shape, read from its Hugging Face config."""
 
     hidden: int
+    head_dim: int  # the config's own, else hidden / heads
     kv: int  # key/value width: kv heads x head dim
     mlp: int
     layers: int
@@ -88,19 +89,15 @@ class Dims:
     @classmethod
     def of(cls, config) -> Dims:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        kv = config.num_key_value_heads * head_dim
         return cls(
             config.hidden_size,
-            kv,
+            head_dim,
+            config.num_key_value_heads * head_dim,
             config.intermediate_size,
             config.num_hidden_layers,
             config.num_attention_heads,
             config.vocab_size,
         )
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden // self.heads
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,8 +232,17 @@ def image_path(config, bf16: bool) -> tuple[int, int]:
             return shell.predict_images(tokens, temb, skips)
 
     with FlopCounterMode(display=False) as flops:
-        run()
-    return saved_tensor_bytes(run, shell)[0], flops.get_total_flops()
+        saved = saved_tensor_bytes(run, shell)[0]
+    return saved, flops.get_total_flops()
+
+
+def batch_estimate(config, model, batch, bf16: bool) -> tuple[dict[str, int], int, int]:
+    """The activations by part, the forward FLOPs and attention's share of them, of one training
+    micro-step of ``model`` (built from ``config``) on a real ``batch``."""
+    shape, dims = StepShape.of_batch(batch), Dims.of(model.backbone.config)
+    image_saved, image_flops = image_path(config, bf16)
+    acts = activation_bytes(dims, shape, bf16, config.attention == "flex", image_saved)
+    return acts, forward_flops(dims, shape, image_flops), attention_flops(dims, shape)
 
 
 def saved_tensor_bytes(run, model) -> tuple[int, object]:
@@ -302,16 +308,16 @@ def precision_is_bf16(cfg) -> bool:
     return resolve_precision(cfg.train.precision, torch.device("cpu"))
 
 
-def state_bytes(counts: dict[str, int], cast: int, cfg, bf16: bool) -> dict[str, int]:
+def state_bytes(model, bf16: bool, ema: bool = False, optimizer_shards: int = 1) -> dict[str, int]:
     """Weights, EMA, gradients, AdamW (its 1/N share under ZeRO-1) and bf16 weight copies, in
     bytes. DDP's all-reduce buckets add nothing: the gradients are views into them."""
-    tc = cfg.train
+    counts = count_params(model)
     return {
         "weights (fp32)": 4 * counts["total"],
-        "EMA copy": 4 * counts["total"] if tc.ema_decay > 0 else 0,
+        "EMA copy": 4 * counts["total"] if ema else 0,
         "gradients (fp32)": 4 * counts["trainable"],
-        "AdamW moments": 8 * counts["trainable"] // (tc.num_workers if tc.shard_optimizer else 1),
-        "bf16 weight copies": 2 * cast if bf16 else 0,
+        "AdamW moments": 8 * counts["trainable"] // optimizer_shards,
+        "bf16 weight copies": 2 * cast_params(model) if bf16 else 0,
     }
 
 
@@ -332,8 +338,9 @@ def make_plan(cfg, gpu: Gpu, mfu: float) -> Plan:
     shape = expected_shape(cfg, config.image_tokens)
     image_saved, image_flops = image_path(config, bf16)
     acts = activation_bytes(dims, shape, bf16, config.attention == "flex", image_saved)
-    counts = count_params(model)
-    memory = state_bytes(counts, cast_params(model), cfg, bf16) | {"activations": sum(acts.values())}
+    tc = cfg.train
+    shards = tc.num_workers if tc.shard_optimizer else 1
+    memory = state_bytes(model, bf16, tc.ema_decay > 0, shards) | {"activations": sum(acts.values())}
     device, capacity, peak = device_of(cfg, gpu, bf16)
     m = cfg.model
     name = f"{m.backbone} {m.size}" if m.pretrained is None else str(m.pretrained)
@@ -341,7 +348,7 @@ def make_plan(cfg, gpu: Gpu, mfu: float) -> Plan:
     return Plan(
         name,
         dims,
-        counts,
+        count_params(model),
         shape,
         cfg.train.grad_accum,
         cfg.train.num_workers,
@@ -469,16 +476,13 @@ def check_against_cpu(cfg, plan: Plan) -> dict[str, tuple[float, float]]:
     torch.manual_seed(0)
     model = TransfusionModel(config).train()
     batch = synthetic_batch(config, cfg)
-    shape, dims = StepShape.of_batch(batch), Dims.of(model.backbone.config)
-    image_saved, image_flops = image_path(config, plan.bf16)
-    estimate = sum(activation_bytes(dims, shape, plan.bf16, False, image_saved).values())
-    estimate += 2 * cast_params(model) if plan.bf16 else 0
+    acts, forward, attention = batch_estimate(config, model, batch, plan.bf16)
+    estimate = sum(acts.values()) + state_bytes(model, plan.bf16)["bf16 weight copies"]
     saved, flops = measure_step(model, batch, plan.bf16)
-    attn = attention_flops(dims, shape)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     return {
         "parameter bytes": (4 * plan.params["total"], weights),
         "saved for backward (bytes)": (estimate, saved),
         # torch's FlopCounterMode has no formula for the CPU flash-attention kernel: compared without it
-        "FLOPs outside attention (fwd + bwd)": (3 * (forward_flops(dims, shape, image_flops) - attn), flops),
+        "FLOPs outside attention (fwd + bwd)": (3 * (forward - attention), flops),
     }
